@@ -1,0 +1,135 @@
+"""The ``flywheel`` command: one thin subcommand per library entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from flywheel.settings import Settings, get_settings, hash_api_key
+
+
+def _stack(args: argparse.Namespace, settings: Settings) -> int:
+    from flywheel import stack
+
+    if args.action == "up":
+        info = stack.up(settings)
+    elif args.action == "down":
+        info = {"broker": "stopped" if stack.down(settings) else "was not running"}
+    else:
+        info = stack.status(settings)
+    for k, v in info.items():
+        print(f"{k:8s} {v}")
+    return 0
+
+
+def _schema(args: argparse.Namespace, _settings: Settings) -> int:
+    from flywheel.events import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.service import run_ingest
+
+    run_ingest(settings, _stop_on_signals(), metrics_port=args.metrics_port or None)
+    return 0
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.policy import PolicyHandle
+
+    if not settings.api.keys:
+        print("warning: no API keys configured (FLYWHEEL_API__KEYS); every request will get 401", file=sys.stderr)
+    policy = None if args.no_policy else PolicyHandle.load(settings.api.policy_model, settings.api.policy_version)
+    uvicorn.run(create_app(settings, policy=policy), host=args.host or settings.api.host,
+                port=args.port or settings.api.port, log_level="info")
+    return 0
+
+
+def _keys(args: argparse.Namespace, _settings: Settings) -> int:
+    secret = secrets.token_urlsafe(32)
+    entry = {"name": args.name, "sha256": hash_api_key(secret), "admin": args.admin}
+    print(f"key (give to the client, shown once): {secret}")
+    print(f"settings entry (store this):          {json.dumps(entry)}")
+    print(f"e.g. FLYWHEEL_API__KEYS='[{json.dumps(entry)}]'")
+    return 0
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from flywheel.demo import run_demo
+
+    result = run_demo(settings, events=args.events, chats=0 if args.no_policy else args.chats, seed=args.seed)
+    return 0 if result["complete"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flywheel", description="Continuous RLHF from user feedback.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("stack", help="start/stop/inspect the embedded broker, lake and MLflow store")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.set_defaults(func=_stack)
+
+    s = sub.add_parser("schema", help="write the event JSON Schema (what direct Kafka producers follow)")
+    s.add_argument("--out", help="file to write (default: stdout)")
+    s.set_defaults(func=_schema)
+
+    s = sub.add_parser("ingest", help="run the consumer: Kafka -> validation -> lake / dead letters")
+    s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    s.set_defaults(func=_ingest)
+
+    s = sub.add_parser("serve", help="run the HTTP API")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--no-policy", action="store_true", help="do not load the policy (/v1/chat answers 503)")
+    s.set_defaults(func=_serve)
+
+    s = sub.add_parser("keys", help="create an API key and print its hashed settings entry")
+    s.add_argument("--name", required=True)
+    s.add_argument("--admin", action="store_true")
+    s.set_defaults(func=_keys)
+
+    s = sub.add_parser("demo", help="run the whole feedback path on the embedded stack and show the lake")
+    s.add_argument("--events", type=int, default=2_000, help="events to send over HTTP")
+    s.add_argument("--chats", type=int, default=3, help="replies to generate with the policy")
+    s.add_argument("--no-policy", action="store_true", help="skip loading SmolLM2 (no /v1/chat calls)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for noisy in ("kafka", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    return int(args.func(args, get_settings()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

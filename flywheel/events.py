@@ -1,0 +1,269 @@
+"""The event contract: the only place that defines what a feedback event is.
+
+Everything that produces or consumes events imports this module: the HTTP API, the producer, the consumer,
+validation and curation. A chat service that produces straight to Kafka follows the JSON Schema that
+:func:`json_schema` returns (``flywheel schema`` writes it, ``GET /v1/schema`` serves it).
+
+Wire format: one UTF-8 JSON object per Kafka record, discriminated by ``type``. Every event carries
+
+- ``event_id``: a UUID chosen by the client. It is the idempotency key: the lake keeps one row per id, so a
+  client may retry a send as often as it likes.
+- ``schema_version``: the contract version the producer wrote (currently 1).
+- ``occurred_at``: when the user acted, an RFC 3339 timestamp *with* an offset; stored in UTC.
+- ``model_version``: the version of the model that produced the response the event is about.
+
+On the Kafka path every field without a default is required, ``event_id`` and ``occurred_at`` included,
+because a consumer that invented them would break idempotency on replay. The HTTP API stamps a missing
+``event_id``/``occurred_at`` before it publishes (``decode_event(..., stamp=...)``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+"""The contract version this code writes. Readers accept exactly the versions in ``SUPPORTED_VERSIONS``."""
+SUPPORTED_VERSIONS = frozenset({1})
+
+# Hard limits of the contract. They protect the pipeline from absurd records; the tunable data-quality
+# bounds (future timestamps, text lengths the curation accepts) live in ingest.validation.
+MAX_ID_CHARS = 128
+MAX_TEXT_CHARS = 100_000
+MAX_MESSAGES = 200
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9._:@/-]+$")]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+NonEmptyText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+
+EVENT_TYPES = ("turn", "thumbs", "regenerate", "correction", "pairwise", "implicit")
+EventType = Literal["turn", "thumbs", "regenerate", "correction", "pairwise", "implicit"]
+
+
+class Message(BaseModel):
+    """One message of the conversation that was shown to the model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: uuid.UUID = Field(description="Client-chosen UUID; the idempotency key.")
+    schema_version: int = Field(default=SCHEMA_VERSION, description="Contract version; currently 1.")
+    occurred_at: AwareDatetime = Field(description="When the user acted; RFC 3339 with an offset.")
+    conversation_id: Id
+    user_id: Id = Field(description="Pseudonymous user id; never an email or a name.")
+    model_version: Id = Field(description="Version of the model that produced the response.")
+
+    def texts(self) -> list[str]:
+        """The free-text fields of this event (what length bounds and PII masking apply to)."""
+        return []
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v not in SUPPORTED_VERSIONS:
+            raise ValueError(f"unsupported schema_version {v}; this service reads {sorted(SUPPORTED_VERSIONS)}")
+        return v
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _to_utc(cls, v: datetime) -> datetime:
+        return v.astimezone(UTC)
+
+
+class Turn(_Event):
+    """A chat turn: the messages the model saw and the response it gave."""
+
+    type: Literal["turn"] = "turn"
+    response_id: Id
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    response: Text
+    parent_response_id: Id | None = Field(
+        default=None, description="Set when this turn regenerates an earlier response."
+    )
+
+    def texts(self) -> list[str]:
+        return [self.response, *(m.content for m in self.messages)]
+
+    @model_validator(mode="after")
+    def _not_own_parent(self) -> Turn:
+        if self.parent_response_id == self.response_id:
+            raise ValueError("parent_response_id must differ from response_id")
+        return self
+
+
+class Thumbs(_Event):
+    """Thumbs up or down on one response."""
+
+    type: Literal["thumbs"] = "thumbs"
+    response_id: Id
+    value: Literal["up", "down"]
+    reason: Annotated[str, Field(max_length=2_000)] | None = None
+
+    def texts(self) -> list[str]:
+        return [self.reason] if self.reason else []
+
+
+class Regenerate(_Event):
+    """The user asked for another answer, discarding ``discarded_response_id``."""
+
+    type: Literal["regenerate"] = "regenerate"
+    discarded_response_id: Id
+    new_response_id: Id | None = Field(default=None, description="The response generated instead, if known.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Regenerate:
+        if self.new_response_id == self.discarded_response_id:
+            raise ValueError("new_response_id must differ from discarded_response_id")
+        return self
+
+
+class Correction(_Event):
+    """The user rewrote the response into what it should have said."""
+
+    type: Literal["correction"] = "correction"
+    response_id: Id
+    corrected_text: NonEmptyText
+
+    def texts(self) -> list[str]:
+        return [self.corrected_text]
+
+
+class Pairwise(_Event):
+    """The user compared two responses to the same prompt; ``tie`` is allowed."""
+
+    type: Literal["pairwise"] = "pairwise"
+    response_a_id: Id
+    response_b_id: Id
+    choice: Literal["a", "b", "tie"]
+    model_version_b: Id | None = Field(
+        default=None, description="Version that produced response b when it differs from model_version."
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Pairwise:
+        if self.response_a_id == self.response_b_id:
+            raise ValueError("response_a_id and response_b_id must differ")
+        return self
+
+
+class Implicit(_Event):
+    """A signal the user gave without rating: copied the answer, continued the chat, or abandoned it."""
+
+    type: Literal["implicit"] = "implicit"
+    response_id: Id
+    action: Literal["copy", "continue", "abandon"]
+
+
+Event = Annotated[Turn | Thumbs | Regenerate | Correction | Pairwise | Implicit, Field(discriminator="type")]
+Feedback = Annotated[Thumbs | Regenerate | Correction | Pairwise | Implicit, Field(discriminator="type")]
+EVENT_MODELS: dict[str, type[_Event]] = {
+    "turn": Turn,
+    "thumbs": Thumbs,
+    "regenerate": Regenerate,
+    "correction": Correction,
+    "pairwise": Pairwise,
+    "implicit": Implicit,
+}
+FEEDBACK_TYPES = tuple(t for t in EVENT_TYPES if t != "turn")
+
+_event_adapter: TypeAdapter[Any] = TypeAdapter(Event)
+_feedback_adapter: TypeAdapter[Any] = TypeAdapter(Feedback)
+
+
+class EventDecodeError(ValueError):
+    """Raised when bytes or a JSON value are not a valid event. ``reason`` is a short machine code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def stamp_defaults(obj: Any, now: datetime | None = None) -> Any:
+    """Fill ``event_id`` and ``occurred_at`` when an HTTP client left them out (the server owns them then)."""
+    if isinstance(obj, dict):
+        obj = dict(obj)
+        if obj.get("event_id") is None:
+            obj["event_id"] = str(uuid.uuid4())
+        if obj.get("occurred_at") is None:
+            obj["occurred_at"] = (now or datetime.now(UTC)).isoformat()
+    return obj
+
+
+def validate_event(obj: Any, *, feedback_only: bool = False) -> Any:
+    """Validate a decoded JSON value into an event model; raises pydantic's ``ValidationError``."""
+    return (_feedback_adapter if feedback_only else _event_adapter).validate_python(obj)
+
+
+def decode_event(data: bytes) -> Any:
+    """Decode one Kafka record value. Raises :class:`EventDecodeError` with a reason code."""
+    try:
+        return _event_adapter.validate_json(data)
+    except ValidationError as e:
+        first_error = e
+    # The slow path runs only for bad records: find the most useful reason code.
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise EventDecodeError("invalid_utf8", str(err)) from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise EventDecodeError("invalid_json", str(err)) from None
+    if not isinstance(obj, dict):
+        raise EventDecodeError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    if obj.get("type") not in EVENT_MODELS:
+        raise EventDecodeError("unknown_type", f"type={obj.get('type')!r}; expected one of {list(EVENT_TYPES)}")
+    raise EventDecodeError("schema_violation", format_errors(first_error))
+
+
+def encode_event(event: _Event) -> bytes:
+    """The wire form of an event: compact UTF-8 JSON."""
+    return event.model_dump_json(exclude_none=True).encode("utf-8")
+
+
+def format_errors(e: ValidationError) -> str:
+    """One line per field error, e.g. ``value: Input should be 'up' or 'down'``."""
+    return "; ".join(f"{field_path(err['loc'])}: {err['msg']}" for err in e.errors())
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """``("events", 3, "thumbs", "value")`` -> ``events[3].value``; drops pydantic's union tags."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in EVENT_MODELS:  # the discriminated-union tag pydantic inserts
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "body"
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of one Kafka record value: any event, discriminated by ``type``."""
+    schema = _event_adapter.json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://rlhf-flywheel.dev/schemas/event-v{SCHEMA_VERSION}.json"
+    schema["title"] = "rlhf-flywheel event"
+    schema["description"] = (__doc__ or "").strip()
+    return schema

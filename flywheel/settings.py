@@ -1,0 +1,144 @@
+"""Deployment settings: one ``Settings`` object, nested sections, every field overridable by environment.
+
+Environment names are ``FLYWHEEL_<SECTION>__<FIELD>``, e.g. ``FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS`` or
+``FLYWHEEL_LAKE__URI=s3://bucket/lake``. ``FLYWHEEL_HOME`` moves every embedded default at once. Library code
+never reads ``os.environ``: it takes a ``Settings`` (or calls :func:`get_settings`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = Field(default="", description="host:port[,host:port]; empty = embedded broker.")
+    topic: str = "flywheel.events"
+    dlq_topic: str = "flywheel.events.dlq"
+    partitions: int = Field(default=4, ge=1, description="Partitions created for the topics by `stack up`.")
+    replication_factor: int = 1
+    client_id: str = "flywheel"
+    group_id: str = "flywheel-ingest"
+    # Tansu hands out partitions only after session_timeout_ms / 2, so keep it short for one machine.
+    session_timeout_ms: int = 6_000
+    heartbeat_interval_ms: int = 1_000
+    request_timeout_ms: int = 10_000
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    def client_config(self) -> dict[str, object]:
+        """Connection settings shared by every kafka-python client (producer, consumer, admin)."""
+        cfg: dict[str, object] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            cfg["sasl_mechanism"] = self.sasl_mechanism
+            cfg["sasl_plain_username"] = self.sasl_username
+            cfg["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, key):
+                cfg[key] = getattr(self, key)
+        return cfg
+
+
+class LakeSettings(BaseModel):
+    uri: str = Field(default="", description="file:///path or s3://bucket/prefix; empty = <home>/lake.")
+    s3_endpoint_url: str | None = Field(default=None, description="For MinIO, moto or another S3 API.")
+    s3_region: str = "us-east-1"
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+
+
+class MlflowSettings(BaseModel):
+    tracking_uri: str = Field(default="", description="Empty = sqlite:///<home>/mlflow.db.")
+    artifact_uri: str = Field(default="", description="Empty = <home>/mlartifacts.")
+
+
+class ApiKey(BaseModel):
+    """An API key as stored: its name and the SHA-256 of the secret, never the secret itself."""
+
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    admin: bool = False
+
+
+def hash_api_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    keys: list[ApiKey] = Field(default_factory=list, description="Accepted bearer keys (hashed).")
+    rate_per_s: float = Field(default=200.0, gt=0, description="Sustained requests per second per key.")
+    rate_burst: int = Field(default=400, ge=1, description="Requests a key may send at once.")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_batch: int = Field(default=1_000, ge=1, le=10_000)
+    publish_timeout_s: float = Field(default=2.0, gt=0, description="Broker ack wait before spooling.")
+    spool_dir: str = Field(default="", description="Empty = <home>/spool.")
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    policy_model: str = Field(default="smollm2", description="'smollm2' or a local model directory.")
+    policy_version: str = "smollm2-135m-instruct@v1"
+    max_new_tokens: int = Field(default=64, ge=1, le=1024)
+
+
+class IngestSettings(BaseModel):
+    commit_every: int = Field(default=2_000, ge=1, description="Flush + commit after this many records.")
+    commit_interval_s: float = Field(default=2.0, gt=0, description="... or after this many seconds.")
+    poll_timeout_ms: int = 500
+    max_poll_records: int = 2_000
+    max_future_skew_s: float = Field(default=300.0, description="occurred_at may lead the clock by this.")
+    max_age_days: float = Field(default=30.0, description="occurred_at older than this is dead-lettered.")
+    max_text_chars: int = Field(default=32_000, description="Longest prompt/response/correction kept.")
+    metrics_port: int = 9464
+
+
+class EmbeddedSettings(BaseModel):
+    broker_port: int = 19092
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = Field(default=Path.home() / ".flywheel", description="Root of every embedded default.")
+    kafka: KafkaSettings = KafkaSettings()
+    lake: LakeSettings = LakeSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    api: ApiSettings = ApiSettings()
+    ingest: IngestSettings = IngestSettings()
+    embedded: EmbeddedSettings = EmbeddedSettings()
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        home = self.home.expanduser().resolve()
+        self.home = home
+        if not self.kafka.bootstrap_servers:
+            self.kafka.bootstrap_servers = f"127.0.0.1:{self.embedded.broker_port}"
+        if not self.lake.uri:
+            self.lake.uri = (home / "lake").as_uri()
+        if not self.mlflow.tracking_uri:
+            self.mlflow.tracking_uri = f"sqlite:///{home / 'mlflow.db'}"
+        if not self.mlflow.artifact_uri:
+            self.mlflow.artifact_uri = (home / "mlartifacts").as_uri()
+        if not self.api.spool_dir:
+            self.api.spool_dir = str(home / "spool")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

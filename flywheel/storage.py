@@ -1,0 +1,158 @@
+"""Lake storage: ``file://`` and ``s3://`` URIs behind one small interface.
+
+Keys are ``/``-separated paths relative to the storage root. ``put_bytes`` is atomic in both
+implementations: a reader sees the whole old object or the whole new one, never a torn write. On the local
+disk that is write-to-temp + fsync + rename + fsync(dir); on S3 a single PutObject already is.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from flywheel.settings import LakeSettings
+
+
+class Storage(Protocol):
+    uri: str
+
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+
+
+class LocalStorage:
+    """A directory on the local disk."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root != path and self.root not in path.parents:
+            raise ValueError(f"key {key!r} escapes the storage root")
+        return path
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        start = base if base.is_dir() else base.parent
+        if not start.exists():
+            return []
+        keys = []
+        for dirpath, _dirs, files in os.walk(start):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+class S3Storage:
+    """A prefix in an S3 bucket, through boto3 (any S3 API: AWS, MinIO, moto)."""
+
+    def __init__(self, bucket: str, prefix: str = "", client: object | None = None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.client = client
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)  # type: ignore[attr-defined]
+
+    def get_bytes(self, key: str) -> bytes:
+        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]  # type: ignore[attr-defined]
+        return body.read()
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))  # type: ignore[attr-defined]
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix: str = "") -> list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")  # type: ignore[attr-defined]
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = []
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))  # type: ignore[attr-defined]
+
+
+def open_storage(uri: str, lake: LakeSettings | None = None) -> Storage:
+    """Storage for a ``file://`` or ``s3://`` URI (a bare path counts as a local directory)."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return LocalStorage(parsed.path if parsed.scheme else uri)
+    if parsed.scheme == "s3":
+        import boto3
+
+        lake = lake or LakeSettings()
+        client = boto3.client(
+            "s3",
+            endpoint_url=lake.s3_endpoint_url,
+            region_name=lake.s3_region,
+            aws_access_key_id=lake.aws_access_key_id.get_secret_value() if lake.aws_access_key_id else None,
+            aws_secret_access_key=(
+                lake.aws_secret_access_key.get_secret_value() if lake.aws_secret_access_key else None
+            ),
+        )
+        return S3Storage(parsed.netloc, parsed.path, client)
+    raise ValueError(f"unsupported storage URI {uri!r}: use file:///path or s3://bucket/prefix")
+
+
+def parquet_bytes(table: object) -> bytes:
+    """Serialize a pyarrow Table to Parquet bytes (zstd), ready for ``put_bytes``."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")  # type: ignore[arg-type]
+    return buf.getvalue()

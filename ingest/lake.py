@@ -1,0 +1,206 @@
+"""The event lake: Parquet files partitioned by event type and the hour the user acted.
+
+Layout under the lake root::
+
+    events/type=<type>/dt=YYYY-MM-DD/hour=HH/<topic>.p<partition>.o<first>-<last>.parquet
+
+Exactly once by ``event_id``. A flush writes, for each (Kafka partition, lake partition) pair, one file named
+after the Kafka offset range it covers, atomically. Before writing, rows whose ``event_id`` is already in
+that lake partition (in any *other* file) are dropped. So:
+
+- a consumer that crashed after the write and before the offset commit replays the same records: their
+  ids are already present and nothing new is written; if the replayed range is identical, the file of that
+  name is rewritten with identical rows;
+- a client that retried a send (the same ``event_id`` twice in the topic) gets one row.
+
+Every event with the same ``conversation_id`` goes to the same Kafka partition (the producer keys by it), so
+one consumer owns all copies of an id; the per-partition id index below is reloaded from storage whenever
+the consumer's assignment changes. :func:`read_events` also drops duplicate ids, for files that other
+writers (a backfill, a second deployment) may have added.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, get_args, get_origin
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import AwareDatetime
+
+from flywheel.events import EVENT_MODELS, EVENT_TYPES, Message
+from flywheel.storage import Storage, parquet_bytes
+
+EVENTS_ROOT = "events"
+LINEAGE_COLUMNS = [("kafka_topic", pa.string()), ("kafka_partition", pa.int32()), ("kafka_offset", pa.int64())]
+_FILE_RE = re.compile(r"^(?P<topic>.+)\.p(?P<partition>\d+)\.o(?P<first>\d+)-(?P<last>\d+)\.parquet$")
+
+
+def _arrow_type(annotation: Any) -> pa.DataType:
+    origin = get_origin(annotation)
+    if origin is list and get_args(annotation) == (Message,):
+        return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    if annotation is int:
+        return pa.int64()
+    if annotation in (datetime, AwareDatetime):
+        return pa.timestamp("us", tz="UTC")
+    return pa.string()  # ids, UUIDs, literals and free text
+
+
+def arrow_schema(event_type: str) -> pa.Schema:
+    """The Parquet schema of one event type's table: the contract's fields plus Kafka lineage."""
+    model = EVENT_MODELS[event_type]
+    fields = []
+    for name, info in model.model_fields.items():
+        fields.append(pa.field(name, _arrow_type(info.annotation), nullable=not info.is_required() and info.default is None))
+    return pa.schema(fields + [pa.field(n, t, nullable=False) for n, t in LINEAGE_COLUMNS])
+
+
+SCHEMAS = {t: arrow_schema(t) for t in EVENT_TYPES}
+
+
+def partition_prefix(event_type: str, occurred_at: datetime) -> str:
+    ts = occurred_at.astimezone(UTC)
+    return f"{EVENTS_ROOT}/type={event_type}/dt={ts:%Y-%m-%d}/hour={ts:%H}"
+
+
+def file_name(topic: str, partition: int, first: int, last: int) -> str:
+    return f"{topic}.p{partition}.o{first:012d}-{last:012d}.parquet"
+
+
+@dataclass
+class FlushStats:
+    written: int = 0
+    duplicates: int = 0
+    files: list[str] = field(default_factory=list)
+
+
+class LakeSink:
+    """Buffers validated events and writes them to the lake, exactly once by ``event_id``."""
+
+    def __init__(self, storage: Storage, *, index_partitions: int = 256):
+        self.storage = storage
+        self._pending: list[tuple[Any, str, int, int]] = []
+        # lake partition prefix -> {event_id: file name}; LRU-bounded, reloaded from storage on a miss.
+        self._index: OrderedDict[str, dict[str, str]] = OrderedDict()
+        self._index_partitions = index_partitions
+        self._lock = threading.Lock()
+
+    def add(self, event: Any, topic: str, partition: int, offset: int) -> None:
+        self._pending.append((event, topic, partition, offset))
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def reset_index(self) -> None:
+        """Forget cached ids (call when the consumer's partition assignment changes)."""
+        with self._lock:
+            self._index.clear()
+
+    def _ids_in(self, prefix: str) -> dict[str, str]:
+        ids = self._index.get(prefix)
+        if ids is None:
+            ids = {}
+            for key in self.storage.list(prefix + "/"):
+                name = key.rsplit("/", 1)[-1]
+                if not name.endswith(".parquet"):
+                    continue
+                table = pq.read_table(io.BytesIO(self.storage.get_bytes(key)), columns=["event_id"])
+                for eid in table.column("event_id").to_pylist():
+                    ids.setdefault(eid, name)
+            self._index[prefix] = ids
+            while len(self._index) > self._index_partitions:
+                self._index.popitem(last=False)
+        self._index.move_to_end(prefix)
+        return ids
+
+    def flush(self) -> FlushStats:
+        """Write everything buffered; returns once every file is durable. Raises on any storage error,
+        keeping the buffer, so the caller must not commit offsets."""
+        stats = FlushStats()
+        if not self._pending:
+            return stats
+        with self._lock:
+            groups: dict[tuple[str, int], list[tuple[Any, int]]] = defaultdict(list)
+            for event, topic, partition, offset in self._pending:
+                groups[(topic, partition)].append((event, offset))
+            for (topic, partition), rows in groups.items():
+                rows.sort(key=lambda r: r[1])
+                name = file_name(topic, partition, rows[0][1], rows[-1][1])
+                by_prefix: dict[str, list[tuple[Any, int]]] = defaultdict(list)
+                for event, offset in rows:
+                    by_prefix[partition_prefix(event.type, event.occurred_at)].append((event, offset))
+                for prefix, part_rows in sorted(by_prefix.items()):
+                    existing = self._ids_in(prefix)
+                    keep, seen = [], set()
+                    for event, offset in part_rows:
+                        eid = str(event.event_id)
+                        if eid in seen or existing.get(eid, name) != name:
+                            stats.duplicates += 1
+                            continue
+                        seen.add(eid)
+                        keep.append((event, offset))
+                    if not keep:
+                        continue
+                    event_type = keep[0][0].type
+                    table = _to_table(event_type, keep, topic, partition)
+                    key = f"{prefix}/{name}"
+                    self.storage.put_bytes(key, parquet_bytes(table))
+                    for eid in seen:
+                        existing[eid] = name
+                    stats.written += len(keep)
+                    stats.files.append(key)
+            self._pending.clear()
+        return stats
+
+
+def _to_table(event_type: str, rows: list[tuple[Any, int]], topic: str, partition: int) -> pa.Table:
+    schema = SCHEMAS[event_type]
+    records = []
+    for event, offset in rows:
+        rec = event.model_dump()
+        rec["event_id"] = str(rec["event_id"])
+        rec["kafka_topic"], rec["kafka_partition"], rec["kafka_offset"] = topic, partition, offset
+        records.append(rec)
+    return pa.Table.from_pylist(records, schema=schema)
+
+
+def _in_range(path: str, start: datetime | None, end: datetime | None) -> bool:
+    m = re.search(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/", path)
+    if not m:
+        return False
+    hour = datetime.fromisoformat(f"{m.group(1)}T{m.group(2)}:00:00+00:00")
+    return (start is None or hour >= start.replace(minute=0, second=0, microsecond=0)) and (end is None or hour < end)
+
+
+def list_files(storage: Storage, event_type: str, start: datetime | None = None, end: datetime | None = None) -> list[str]:
+    """Lake files of one event type whose hour partition overlaps ``[start, end)``."""
+    keys = storage.list(f"{EVENTS_ROOT}/type={event_type}/")
+    return [k for k in keys if k.endswith(".parquet") and _in_range(k, start, end)]
+
+
+def read_events(
+    storage: Storage, event_type: str, start: datetime | None = None, end: datetime | None = None
+) -> pd.DataFrame:
+    """All events of one type in ``[start, end)`` (by ``occurred_at``), one row per ``event_id``."""
+    tables = [pq.read_table(io.BytesIO(storage.get_bytes(k)), schema=SCHEMAS[event_type])
+              for k in list_files(storage, event_type, start, end)]
+    table = pa.concat_tables(tables) if tables else SCHEMAS[event_type].empty_table()
+    df = table.to_pandas()
+    if start is not None:
+        df = df[df["occurred_at"] >= pd.Timestamp(start)]
+    if end is not None:
+        df = df[df["occurred_at"] < pd.Timestamp(end)]
+    df = df.sort_values(["occurred_at", "kafka_partition", "kafka_offset"], kind="stable")
+    return df.drop_duplicates("event_id", keep="first").reset_index(drop=True)
+
+
+def count_events(storage: Storage) -> dict[str, int]:
+    """Rows per event type (after dropping duplicate ids) across the whole lake."""
+    return {t: len(read_events(storage, t)) for t in EVENT_TYPES}

@@ -1,0 +1,115 @@
+"""Data-quality rules checked after pydantic has validated each record's types.
+
+The contract (``flywheel.events``) says what a well-formed event is. These rules say what the pipeline is
+willing to learn from: ``occurred_at`` neither ahead of the clock (beyond a skew allowance) nor older than
+the retention window, text within the length bounds curation accepts, and no blank corrections.
+
+Each rule is defined once, as a predicate that works on a scalar and on a pandas Series alike. The consumer
+checks a whole poll with one pandera schema built from the rules (one vectorised pass per micro-batch);
+the API evaluates the same predicates on a single event, where building a DataFrame would cost more than
+the rest of the request, so a client hears about a bad timestamp as a 422 instead of a dead letter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+
+from flywheel.settings import IngestSettings
+
+
+@dataclass(frozen=True)
+class QualityRules:
+    max_future_skew: timedelta = timedelta(minutes=5)
+    max_age: timedelta = timedelta(days=30)
+    max_text_chars: int = 32_000
+
+    @classmethod
+    def from_settings(cls, s: IngestSettings) -> QualityRules:
+        return cls(timedelta(seconds=s.max_future_skew_s), timedelta(days=s.max_age_days), s.max_text_chars)
+
+
+@dataclass(frozen=True)
+class Rule:
+    reason: str  # the reason code written to the dead-letter record / the 422
+    column: str
+    passes: Callable[[Any], Any]  # scalar -> bool, Series -> bool Series
+    message: str
+
+
+def _rules(q: QualityRules, now: datetime) -> list[Rule]:
+    latest, earliest = now + q.max_future_skew, now - q.max_age
+    return [
+        Rule("occurred_at_in_future", "occurred_at", lambda v: v <= latest,
+             f"occurred_at is more than {q.max_future_skew} ahead of the server clock ({now.isoformat()})"),
+        Rule("occurred_at_too_old", "occurred_at", lambda v: v >= earliest,
+             f"occurred_at is older than the retention window of {q.max_age}"),
+        Rule("text_too_long", "text_chars", lambda v: v <= q.max_text_chars,
+             f"a text field is longer than {q.max_text_chars} characters"),
+        Rule("blank_correction", "blank_correction", np.logical_not,
+             "corrected_text is only whitespace"),
+    ]
+
+
+def _row(event: Any) -> dict[str, Any]:
+    return {
+        "occurred_at": event.occurred_at,
+        "text_chars": max(map(len, event.texts()), default=0),
+        "blank_correction": event.type == "correction" and not event.corrected_text.strip(),
+    }
+
+
+Verdict = tuple[str, str] | None
+"""``None`` when an event passes, else ``(reason_code, message)`` of the first rule it breaks."""
+
+
+def check_event(event: Any, rules: QualityRules, now: datetime | None = None) -> Verdict:
+    """The rules for one event, evaluated in plain Python (the API's hot path)."""
+    row = _row(event)
+    for rule in _rules(rules, now or datetime.now(UTC)):
+        if not rule.passes(row[rule.column]):
+            return rule.reason, rule.message
+    return None
+
+
+def check_batch(events: list[Any], rules: QualityRules, now: datetime | None = None) -> list[Verdict]:
+    """The rules for a micro-batch, as one pandera validation; one verdict per event, in order."""
+    if not events:
+        return []
+    rule_list = _rules(rules, now or datetime.now(UTC))
+    rows = [_row(e) for e in events]
+    frame = pd.DataFrame(
+        {
+            "occurred_at": pd.DatetimeIndex([r["occurred_at"] for r in rows]).tz_convert("UTC"),
+            "text_chars": np.fromiter((r["text_chars"] for r in rows), dtype=np.int64, count=len(rows)),
+            "blank_correction": np.fromiter((r["blank_correction"] for r in rows), dtype=bool, count=len(rows)),
+        }
+    )
+    columns: dict[str, list[pa.Check]] = {}
+    for rule in rule_list:
+        columns.setdefault(rule.column, []).append(pa.Check(rule.passes, name=rule.reason, error=rule.reason))
+    schema = pa.DataFrameSchema({col: pa.Column(checks=checks) for col, checks in columns.items()})
+    verdicts: list[Verdict] = [None] * len(events)
+    try:
+        schema.validate(frame, lazy=True)
+    except pa.errors.SchemaErrors as err:
+        messages = {r.reason: r.message for r in rule_list}
+        for idx, check in zip(err.failure_cases["index"], err.failure_cases["check"], strict=True):
+            if idx is None or pd.isna(idx):
+                continue
+            i = int(idx)
+            # Rules are checked in order; keep the first one an event breaks.
+            reason = str(check)
+            if verdicts[i] is None or _order(rule_list, reason) < _order(rule_list, verdicts[i][0]):  # type: ignore[index]
+                verdicts[i] = (reason, messages.get(reason, reason))
+    return verdicts
+
+
+def _order(rule_list: list[Rule], reason: str) -> int:
+    return next((i for i, r in enumerate(rule_list) if r.reason == reason), len(rule_list))

