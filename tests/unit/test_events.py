@@ -1,0 +1,108 @@
+import json
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+
+import jsonschema
+import pytest
+from pydantic import ValidationError
+
+from flywheel import events as ev
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def base(**kw):
+    return {"event_id": str(uuid.uuid4()), "occurred_at": NOW.isoformat(), "conversation_id": "c1",
+            "user_id": "u1", "model_version": "v1", **kw}
+
+
+EXAMPLES = [
+    base(type="turn", response_id="r1", messages=[{"role": "user", "content": "hi"}], response="hello"),
+    base(type="turn", response_id="r2", messages=[{"role": "user", "content": "hi"}], response="yo",
+         parent_response_id="r1"),
+    base(type="thumbs", response_id="r1", value="down", reason="wrong"),
+    base(type="regenerate", discarded_response_id="r1", new_response_id="r2"),
+    base(type="correction", response_id="r1", corrected_text="Better."),
+    base(type="pairwise", response_a_id="r1", response_b_id="r2", choice="tie"),
+    base(type="implicit", response_id="r1", action="copy"),
+]
+
+
+@pytest.mark.parametrize("obj", EXAMPLES, ids=lambda o: o["type"])
+def test_every_type_round_trips_through_the_wire_format(obj):
+    event = ev.validate_event(obj)
+    assert ev.decode_event(ev.encode_event(event)) == event
+    assert event.schema_version == ev.SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("obj", EXAMPLES, ids=lambda o: o["type"])
+def test_json_schema_accepts_what_the_models_accept(obj):
+    jsonschema.validate(json.loads(ev.encode_event(ev.validate_event(obj))), ev.json_schema())
+
+
+def test_json_schema_rejects_a_record_without_event_id():
+    obj = {k: v for k, v in EXAMPLES[2].items() if k != "event_id"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(obj, ev.json_schema())
+
+
+def test_occurred_at_is_normalised_to_utc_and_must_carry_an_offset():
+    paris = datetime(2026, 11, 22, 13, 0, tzinfo=timezone(timedelta(hours=1)))
+    event = ev.validate_event({**EXAMPLES[2], "occurred_at": paris.isoformat()})
+    assert event.occurred_at == NOW and event.occurred_at.tzinfo == UTC
+    with pytest.raises(ValidationError, match="timezone"):
+        ev.validate_event({**EXAMPLES[2], "occurred_at": "2026-11-22T12:00:00"})
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"value": "sideways"}, "value"),
+        ({"schema_version": 99}, "unsupported schema_version"),
+        ({"surprise": 1}, "Extra inputs are not permitted"),
+        ({"event_id": "not-a-uuid"}, "event_id"),
+        ({"user_id": "has spaces"}, "user_id"),
+    ],
+)
+def test_invalid_fields_are_named(change, fragment):
+    with pytest.raises(ValidationError) as info:
+        ev.validate_event({**EXAMPLES[2], **change})
+    assert fragment in str(info.value)
+
+
+def test_cross_field_rules():
+    with pytest.raises(ValidationError, match="must differ"):
+        ev.validate_event({**EXAMPLES[5], "response_b_id": "r1"})
+    with pytest.raises(ValidationError, match="must differ"):
+        ev.validate_event({**EXAMPLES[1], "parent_response_id": "r2"})
+    with pytest.raises(ValidationError, match="must differ"):
+        ev.validate_event({**EXAMPLES[3], "new_response_id": "r1"})
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\xff\xfe\x00garbage", "invalid_utf8"),
+        (b"{not json", "invalid_json"),
+        (b"[1, 2]", "not_an_object"),
+        (b'{"type": "emoji_reaction"}', "unknown_type"),
+        (json.dumps({**EXAMPLES[2], "value": 1}).encode(), "schema_violation"),
+    ],
+)
+def test_decode_gives_a_reason_code(raw, reason):
+    with pytest.raises(ev.EventDecodeError) as info:
+        ev.decode_event(raw)
+    assert info.value.reason == reason and info.value.detail
+
+
+def test_stamp_defaults_fills_only_what_is_missing():
+    obj = {k: v for k, v in EXAMPLES[2].items() if k not in ("event_id", "occurred_at")}
+    stamped = ev.stamp_defaults(obj, NOW)
+    assert uuid.UUID(stamped["event_id"]) and stamped["occurred_at"] == NOW.isoformat()
+    kept = ev.stamp_defaults(EXAMPLES[2], NOW)
+    assert kept["event_id"] == EXAMPLES[2]["event_id"]
+
+
+def test_field_path_reads_like_json():
+    assert ev.field_path(("events", 3, "thumbs", "value")) == "events[3].value"
+    assert ev.field_path(()) == "body"
