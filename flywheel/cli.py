@@ -64,7 +64,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         print("warning: no API keys configured (FLYWHEEL_API__KEYS); every request will get 401", file=sys.stderr)
     policy = None if args.no_policy else PolicyHandle.load(settings.api.policy_model, settings.api.policy_version)
     uvicorn.run(create_app(settings, policy=policy), host=args.host or settings.api.host,
-                port=args.port or settings.api.port, log_level="info")
+                port=args.port or settings.api.port, log_level="info", access_log=args.access_log)
     return 0
 
 
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--no-policy", action="store_true", help="do not load the policy (/v1/chat answers 503)")
+    s.add_argument("--access-log", action="store_true", help="log every request (GET /metrics has the counts)")
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("keys", help="create an API key and print its hashed settings entry")

@@ -76,6 +76,9 @@ class ConsumerMetrics:
         self.written = Counter("flywheel_ingest_records_written_total", "Rows written to the lake", registry=r)
         self.duplicates = Counter("flywheel_ingest_duplicates_dropped_total",
                                   "Records dropped because their event_id is already in the lake", registry=r)
+        self.replayed = Counter("flywheel_ingest_replayed_total",
+                                "Rows rewritten in place after an offset replay (same file, not duplicated)",
+                                registry=r)
         self.dead_lettered = Counter("flywheel_ingest_dead_lettered_total", "Records sent to the DLQ",
                                      ["reason"], registry=r)
         self.commit_latency = Histogram("flywheel_ingest_commit_seconds",
@@ -137,26 +140,33 @@ def run_consumer(
         if stats is not None:
             m.written.inc(stats.written)
             m.duplicates.inc(stats.duplicates)
+            m.replayed.inc(stats.replayed)
         if on_commit:
             on_commit(dict(pending))
         pending.clear()
         since_commit, last_commit = 0, time.monotonic()
 
     source.on_rebalance(revoked=checkpoint, assigned=sink.reset_index)
-    while not stop.is_set():
-        records = source.poll()
-        m.records_in.inc(len(records))
-        for record, verdict in handle(records):
-            if isinstance(verdict, Rejected):
-                dlq.send(record, verdict.reason, verdict.detail)
-                m.dead_lettered.labels(verdict.reason).inc()
-            else:
-                sink.add(verdict, record.topic, record.partition, record.offset)
-            pending[(record.topic, record.partition)] = record.offset + 1
-        since_commit += len(records)
-        if since_commit >= commit_every or time.monotonic() - last_commit >= commit_interval_s:
-            checkpoint()
-    checkpoint()
+    try:
+        while not stop.is_set():
+            records = source.poll()
+            m.records_in.inc(len(records))
+            for record, verdict in handle(records):
+                if isinstance(verdict, Rejected):
+                    dlq.send(record, verdict.reason, verdict.detail)
+                    m.dead_lettered.labels(verdict.reason).inc()
+                else:
+                    sink.add(verdict, record.topic, record.partition, record.offset)
+                pending[(record.topic, record.partition)] = record.offset + 1
+            since_commit += len(records)
+            if since_commit >= commit_every or time.monotonic() - last_commit >= commit_interval_s:
+                checkpoint()
+        checkpoint()
+    except BaseException:
+        # After a failure nothing may be committed, not even by the revoke that closing the consumer
+        # triggers: the records since the last commit are replayed by whoever owns the partitions next.
+        source.on_rebalance(revoked=lambda: None, assigned=lambda: None)
+        raise
 
 
 class KafkaSource:

@@ -76,8 +76,9 @@ def file_name(topic: str, partition: int, first: int, last: int) -> str:
 
 @dataclass
 class FlushStats:
-    written: int = 0
-    duplicates: int = 0
+    written: int = 0  # rows new to the lake
+    duplicates: int = 0  # rows dropped: their event_id is already in another file (or twice in this batch)
+    replayed: int = 0  # rows rewritten in place: a replayed offset range regenerates the same file
     files: list[str] = field(default_factory=list)
 
 
@@ -138,12 +139,14 @@ class LakeSink:
                     by_prefix[partition_prefix(event.type, event.occurred_at)].append((event, offset))
                 for prefix, part_rows in sorted(by_prefix.items()):
                     existing = self._ids_in(prefix)
-                    keep, seen = [], set()
+                    keep, seen, replayed = [], set(), 0
                     for event, offset in part_rows:
                         eid = str(event.event_id)
                         if eid in seen or existing.get(eid, name) != name:
                             stats.duplicates += 1
                             continue
+                        if eid in existing:
+                            replayed += 1
                         seen.add(eid)
                         keep.append((event, offset))
                     if not keep:
@@ -154,7 +157,8 @@ class LakeSink:
                     self.storage.put_bytes(key, parquet_bytes(table))
                     for eid in seen:
                         existing[eid] = name
-                    stats.written += len(keep)
+                    stats.written += len(keep) - replayed
+                    stats.replayed += replayed
                     stats.files.append(key)
             self._pending.clear()
         return stats

@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+
 class SpoolFull(RuntimeError):
     """The spool reached its size limit: the API answers 503."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-WORDS = "hello world the a is of to and what how why yes no please thanks paris france capital".split()
+WORDS = ["hello", "world", "the", "a", "is", "of", "to", "and", "what", "how", "why", "yes", "no", "please", "thanks", "paris", "france", "capital"]
 
 
 def tiny_tokenizer() -> Any:

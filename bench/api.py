@@ -1,0 +1,210 @@
+"""API throughput and latency: ``POST /v1/feedback`` vs a bare FastAPI handler returning 202, same run.
+
+    .venv/bin/python bench/api.py [--seconds 8] [--concurrency 32] [--rate 500]
+
+Each server runs in its own process under uvicorn (one worker, as deployed per replica):
+
+- ours: ``flywheel serve --no-policy`` against an embedded Tansu broker: API-key check, rate limiter, body
+  limit, pydantic validation, and a 202 only after the broker acknowledged the event (acks=all);
+- the baseline: a FastAPI app with one ``POST /v1/feedback`` that returns 202 without reading the body.
+
+The load comes from another process (asyncio, raw HTTP/1.1 keep-alive connections, so the client is not
+the bottleneck): a closed loop at ``--concurrency`` for req/s, then an open loop at ``--rate`` req/s for
+p50/p99, latency measured from each request's scheduled send time (no coordinated omission).
+Targets: ratio of req/s >= 0.5; p99 < 50 ms at 500 req/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+# ----------------------------------------------------------------------------------------------- servers
+def bare_app():  # imported by uvicorn in the baseline server process
+    from fastapi import FastAPI, Response
+
+    app = FastAPI()
+
+    @app.post("/v1/feedback", status_code=202)
+    async def feedback() -> Response:
+        return Response(b'{"event_id":"x"}', status_code=202, media_type="application/json")
+
+    return app
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    from flywheel.stack import port_open
+
+    deadline = time.monotonic() + timeout
+    while not port_open(port):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"server on {port} did not start")
+        time.sleep(0.1)
+
+
+# ------------------------------------------------------------------------------------------------- load
+def feedback_body(i: int) -> bytes:
+    return json.dumps({
+        "type": "thumbs", "event_id": str(uuid.uuid4()), "user_id": f"u{i % 500}",
+        "conversation_id": f"c{i % 2000}", "response_id": f"r{i}", "model_version": "smollm2@1",
+        "rating": "up" if i % 3 else "down", "reason": None if i % 3 else "too long",
+        "occurred_at": datetime.now(UTC).isoformat(),
+    }).encode()
+
+
+def request_bytes(port: int, token: str, body: bytes) -> bytes:
+    return (f"POST /v1/feedback HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    if length:
+        await reader.readexactly(length)
+    return status
+
+
+async def closed_loop(port: int, token: str, seconds: float, concurrency: int) -> dict:
+    stop_at = time.perf_counter() + seconds
+    counts: dict[int, int] = {}
+    counter = iter(range(10**9))
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while time.perf_counter() < stop_at:
+            writer.write(request_bytes(port, token, feedback_body(next(counter))))
+            status = await read_response(reader)
+            counts[status] = counts.get(status, 0) + 1
+        writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    return {"rps": sum(counts.values()) / elapsed, "status": counts}
+
+
+async def open_loop(port: int, token: str, seconds: float, rate: float) -> dict:
+    bodies = [request_bytes(port, token, feedback_body(i)) for i in range(int(seconds * rate))]
+    idle: asyncio.Queue = asyncio.Queue()
+    for _ in range(16):
+        idle.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+    latencies: list[float] = []
+    counts: dict[int, int] = {}
+
+    async def one(conn, req: bytes, scheduled: float) -> None:
+        reader, writer = conn
+        writer.write(req)
+        status = await read_response(reader)
+        latencies.append(time.perf_counter() - scheduled)
+        counts[status] = counts.get(status, 0) + 1
+        idle.put_nowait(conn)
+
+    tasks = []
+    t0 = time.perf_counter()
+    for i, req in enumerate(bodies):
+        scheduled = t0 + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        conn = idle.get_nowait() if not idle.empty() else await asyncio.open_connection("127.0.0.1", port)
+        tasks.append(asyncio.create_task(one(conn, req, scheduled)))
+    await asyncio.gather(*tasks)
+    while not idle.empty():
+        idle.get_nowait()[1].close()
+    latencies.sort()
+    q = statistics.quantiles(latencies, n=100)
+    return {"achieved_rps": len(latencies) / (time.perf_counter() - t0), "p50_ms": q[49] * 1000,
+            "p99_ms": q[98] * 1000, "status": counts}
+
+
+def load(port: int, token: str, seconds: float, concurrency: int, rate: float, out: mp.Queue) -> None:
+    closed = asyncio.run(closed_loop(port, token, seconds, concurrency))
+    opened = asyncio.run(open_loop(port, token, seconds, rate))
+    out.put({"closed": closed, "open": opened})
+
+
+def measure(port: int, token: str, args: argparse.Namespace) -> dict:
+    asyncio.run(closed_loop(port, token, 1.0, 8))  # warm-up: connections, imports, JIT-free caches
+    q: mp.Queue = mp.Queue()
+    p = mp.get_context("spawn").Process(target=load, args=(port, token, args.seconds, args.concurrency, args.rate, q))
+    p.start()
+    result = q.get(timeout=args.seconds * 4 + 60)
+    p.join()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=500.0)
+    args = ap.parse_args()
+
+    from flywheel.settings import Settings, hash_api_key
+    from flywheel.stack import ensure_topics, free_port, start_broker
+
+    token = "bench-" + uuid.uuid4().hex
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        broker = start_broker(free_port(), home / "tansu.log")
+        servers: list[subprocess.Popen] = []
+        try:
+            settings = Settings(home=home, kafka={"bootstrap_servers": broker.bootstrap})
+            ensure_topics(settings.kafka)
+            env = {**os.environ, "FLYWHEEL_HOME": str(home),
+                   "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+                   "FLYWHEEL_API__KEYS": json.dumps([{"name": "bench", "sha256": hash_api_key(token)}]),
+                   "FLYWHEEL_API__RATE_PER_S": "1000000", "FLYWHEEL_API__RATE_BURST": "1000000"}
+            ours_port, bare_port = free_port(), free_port()
+            servers.append(subprocess.Popen(
+                [sys.executable, "-m", "flywheel.cli", "serve", "--no-policy", "--port", str(ours_port)],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            servers.append(subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--factory", "bench.api:bare_app", "--port", str(bare_port),
+                 "--log-level", "warning", "--no-access-log"],
+                cwd=Path(__file__).resolve().parents[1], env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_port(ours_port)
+            wait_port(bare_port)
+            bare = measure(bare_port, token, args)
+            ours = measure(ours_port, token, args)
+        finally:
+            for s in servers:
+                s.terminate()
+                s.wait(20)
+            broker.stop()
+
+    def line(name: str, r: dict) -> str:
+        return (f"{name:34s} {r['closed']['rps']:>8,.0f} req/s (c={args.concurrency})   "
+                f"at {r['open']['achieved_rps']:.0f} req/s: p50 {r['open']['p50_ms']:.1f} ms, "
+                f"p99 {r['open']['p99_ms']:.1f} ms   status {r['closed']['status'] | r['open']['status']}")
+
+    print(line("bare FastAPI 202 handler", bare))
+    print(line("POST /v1/feedback (acks=all)", ours))
+    ratio = ours["closed"]["rps"] / bare["closed"]["rps"]
+    print(f"ratio ours / bare req/s        : {ratio:.2f}   (target >= 0.50)")
+    print(f"p99 at {args.rate:.0f} req/s            : {ours['open']['p99_ms']:.1f} ms (target < 50 ms)")
+
+
+if __name__ == "__main__":
+    main()
