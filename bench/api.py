@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def feedback_body(i: int) -> bytes:
     return json.dumps({
         "type": "thumbs", "event_id": str(uuid.uuid4()), "user_id": f"u{i % 500}",
         "conversation_id": f"c{i % 2000}", "response_id": f"r{i}", "model_version": "smollm2@1",
-        "rating": "up" if i % 3 else "down", "reason": None if i % 3 else "too long",
+        "value": "up" if i % 3 else "down", "reason": None if i % 3 else "too long",
         "occurred_at": datetime.now(UTC).isoformat(),
     }).encode()
 
@@ -144,8 +145,9 @@ def load(port: int, token: str, seconds: float, concurrency: int, rate: float, o
 
 def measure(port: int, token: str, args: argparse.Namespace) -> dict:
     asyncio.run(closed_loop(port, token, 1.0, 8))  # warm-up: connections, imports, JIT-free caches
-    q: mp.Queue = mp.Queue()
-    p = mp.get_context("spawn").Process(target=load, args=(port, token, args.seconds, args.concurrency, args.rate, q))
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=load, args=(port, token, args.seconds, args.concurrency, args.rate, q))
     p.start()
     result = q.get(timeout=args.seconds * 4 + 60)
     p.join()
@@ -188,6 +190,8 @@ def main() -> None:
             wait_port(bare_port)
             bare = measure(bare_port, token, args)
             ours = measure(ours_port, token, args)
+            if set(ours["closed"]["status"]) | set(ours["open"]["status"]) != {202}:
+                raise SystemExit(f"our server answered something other than 202: {ours}")
         finally:
             for s in servers:
                 s.terminate()
@@ -197,7 +201,7 @@ def main() -> None:
     def line(name: str, r: dict) -> str:
         return (f"{name:34s} {r['closed']['rps']:>8,.0f} req/s (c={args.concurrency})   "
                 f"at {r['open']['achieved_rps']:.0f} req/s: p50 {r['open']['p50_ms']:.1f} ms, "
-                f"p99 {r['open']['p99_ms']:.1f} ms   status {r['closed']['status'] | r['open']['status']}")
+                f"p99 {r['open']['p99_ms']:.1f} ms   status {dict(Counter(r['closed']['status']) + Counter(r['open']['status']))}")
 
     print(line("bare FastAPI 202 handler", bare))
     print(line("POST /v1/feedback (acks=all)", ours))

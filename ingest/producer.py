@@ -132,16 +132,52 @@ class EventPublisher:
                 with self._state_lock:
                     self._spooling = True
         if path == "spool":
-            self.spool.append(records)
-            self.metrics.spool_bytes.set(self.spool.size_bytes)
-            self._wake.set()
+            self._spool_records(records)
         self.metrics.published.labels(path).inc(len(records))
         self.metrics.publish_seconds.observe(time.perf_counter() - started)
         return path
 
     async def publish_async(self, events: list[Any]) -> str:
+        """``publish`` for the event loop. The common case (broker up, producer ready) hands the records to
+        the producer from the loop and awaits the broker's acks without a thread hop; everything else
+        (first connection, spooling, a failed send) goes through ``publish`` on a worker thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.publish, events)
+        producer = self._producer
+        if producer is None or self._spooling:
+            return await loop.run_in_executor(self._executor, self.publish, events)
+        started = time.perf_counter()
+        records = [(e.conversation_id.encode(), encode_event(e)) for e in events]
+        try:
+            acks = [self._ack_future(loop, producer.send(self.kafka.topic, key=k, value=v)) for k, v in records]
+            await asyncio.wait_for(asyncio.gather(*acks), self.timeout_s)
+        except Exception as e:  # not acknowledged in time: the spool takes it, never drop
+            log.warning("broker did not acknowledge %d event(s) (%s); spooling", len(records), e)
+            with self._state_lock:
+                self._spooling = True
+            await loop.run_in_executor(self._executor, self._spool_records, records)
+            path = "spool"
+        else:
+            path = "broker"
+        self.metrics.published.labels(path).inc(len(records))
+        self.metrics.publish_seconds.observe(time.perf_counter() - started)
+        return path
+
+    @staticmethod
+    def _ack_future(loop: asyncio.AbstractEventLoop, record_future: Any) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def settle(result: Any = None, error: BaseException | None = None) -> None:
+            if not fut.done():
+                fut.set_exception(error) if error is not None else fut.set_result(result)
+
+        record_future.add_callback(lambda md: loop.call_soon_threadsafe(settle, md))
+        record_future.add_errback(lambda exc: loop.call_soon_threadsafe(settle, None, exc))
+        return fut
+
+    def _spool_records(self, records: list[tuple[bytes, bytes]]) -> None:
+        self.spool.append(records)
+        self.metrics.spool_bytes.set(self.spool.size_bytes)
+        self._wake.set()
 
     def _send_and_wait(self, records: list[tuple[bytes, bytes]], timeout_s: float) -> None:
         producer = self._get_producer()

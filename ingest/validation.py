@@ -40,20 +40,24 @@ class Rule:
     reason: str  # the reason code written to the dead-letter record / the 422
     column: str
     passes: Callable[[Any], Any]  # scalar -> bool, Series -> bool Series
-    message: str
+    explain: Callable[[], str]  # the message, built only for events that break the rule
+
+    @property
+    def message(self) -> str:
+        return self.explain()
 
 
 def _rules(q: QualityRules, now: datetime) -> list[Rule]:
     latest, earliest = now + q.max_future_skew, now - q.max_age
     return [
         Rule("occurred_at_in_future", "occurred_at", lambda v: v <= latest,
-             f"occurred_at is more than {q.max_future_skew} ahead of the server clock ({now.isoformat()})"),
+             lambda: f"occurred_at is more than {q.max_future_skew} ahead of the server clock ({now.isoformat()})"),
         Rule("occurred_at_too_old", "occurred_at", lambda v: v >= earliest,
-             f"occurred_at is older than the retention window of {q.max_age}"),
+             lambda: f"occurred_at is older than the retention window of {q.max_age}"),
         Rule("text_too_long", "text_chars", lambda v: v <= q.max_text_chars,
-             f"a text field is longer than {q.max_text_chars} characters"),
+             lambda: f"a text field is longer than {q.max_text_chars} characters"),
         Rule("blank_correction", "blank_correction", np.logical_not,
-             "corrected_text is only whitespace"),
+             lambda: "corrected_text is only whitespace"),
     ]
 
 

@@ -28,14 +28,14 @@ class AppState:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     return request.app.state.flywheel  # type: ignore[no-any-return]
 
 
 State = Annotated[AppState, Depends(get_state)]
 
 
-def require_key(request: Request, state: State) -> ApiKey:
+async def require_key(request: Request, state: State) -> ApiKey:
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     key = state.keyring.authenticate(secret.strip()) if scheme.lower() == "bearer" and secret else None
@@ -53,7 +53,7 @@ def require_key(request: Request, state: State) -> ApiKey:
 Caller = Annotated[ApiKey, Depends(require_key)]
 
 
-def get_publisher(state: State) -> EventPublisher:
+async def get_publisher(state: State) -> EventPublisher:
     if state.publisher is None:
         raise ApiError(503, "not_ready", "the event publisher is not running")
     return state.publisher
@@ -62,7 +62,7 @@ def get_publisher(state: State) -> EventPublisher:
 Publisher = Annotated[EventPublisher, Depends(get_publisher)]
 
 
-def get_policy(state: State) -> PolicyHandle:
+async def get_policy(state: State) -> PolicyHandle:
     if state.policy is None:
         raise ApiError(503, "policy_loading", "the policy model is still loading; retry in a few seconds",
                        headers={"Retry-After": "5"})
