@@ -9,6 +9,7 @@ import secrets
 import signal
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from flywheel.settings import Settings, get_settings, hash_api_key
@@ -84,6 +85,63 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result["complete"] else 1
 
 
+def _when(text: str) -> datetime:
+    """ISO 8601 time (UTC assumed without an offset) or a relative ``-2h`` / ``-30m`` / ``now``."""
+    now = datetime.now(UTC)
+    if text == "now":
+        return now
+    if text.startswith("-") and text[-1] in "hmd":
+        n = float(text[1:-1])
+        return now - {"h": timedelta(hours=n), "m": timedelta(minutes=n), "d": timedelta(days=n)}[text[-1]]
+    dt = datetime.fromisoformat(text)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def _curate(args: argparse.Namespace, settings: Settings) -> int:
+    from pipelines.curation import curate
+
+    if args.blocklist:
+        settings.curation.blocklist_file = args.blocklist
+    result = curate(settings, _when(args.start), _when(args.end))
+    m = result.manifest
+    print(f"dataset {result.version}  ->  {result.uri}")
+    print(f"  feedback read {m['feedback_read']}, held back {m['held_back']}: "
+          f"{ {k: v for k, v in m['held_back_by_reason'].items() if v} }")
+    print(f"  pairs {m['files']['pairs.parquet']['rows']} by source {m['pairs_by_source']}, split {m['pairs_by_split']}")
+    print(f"  agreement {m['agreement']}; unpaired {m['unpaired_by_label']}; prompts {m['prompts']} "
+          f"in {m['prompt_groups']} groups; PII masked {m['pii_masked']}")
+    print(f"  card: {result.uri}/card.md")
+    return 0
+
+
+def _simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from flywheel.simulate import SimConfig, run_simulation
+
+    cfg = SimConfig(users=args.users, conversations_per_user=args.conversations, adversary_share=args.adversaries,
+                    prompts=args.prompts, seed=args.seed)
+    run_simulation(settings, cfg, truth_path=Path(args.truth) if args.truth else None,
+                   api_url=args.api_url, api_key=args.api_key)
+    return 0
+
+
+def _filter_report(args: argparse.Namespace, settings: Settings) -> int:
+    import io
+
+    import pandas as pd
+
+    from flywheel.simulate import filter_report
+    from flywheel.storage import open_storage
+
+    storage = open_storage(settings.lake.uri, settings.lake)
+    quarantine = pd.read_parquet(io.BytesIO(storage.get_bytes(f"datasets/{args.dataset}/quarantine.parquet")))
+    report = filter_report(quarantine, json.loads(Path(args.truth).read_text()))
+    print(json.dumps(report, indent=2))
+    ok = report["precision"] >= 0.95 and report["recall"] >= 0.90 and report["honest_held_back_share"] < 0.02
+    print(f"precision {report['precision']:.3f} (>= 0.95), recall {report['recall']:.3f} (>= 0.90), "
+          f"honest held back {report['honest_held_back_share']:.2%} (< 2%): {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flywheel", description="Continuous RLHF from user feedback.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -112,6 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True)
     s.add_argument("--admin", action="store_true")
     s.set_defaults(func=_keys)
+
+    s = sub.add_parser("simulate", help="simulated users (honest + adversaries) sending events over the HTTP API")
+    s.add_argument("--users", type=int, default=200)
+    s.add_argument("--conversations", type=int, default=6, help="conversations per user")
+    s.add_argument("--adversaries", type=float, default=0.10, help="share of users who are adversaries")
+    s.add_argument("--prompts", type=int, default=120, help="distinct ShareGPT prompts the users draw from")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--truth", help="ground-truth side file (default: <home>/simulations/truth-<seed>.json)")
+    s.add_argument("--api-url", help="an API that is already running (default: start the embedded stack)")
+    s.add_argument("--api-key", help="its API key")
+    s.set_defaults(func=_simulate)
+
+    s = sub.add_parser("curate", help="build the preference datasets of a lake interval (idempotent)")
+    s.add_argument("--start", required=True, help="ISO time or relative (-2h); inclusive")
+    s.add_argument("--end", default="now", help="ISO time, relative or 'now'; exclusive")
+    s.add_argument("--blocklist", help="file of blocked user ids (else FLYWHEEL_CURATION__BLOCKLIST_FILE)")
+    s.set_defaults(func=_curate)
+
+    s = sub.add_parser("filter-report", help="precision/recall of a dataset's quarantine against a simulation's truth")
+    s.add_argument("--dataset", required=True, help="dataset version id")
+    s.add_argument("--truth", required=True, help="the simulation's side file")
+    s.set_defaults(func=_filter_report)
 
     s = sub.add_parser("demo", help="run the whole feedback path on the embedded stack and show the lake")
     s.add_argument("--events", type=int, default=2_000, help="events to send over HTTP")

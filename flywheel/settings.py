@@ -106,6 +106,19 @@ class IngestSettings(BaseModel):
     metrics_port: int = 9464
 
 
+class CurationSettings(BaseModel):
+    blocked_users: list[str] = Field(default_factory=list, description="Accounts whose feedback is held back.")
+    blocklist_file: str | None = Field(default=None, description="One blocked user_id per line (# comments).")
+    max_feedback_per_minute: int = Field(default=20, description="More from one user in 60 s = a bot.")
+    min_read_s: float = Field(default=1.0, description="Feedback sooner than this after the turn = a bot ...")
+    read_chars_per_s: float = Field(default=250.0, description="... plus the response length at this speed.")
+    brigade_min_accounts: int = Field(default=4, description="Near-identical corrections from this many accounts.")
+    brigade_window_h: float = Field(default=6.0, description="... within this many hours = brigading.")
+    min_correction_overlap: float = Field(default=0.08, description="Word Jaccard with the response below = unrelated.")
+    eval_share: float = Field(default=0.1, ge=0, lt=1, description="Share of prompt groups in the eval split.")
+    turn_lookback_h: float = Field(default=24.0, description="How far before the interval to look for turns.")
+
+
 class EmbeddedSettings(BaseModel):
     broker_port: int = 19092
 
@@ -119,6 +132,7 @@ class Settings(BaseSettings):
     mlflow: MlflowSettings = MlflowSettings()
     api: ApiSettings = ApiSettings()
     ingest: IngestSettings = IngestSettings()
+    curation: CurationSettings = CurationSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
 
     @model_validator(mode="after")

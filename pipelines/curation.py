@@ -1,0 +1,294 @@
+"""Curation: one interval of the event lake -> filtered feedback -> versioned preference datasets.
+
+    lake (turns + feedback of [start, end)) -> filters (held back -> quarantine, with reasons)
+      -> pairs (correction / pairwise / regenerate / thumbs, raters aggregated, agreement measured)
+      -> unpaired labels (KTO) and a deduplicated prompt set (PPO)
+      -> near-duplicate prompt groups -> train/eval split by group -> PII masked -> pandera-validated
+      -> datasets/<version>/{pairs,unpaired,prompts,quarantine}.parquet + manifest.json + card.md + plots/
+
+:func:`build_dataset` is pure (tables in, tables out); :func:`curate` does the I/O. The version id is a hash
+of the four tables' bytes, so the same interval over the same lake gives the same version, byte for byte.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flywheel.settings import CurationSettings, Settings
+from flywheel.storage import Storage, open_storage
+from ingest.filters import FEEDBACK_COLUMNS, REASONS, FilterConfig, apply_filters
+from ingest.lake import list_files, read_events
+from pipelines import schemas
+from pipelines.agreement import agreement
+from pipelines.preferences import aggregate_votes, build_votes, thumbs_pairs, unpaired_labels
+from pipelines.text import mask_pii, near_duplicate_groups, normalize, stable_hash
+
+log = logging.getLogger(__name__)
+DATASETS_ROOT = "datasets"
+PAIR_COLUMNS = ["pair_id", "prompt", "chosen", "rejected", "source", "margin", "group_id", "split", "event_ids"]
+
+
+# --------------------------------------------------------------------------------------------- tables
+def render_prompt(messages: Any) -> str:
+    """The text a policy is prompted with: the user message, or the role-tagged conversation."""
+    msgs = list(messages)
+    if len(msgs) == 1:
+        return str(msgs[0]["content"])
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in msgs)
+
+
+def prepare_turns(turns: pd.DataFrame) -> pd.DataFrame:
+    """Lake turns -> ``event_id, response_id, user_id, occurred_at, prompt, response, prompt_key, response_key``."""
+    if turns.empty:
+        return pd.DataFrame(columns=["event_id", "response_id", "user_id", "occurred_at", "prompt", "response",
+                                     "prompt_key", "response_key", "model_version"])
+    out = turns[["event_id", "response_id", "user_id", "occurred_at", "response", "model_version"]].copy()
+    out["prompt"] = [render_prompt(m) for m in turns["messages"]]
+    keys: dict[str, str] = {}
+    for text in pd.unique(pd.concat([out["prompt"], out["response"]], ignore_index=True)):
+        keys[text] = stable_hash(normalize(text))
+    out["prompt_key"] = out["prompt"].map(keys)
+    out["response_key"] = out["response"].map(keys)
+    # one row per response_id (a retried log of the same turn keeps its first copy)
+    return out.drop_duplicates("response_id").reset_index(drop=True)
+
+
+def unify_feedback(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The per-type feedback tables as one table with ``FEEDBACK_COLUMNS``."""
+    spec = {
+        "thumbs": {"response_id": "response_id", "value": "value"},
+        "correction": {"response_id": "response_id", "corrected_text": "corrected_text"},
+        "regenerate": {"response_id": "discarded_response_id", "other_response_id": "new_response_id"},
+        "pairwise": {"response_id": "response_a_id", "other_response_id": "response_b_id", "value": "choice"},
+        "implicit": {"response_id": "response_id", "value": "action"},
+    }
+    parts = []
+    for event_type, mapping in spec.items():
+        df = frames.get(event_type)
+        if df is None or df.empty:
+            continue
+        part = pd.DataFrame({"event_id": df["event_id"], "type": event_type, "user_id": df["user_id"],
+                             "occurred_at": df["occurred_at"]})
+        for col in ["response_id", "other_response_id", "value", "corrected_text"]:
+            part[col] = df[mapping[col]] if col in mapping else None
+        parts.append(part)
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in FEEDBACK_COLUMNS}).astype(
+            {"occurred_at": "datetime64[us, UTC]"})
+    fb = pd.concat(parts, ignore_index=True)
+    return fb.sort_values(["occurred_at", "event_id"], kind="stable").reset_index(drop=True)[FEEDBACK_COLUMNS]
+
+
+# ---------------------------------------------------------------------------------------------- build
+@dataclass
+class Dataset:
+    pairs: pd.DataFrame
+    unpaired: pd.DataFrame
+    prompts: pd.DataFrame
+    quarantine: pd.DataFrame
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def filter_config(c: CurationSettings) -> FilterConfig:
+    return FilterConfig.with_blocklist_file(
+        c.blocklist_file, blocked_users=c.blocked_users, max_per_minute=c.max_feedback_per_minute,
+        min_read_s=c.min_read_s, read_chars_per_s=c.read_chars_per_s, brigade_min_accounts=c.brigade_min_accounts,
+        brigade_window=timedelta(hours=c.brigade_window_h), min_overlap=c.min_correction_overlap)
+
+
+def _group_prompts(turns: pd.DataFrame, eval_share: float) -> pd.DataFrame:
+    """Unique prompts, their near-duplicate group and split (by group, so no group straddles the split)."""
+    prompts = (turns.groupby("prompt_key", sort=True)
+               .agg(prompt=("prompt", "first"), n_turns=("event_id", "size")).reset_index())
+    reps = near_duplicate_groups(prompts["prompt"].tolist())
+    prompts["group_id"] = prompts["prompt_key"].to_numpy()[reps]
+    bucket = prompts["group_id"].map(lambda g: int(g[:8], 16) % 10_000)
+    prompts["split"] = np.where(bucket < eval_share * 10_000, "eval", "train")
+    return prompts
+
+
+def _mask(df: pd.DataFrame, cols: list[str], counts: dict[str, int]) -> pd.DataFrame:
+    df = df.copy()
+    cache: dict[str, str] = {}
+    for col in cols:
+        out = []
+        for text in df[col]:
+            masked = cache.get(text)
+            if masked is None:
+                masked, found = mask_pii(text)
+                cache[text] = masked
+                for k, v in found.items():
+                    counts[k] += v
+            out.append(masked)
+        df[col] = out
+    return df
+
+
+def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterConfig, *, eval_share: float = 0.1) -> Dataset:
+    """Pure: lake tables of one interval -> the four published tables and their statistics."""
+    turns = prepare_turns(turns_raw)
+    filtered = apply_filters(feedback, turns, cfg)
+    kept = filtered.kept
+    votes = build_votes(kept, turns)
+    rater_pairs, items, ties = aggregate_votes(votes)
+    thumb = thumbs_pairs(kept, turns, _pairing_cfg())
+    pairs = pd.concat([p for p in (rater_pairs, thumb) if not p.empty], ignore_index=True) \
+        if not (rater_pairs.empty and thumb.empty) else rater_pairs
+    prompts = _group_prompts(turns, eval_share)
+    group_of = dict(zip(prompts["prompt_key"], prompts["group_id"], strict=True))
+    split_of = dict(zip(prompts["prompt_key"], prompts["split"], strict=True))
+    pii = {"email": 0, "card": 0, "phone": 0}
+
+    if pairs.empty:
+        pairs = pd.DataFrame({c: pd.Series(dtype="object") for c in PAIR_COLUMNS}).astype({"margin": float})
+    else:
+        pairs["group_id"] = pairs["prompt_key"].map(group_of)
+        pairs["split"] = pairs["prompt_key"].map(split_of)
+        pairs["pair_id"] = [stable_hash(s + "|" + ",".join(ids)) for s, ids in zip(pairs["source"], pairs["event_ids"], strict=True)]
+        pairs = _mask(pairs, ["prompt", "chosen", "rejected"], pii)
+        pairs = pairs[pairs["chosen"] != pairs["rejected"]]
+        pairs = pairs.sort_values("pair_id", kind="stable")[PAIR_COLUMNS].reset_index(drop=True)
+        pairs["margin"] = pairs["margin"].astype(float)
+
+    unpaired = unpaired_labels(kept, turns)
+    unpaired["group_id"] = unpaired["prompt_key"].map(group_of)
+    unpaired["split"] = unpaired["prompt_key"].map(split_of)
+    unpaired = _mask(unpaired, ["prompt", "completion"], pii)
+    unpaired = unpaired.assign(_k=[",".join(ids) + str(lbl) for ids, lbl in zip(unpaired["event_ids"], unpaired["label"], strict=True)])
+    unpaired = unpaired.sort_values("_k", kind="stable")[
+        ["prompt", "completion", "label", "source", "group_id", "split", "event_ids"]].reset_index(drop=True)
+    unpaired["label"] = unpaired["label"].astype(bool)
+
+    prompt_set = _mask(prompts, ["prompt"], pii).rename(columns={"prompt_key": "prompt_id"})[
+        ["prompt_id", "prompt", "group_id", "split", "n_turns"]].astype({"n_turns": int})
+
+    quarantine = filtered.quarantine.astype({"event_id": str, "reason": str, "type": str, "user_id": str})
+    overall = agreement(items)
+    stats = {
+        "events_read": {"turn": int(len(turns_raw)), **{t: int(n) for t, n in feedback["type"].value_counts().sort_index().items()}},
+        "feedback_read": int(len(feedback)),
+        "held_back": int(len(quarantine)),
+        "held_back_by_reason": filtered.held_by_reason,
+        "pairs_by_source": {s: int(n) for s, n in pairs["source"].value_counts().sort_index().items()},
+        "pairs_by_split": {s: int(n) for s, n in pairs["split"].value_counts().sort_index().items()},
+        "ties_dropped": ties,
+        "agreement": overall.as_dict(),
+        "unpaired_by_label": {str(k).lower(): int(v) for k, v in unpaired["label"].value_counts().sort_index().items()},
+        "prompts": int(len(prompt_set)),
+        "prompt_groups": int(prompt_set["group_id"].nunique()),
+        "pii_masked": pii,
+    }
+    for name, schema, df in (("pairs", schemas.PAIRS, pairs), ("unpaired", schemas.UNPAIRED, unpaired),
+                             ("prompts", schemas.PROMPTS, prompt_set), ("quarantine", schemas.QUARANTINE, quarantine)):
+        schema.validate(df, lazy=True)
+        log.debug("%s validated: %d rows", name, len(df))
+    return Dataset(pairs, unpaired, prompt_set, quarantine, stats)
+
+
+def _pairing_cfg() -> Any:
+    from pipelines.preferences import PairingConfig
+
+    return PairingConfig()
+
+
+# ---------------------------------------------------------------------------------------------- write
+def _parquet(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def code_version() -> str:
+    from importlib.metadata import version
+
+    v = version("rlhf-flywheel")
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+    except OSError:
+        sha = ""
+    return f"{v}+{sha}" if sha else v
+
+
+@dataclass
+class CurationResult:
+    version: str
+    uri: str
+    manifest: dict[str, Any]
+
+
+def interval_key(start: datetime, end: datetime) -> str:
+    return f"{start:%Y%m%dT%H%M%SZ}--{end:%Y%m%dT%H%M%SZ}"
+
+
+def publish_dataset(storage: Storage, ds: Dataset, *, start: datetime, end: datetime, partitions: list[str],
+                    lake_uri: str) -> CurationResult:
+    blobs = {name: _parquet(getattr(ds, name)) for name in ("pairs", "unpaired", "prompts", "quarantine")}
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(blobs):
+        h.update(name.encode() + b"\0" + blobs[name])
+    version = h.hexdigest()
+    prefix = f"{DATASETS_ROOT}/{version}"
+    for name, data in blobs.items():
+        storage.put_bytes(f"{prefix}/{name}.parquet", data)
+    manifest = {
+        "version": version,
+        "interval": {"start": start.isoformat(), "end": end.isoformat()},
+        "lake": lake_uri,
+        "lake_partitions_read": sorted({p.rsplit("/", 1)[0] for p in partitions}),
+        "lake_files_read": len(partitions),
+        "code_version": code_version(),
+        "files": {f"{name}.parquet": {"rows": int(len(getattr(ds, name))), "bytes": len(b)} for name, b in blobs.items()},
+        **ds.stats,
+    }
+    from pipelines.card import render_card
+
+    card, plots = render_card(ds, manifest)
+    for name, png in plots.items():
+        storage.put_bytes(f"{prefix}/plots/{name}", png)
+    storage.put_bytes(f"{prefix}/card.md", card.encode())
+    storage.put_bytes(f"{prefix}/manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    storage.put_bytes(f"{DATASETS_ROOT}/by-interval/{interval_key(start, end)}.json",
+                      json.dumps({"version": version}).encode())
+    return CurationResult(version, f"{storage.uri.rstrip('/')}/{prefix}", manifest)
+
+
+# ------------------------------------------------------------------------------------------------ run
+def read_interval(storage: Storage, start: datetime, end: datetime, lookback: timedelta) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], list[str]]:
+    """Turns of ``[start - lookback, end)`` (feedback refers to earlier turns) and feedback of ``[start, end)``."""
+    turns = read_events(storage, "turn", start - lookback, end)
+    frames = {t: read_events(storage, t, start, end) for t in ("thumbs", "regenerate", "correction", "pairwise", "implicit")}
+    files = list_files(storage, "turn", start - lookback, end)
+    for t in frames:
+        files += list_files(storage, t, start, end)
+    return turns, frames, sorted(files)
+
+
+def curate(settings: Settings, start: datetime, end: datetime) -> CurationResult:
+    storage = open_storage(settings.lake.uri, settings.lake)
+    c = settings.curation
+    turns, frames, files = read_interval(storage, start, end, timedelta(hours=c.turn_lookback_h))
+    ds = build_dataset(turns, unify_feedback(frames), filter_config(c), eval_share=c.eval_share)
+    result = publish_dataset(storage, ds, start=start, end=end, partitions=files, lake_uri=settings.lake.uri)
+    m = result.manifest
+    log.info("curated %s: %d feedback events read, %d held back %s, %d pairs %s, agreement %s",
+             result.version, m["feedback_read"], m["held_back"],
+             {k: v for k, v in m["held_back_by_reason"].items() if v}, len(ds.pairs), m["pairs_by_source"], m["agreement"])
+    return result
+
+
+__all__ = ["REASONS", "Dataset", "build_dataset", "curate", "publish_dataset", "render_prompt"]

@@ -1,0 +1,207 @@
+"""Preference pairs, unpaired labels and prompts from curated feedback: the pairing rules, pure functions.
+
+Each rule turns feedback into *votes* — one rater saying "for this prompt, text X is better than text Y" —
+and :func:`aggregate_votes` merges votes on the same comparison (same prompt, same two texts) from several
+raters into one pair whose ``margin`` is the winning side's vote share.
+
+Pairing rules (``source``):
+
+- ``correction``: the user's corrected text ≻ the response it corrects. The strongest signal: the user
+  wrote what the answer should have been (abusive corrections were removed by the filters).
+- ``pairwise``: the chosen response ≻ the other; ties give no pair (they are counted, then dropped).
+- ``regenerate``: the new response ≻ the discarded one **only when the same user confirmed the new one**
+  (thumbs up, or an implicit ``copy``/``continue`` on it). A regeneration alone says the first answer
+  disappointed, not that the second is better (it may be just as bad), so it yields no pair by itself. A
+  regeneration already judged by a pairwise event of the same user is left to that event (one judgement,
+  one vote).
+- ``thumbs``: for responses to the same prompt (same normalised prompt text), a response rated up ≻ a
+  response rated down (see :func:`thumbs_pairs`); at most ``max_thumb_pairs_per_prompt`` text pairs per
+  prompt, by the strongest evidence. Thumbs come from different people on different responses, so they are
+  aggregated per text, not per rater, and do not count towards rater agreement.
+
+Unpaired set (for KTO): thumbs up/down on a response (label True/False); a correction gives its corrected
+text (True) and the corrected response (False). Implicit signals are too weak to be labels and are not used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pipelines.text import stable_hash
+
+VOTE_COLUMNS = ["prompt_key", "prompt", "x_key", "x", "y_key", "y", "source", "rater", "event_ids"]
+"""One vote: ``x`` ≻ ``y`` for ``prompt`` by ``rater``."""
+
+
+@dataclass(frozen=True)
+class PairingConfig:
+    max_thumb_pairs_per_prompt: int = 6
+
+
+def _votes(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    if df.empty:
+        return pd.DataFrame(columns=VOTE_COLUMNS)
+    out = df.assign(source=source)
+    return out[VOTE_COLUMNS].reset_index(drop=True)
+
+
+def _turn_cols(turns: pd.DataFrame, suffix: str) -> pd.DataFrame:
+    t = turns[["response_id", "event_id", "prompt_key", "prompt", "response_key", "response"]]
+    return t.rename(columns={c: f"{c}{suffix}" for c in t.columns})
+
+
+def correction_votes(fb: pd.DataFrame, turns: pd.DataFrame) -> pd.DataFrame:
+    c = fb[fb["type"] == "correction"].merge(_turn_cols(turns, "_t"), left_on="response_id",
+                                              right_on="response_id_t", how="inner")
+    c = c[c["corrected_text"].str.strip() != c["response_t"].str.strip()]
+    return _votes(pd.DataFrame({
+        "prompt_key": c["prompt_key_t"], "prompt": c["prompt_t"],
+        "x_key": c["corrected_text"].map(stable_hash), "x": c["corrected_text"],
+        "y_key": c["response_key_t"], "y": c["response_t"], "rater": c["user_id"],
+        "event_ids": [[a, b] for a, b in zip(c["event_id"], c["event_id_t"], strict=True)],
+    }), "correction")
+
+
+def pairwise_votes(fb: pd.DataFrame, turns: pd.DataFrame) -> pd.DataFrame:
+    p = fb[(fb["type"] == "pairwise") & (fb["value"] != "tie")]
+    p = p.merge(_turn_cols(turns, "_a"), left_on="response_id", right_on="response_id_a", how="inner")
+    p = p.merge(_turn_cols(turns, "_b"), left_on="other_response_id", right_on="response_id_b", how="inner")
+    p = p[p["response_key_a"] != p["response_key_b"]]
+    a_wins = p["value"] == "a"
+    pick = lambda col: np.where(a_wins, p[f"{col}_a"], p[f"{col}_b"])  # noqa: E731
+    other = lambda col: np.where(a_wins, p[f"{col}_b"], p[f"{col}_a"])  # noqa: E731
+    return _votes(pd.DataFrame({
+        "prompt_key": p["prompt_key_a"], "prompt": p["prompt_a"],
+        "x_key": pick("response_key"), "x": pick("response"),
+        "y_key": other("response_key"), "y": other("response"), "rater": p["user_id"],
+        "event_ids": [[e, a, b] for e, a, b in zip(p["event_id"], p["event_id_a"], p["event_id_b"], strict=True)],
+    }), "pairwise")
+
+
+def regenerate_votes(fb: pd.DataFrame, turns: pd.DataFrame) -> pd.DataFrame:
+    regen = fb[fb["type"] == "regenerate"][["event_id", "user_id", "response_id", "other_response_id"]]
+    confirm = fb[((fb["type"] == "thumbs") & (fb["value"] == "up"))
+                 | ((fb["type"] == "implicit") & fb["value"].isin(["copy", "continue"]))]
+    confirm = confirm[["event_id", "user_id", "response_id"]].drop_duplicates(["user_id", "response_id"])
+    r = regen.merge(confirm, left_on=["user_id", "other_response_id"], right_on=["user_id", "response_id"],
+                    how="inner", suffixes=("", "_ok"))
+    judged = fb[fb["type"] == "pairwise"]
+    judged_keys = set(zip(judged["user_id"], judged["response_id"], judged["other_response_id"], strict=True))
+    judged_keys |= {(u, b, a) for u, a, b in judged_keys}
+    r = r[[(u, a, b) not in judged_keys for u, a, b in zip(r["user_id"], r["response_id"], r["other_response_id"], strict=True)]]
+    r = r.merge(_turn_cols(turns, "_old"), left_on="response_id", right_on="response_id_old", how="inner")
+    r = r.merge(_turn_cols(turns, "_new"), left_on="other_response_id", right_on="response_id_new", how="inner")
+    r = r[r["response_key_old"] != r["response_key_new"]]
+    return _votes(pd.DataFrame({
+        "prompt_key": r["prompt_key_new"], "prompt": r["prompt_new"],
+        "x_key": r["response_key_new"], "x": r["response_new"],
+        "y_key": r["response_key_old"], "y": r["response_old"], "rater": r["user_id"],
+        "event_ids": [[a, b, c, d] for a, b, c, d in zip(r["event_id"], r["event_id_ok"], r["event_id_old"],
+                                                          r["event_id_new"], strict=True)],
+    }), "regenerate")
+
+
+def thumbs_pairs(fb: pd.DataFrame, turns: pd.DataFrame, cfg: PairingConfig) -> pd.DataFrame:
+    """Up-rated ≻ down-rated responses to the same prompt, already aggregated.
+
+    For texts X and Y of one prompt, the evidence for X ≻ Y is the ups on X and the downs on Y, against it
+    the downs on X and the ups on Y; ``margin`` is the share of evidence for the winner. A pair needs at least
+    one up on the winner and one down on the loser, a strictly higher up-share, and more evidence for than
+    against.
+    """
+    cols = ["prompt_key", "prompt", "chosen", "rejected", "source", "margin", "n_votes", "event_ids"]
+    th = fb[fb["type"] == "thumbs"][["event_id", "response_id", "value"]].merge(
+        _turn_cols(turns, "_t"), left_on="response_id", right_on="response_id_t", how="inner")
+    if th.empty:
+        return pd.DataFrame(columns=cols)
+    th = th.sort_values("event_id", kind="stable")
+    per_text = (th.groupby(["prompt_key_t", "response_key_t"], sort=True)
+                .agg(prompt=("prompt_t", "first"), response=("response_t", "first"),
+                     ups=("value", lambda v: int((v == "up").sum())),
+                     downs=("value", lambda v: int((v == "down").sum())),
+                     event_ids=("event_id", list))
+                .reset_index())
+    per_text = per_text[per_text.groupby("prompt_key_t")["response_key_t"].transform("size") > 1]
+    rows = []
+    for prompt_key, g in per_text.groupby("prompt_key_t", sort=True):
+        recs = g.to_dict("records")
+        cands = []
+        for x in recs:
+            for y in recs:
+                if x is y or x["ups"] == 0 or y["downs"] == 0:
+                    continue
+                if x["ups"] / (x["ups"] + x["downs"]) <= y["ups"] / (y["ups"] + y["downs"]):
+                    continue
+                support, against = x["ups"] + y["downs"], x["downs"] + y["ups"]
+                if support <= against:
+                    continue
+                cands.append((-(support - against), x["response_key_t"], y["response_key_t"], x, y, support, against))
+        cands.sort(key=lambda c: c[:3])
+        for *_, x, y, support, against in cands[: cfg.max_thumb_pairs_per_prompt]:
+            rows.append({"prompt_key": prompt_key, "prompt": x["prompt"], "chosen": x["response"],
+                         "rejected": y["response"], "source": "thumbs",
+                         "margin": support / (support + against), "n_votes": support + against,
+                         "event_ids": sorted(x["event_ids"] + y["event_ids"])})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def build_votes(fb: pd.DataFrame, turns: pd.DataFrame) -> pd.DataFrame:
+    """Votes of the rater-level rules (correction, pairwise, regenerate)."""
+    parts = [correction_votes(fb, turns), pairwise_votes(fb, turns), regenerate_votes(fb, turns)]
+    parts = [p for p in parts if not p.empty]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=VOTE_COLUMNS)
+
+
+def aggregate_votes(votes: pd.DataFrame) -> tuple[pd.DataFrame, list[list[str]], int]:
+    """Merge votes on the same (source, prompt, unordered text pair).
+
+    Returns the pairs ``[prompt_key, prompt, chosen, rejected, source, margin, n_votes, event_ids]``, the per-item
+    rater values (for agreement), and the number of comparisons dropped because the raters split evenly.
+    """
+    if votes.empty:
+        cols = ["prompt_key", "prompt", "chosen", "rejected", "source", "margin", "n_votes", "event_ids"]
+        return pd.DataFrame(columns=cols), [], 0
+    v = votes.copy()
+    first_is_x = v["x_key"] <= v["y_key"]
+    v["k1"] = np.where(first_is_x, v["x_key"], v["y_key"])
+    v["k2"] = np.where(first_is_x, v["y_key"], v["x_key"])
+    v["winner"] = np.where(first_is_x, "1", "2")
+    rows, items, ties = [], [], 0
+    for (source, prompt_key, _k1, _k2), g in v.groupby(["source", "prompt_key", "k1", "k2"], sort=True):
+        # one vote per rater: a rater's latest opinion on an item (filters already removed flip-floppers)
+        g = g.drop_duplicates("rater", keep="last")
+        n1 = int((g["winner"] == "1").sum())
+        n = len(g)
+        items.append(sorted(g["winner"].tolist()))
+        if 2 * n1 == n:
+            ties += 1
+            continue
+        win = g[g["winner"] == ("1" if 2 * n1 > n else "2")].iloc[0]
+        rows.append({"prompt_key": prompt_key, "prompt": win["prompt"], "chosen": win["x"], "rejected": win["y"],
+                     "source": source, "margin": max(n1, n - n1) / n, "n_votes": n,
+                     "event_ids": sorted({e for ids in g["event_ids"] for e in ids})})
+    return pd.DataFrame(rows), items, ties
+
+
+def unpaired_labels(fb: pd.DataFrame, turns: pd.DataFrame) -> pd.DataFrame:
+    """(prompt, completion, label) rows for KTO, one per thumbs event and two per correction."""
+    t = _turn_cols(turns, "_t")
+    th = fb[fb["type"] == "thumbs"].merge(t, left_on="response_id", right_on="response_id_t", how="inner")
+    co = fb[fb["type"] == "correction"].merge(t, left_on="response_id", right_on="response_id_t", how="inner")
+    parts = [
+        pd.DataFrame({"prompt_key": th["prompt_key_t"], "prompt": th["prompt_t"], "completion": th["response_t"],
+                      "label": th["value"] == "up", "source": "thumbs",
+                      "event_ids": [[a, b] for a, b in zip(th["event_id"], th["event_id_t"], strict=True)]}),
+        pd.DataFrame({"prompt_key": co["prompt_key_t"], "prompt": co["prompt_t"], "completion": co["corrected_text"],
+                      "label": True, "source": "correction",
+                      "event_ids": [[a, b] for a, b in zip(co["event_id"], co["event_id_t"], strict=True)]}),
+        pd.DataFrame({"prompt_key": co["prompt_key_t"], "prompt": co["prompt_t"], "completion": co["response_t"],
+                      "label": False, "source": "correction",
+                      "event_ids": [[a, b] for a, b in zip(co["event_id"], co["event_id_t"], strict=True)]}),
+    ]
+    out = pd.concat([p for p in parts if not p.empty], ignore_index=True) if any(not p.empty for p in parts) else \
+        pd.DataFrame(columns=["prompt_key", "prompt", "completion", "label", "source", "event_ids"])
+    return out
