@@ -190,8 +190,8 @@ def harmful_categories(text: str, response: str = "") -> list[str]:
     """The content-rule categories a correction matches (empty = looks harmless)."""
     low = text.lower()
     hits = [name for name, rx in _HARM_RULES.items() if rx.search(low)]
-    links = set(_LINK.findall(low)) if "http" in low or "www." in low or "." in low else set()
-    if links and any(str(link) not in response.lower() for link in links):
+    links = {m.group(0) for m in _LINK.finditer(low)}
+    if any(link not in response.lower() for link in links):
         hits.append("new_link")
     return hits
 

@@ -91,7 +91,9 @@ def regenerate_votes(fb: pd.DataFrame, turns: pd.DataFrame) -> pd.DataFrame:
     judged = fb[fb["type"] == "pairwise"]
     judged_keys = set(zip(judged["user_id"], judged["response_id"], judged["other_response_id"], strict=True))
     judged_keys |= {(u, b, a) for u, a, b in judged_keys}
-    r = r[[(u, a, b) not in judged_keys for u, a, b in zip(r["user_id"], r["response_id"], r["other_response_id"], strict=True)]]
+    unjudged = np.array([(u, a, b) not in judged_keys for u, a, b in
+                         zip(r["user_id"], r["response_id"], r["other_response_id"], strict=True)], dtype=bool)
+    r = r[unjudged]
     r = r.merge(_turn_cols(turns, "_old"), left_on="response_id", right_on="response_id_old", how="inner")
     r = r.merge(_turn_cols(turns, "_new"), left_on="other_response_id", right_on="response_id_new", how="inner")
     r = r[r["response_key_old"] != r["response_key_new"]]
