@@ -170,22 +170,26 @@ def aggregate_votes(votes: pd.DataFrame) -> tuple[pd.DataFrame, list[list[str]],
     first_is_x = v["x_key"] <= v["y_key"]
     v["k1"] = np.where(first_is_x, v["x_key"], v["y_key"])
     v["k2"] = np.where(first_is_x, v["y_key"], v["x_key"])
-    v["winner"] = np.where(first_is_x, "1", "2")
-    rows, items, ties = [], [], 0
-    for (source, prompt_key, _k1, _k2), g in v.groupby(["source", "prompt_key", "k1", "k2"], sort=True):
-        # one vote per rater: a rater's latest opinion on an item (filters already removed flip-floppers)
-        g = g.drop_duplicates("rater", keep="last")
-        n1 = int((g["winner"] == "1").sum())
-        n = len(g)
-        items.append(sorted(g["winner"].tolist()))
-        if 2 * n1 == n:
-            ties += 1
-            continue
-        win = g[g["winner"] == ("1" if 2 * n1 > n else "2")].iloc[0]
-        rows.append({"prompt_key": prompt_key, "prompt": win["prompt"], "chosen": win["x"], "rejected": win["y"],
-                     "source": source, "margin": max(n1, n - n1) / n, "n_votes": n,
-                     "event_ids": sorted({e for ids in g["event_ids"] for e in ids})})
-    return pd.DataFrame(rows), items, ties
+    v["w1"] = first_is_x.astype(int)
+    keys = ["source", "prompt_key", "k1", "k2"]
+    # one vote per rater: a rater's latest opinion on an item (filters already removed flip-floppers)
+    v = v.drop_duplicates([*keys, "rater"], keep="last")
+    counts = v.groupby(keys, sort=True).agg(n=("w1", "size"), n1=("w1", "sum")).reset_index()
+    items = [["1"] * n1 + ["2"] * (n - n1) for n, n1 in zip(counts["n"], counts["n1"], strict=True)]
+    ties = int((2 * counts["n1"] == counts["n"]).sum())
+    counts = counts[2 * counts["n1"] != counts["n"]]
+    counts["w1_wins"] = (2 * counts["n1"] > counts["n"]).astype(int)
+    winners = v.merge(counts[[*keys, "w1_wins", "n", "n1"]], on=keys, how="inner")
+    winners = winners[winners["w1"] == winners["w1_wins"]].drop_duplicates(keys, keep="first")
+    ids = (v.explode("event_ids").drop_duplicates([*keys, "event_ids"])
+           .sort_values([*keys, "event_ids"], kind="stable").groupby(keys, sort=True)["event_ids"].agg(list))
+    winners = winners.merge(ids.rename("all_ids").reset_index(), on=keys, how="left").sort_values(keys, kind="stable")
+    n, n1 = winners["n"].to_numpy(), winners["n1"].to_numpy()
+    pairs = pd.DataFrame({"prompt_key": winners["prompt_key"].to_numpy(), "prompt": winners["prompt"].to_numpy(),
+                          "chosen": winners["x"].to_numpy(), "rejected": winners["y"].to_numpy(),
+                          "source": winners["source"].to_numpy(), "margin": np.maximum(n1, n - n1) / n,
+                          "n_votes": n, "event_ids": winners["all_ids"].to_numpy()})
+    return pairs, items, ties
 
 
 def unpaired_labels(fb: pd.DataFrame, turns: pd.DataFrame) -> pd.DataFrame:
