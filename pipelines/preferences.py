@@ -120,11 +120,10 @@ def thumbs_pairs(fb: pd.DataFrame, turns: pd.DataFrame, cfg: PairingConfig) -> p
     if th.empty:
         return pd.DataFrame(columns=cols)
     th = th.sort_values("event_id", kind="stable")
+    th = th.assign(up=(th["value"] == "up").astype(int), down=(th["value"] == "down").astype(int))
     per_text = (th.groupby(["prompt_key_t", "response_key_t"], sort=True)
                 .agg(prompt=("prompt_t", "first"), response=("response_t", "first"),
-                     ups=("value", lambda v: int((v == "up").sum())),
-                     downs=("value", lambda v: int((v == "down").sum())),
-                     event_ids=("event_id", list))
+                     ups=("up", "sum"), downs=("down", "sum"), event_ids=("event_id", list))
                 .reset_index())
     per_text = per_text[per_text.groupby("prompt_key_t")["response_key_t"].transform("size") > 1]
     rows = []
