@@ -280,6 +280,7 @@ def run_simulation(settings: Any, cfg: SimConfig, *, truth_path: Path | None = N
     out_dir = settings.home / "simulations"
     truth_path = truth_path or out_dir / f"truth-{cfg.seed}.json"
     blocklist = out_dir / f"blocklist-{cfg.seed}.txt"
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_truth(truth_path, sim)
     blocklist.write_text("# accounts flagged by trust & safety (simulated)\n" + "\n".join(sim.blocked_users) + "\n")
     n_adv = sum(r != "honest" for r in sim.truth["users"].values())
