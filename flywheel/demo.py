@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import secrets
 import threading
 import time
 from collections import Counter
@@ -19,15 +18,12 @@ from typing import Any
 import httpx
 
 from flywheel import stack
-from flywheel.settings import ApiKey, Settings, hash_api_key
+from flywheel.settings import Settings
 from flywheel.storage import open_storage
 from flywheel.traffic import example_traffic
 from ingest.lake import count_events, read_events
-from ingest.service import run_ingest
 from pipelines.sharegpt import chat_samples
-from serving.app import create_app
 from serving.policy import PolicyHandle
-from serving.server import BackgroundServer
 
 
 def _say(msg: str) -> None:
@@ -41,31 +37,18 @@ def run_demo(settings: Settings, *, events: int = 2_000, chats: int = 3, load_po
     for k, v in stack.up(settings).items():
         _say(f"  {k:7s} {v}")
 
-    secret = secrets.token_urlsafe(24)
-    settings.api.keys = [*settings.api.keys, ApiKey(name="demo", sha256=hash_api_key(secret))]
-    settings.api.rate_per_s = max(settings.api.rate_per_s, 1_000)
-    settings.api.rate_burst = max(settings.api.rate_burst, 2_000)
-    app = create_app(settings)
-    state = app.state.flywheel
-
-    policy_thread = None
-    if load_policy and chats:
-        def load() -> None:
-            state.policy = PolicyHandle.load(settings.api.policy_model, settings.api.policy_version)
-        policy_thread = threading.Thread(target=load, name="policy-loader", daemon=True)
-        policy_thread.start()
-
     before = count_events(open_storage(settings.lake.uri, settings.lake))
-    stop = threading.Event()
-    consumer = threading.Thread(target=run_ingest, args=(settings, stop), name="consumer", daemon=True)
-    consumer.start()
-    port = stack.free_port()
     sent: Counter[str] = Counter()
     rejected: list[str] = []
-    with BackgroundServer(app, port=port) as server, httpx.Client(
-        base_url=server.url, headers={"Authorization": f"Bearer {secret}"}, timeout=120
-    ) as client:
-        _say(f"API on {server.url} (key 'demo'); consumer group {settings.kafka.group_id}")
+    policy_thread = None
+    with stack.local_feedback_path(settings, "demo") as (state, client):
+        if load_policy and chats:
+            def load() -> None:
+                state.policy = PolicyHandle.load(settings.api.policy_model, settings.api.policy_version)
+            policy_thread = threading.Thread(target=load, name="policy-loader", daemon=True)
+            policy_thread.start()
+        url = str(client.base_url).rstrip("/")
+        _say(f"API on {url} (key 'demo'); consumer group {settings.kafka.group_id}")
         samples = chat_samples(500)
         traffic = list(example_traffic(samples, events, seed=seed))
         _say(f"sending {len(traffic)} events built from {len(samples)} ShareGPT exchanges ...")
@@ -86,7 +69,7 @@ def run_demo(settings: Settings, *, events: int = 2_000, chats: int = 3, load_po
                                            headers={"content-type": "application/json"})),
             ("wrong type", client.post("/v1/feedback", json={"type": "thumbs", "value": 5, "response_id": "r-1"})),
             ("a year ahead", client.post("/v1/feedback", json={**traffic[1], "occurred_at": "2099-01-01T00:00:00Z"})),
-            ("no API key", httpx.post(f"{server.url}/v1/feedback", json=traffic[1])),
+            ("no API key", httpx.post(f"{url}/v1/feedback", json=traffic[1])),
         ]
         for what, r in bad:
             rejected.append(f"{what} -> {r.status_code} {r.json().get('message', '')[:90]}")
@@ -110,8 +93,6 @@ def run_demo(settings: Settings, *, events: int = 2_000, chats: int = 3, load_po
         while any(counts.get(t, 0) < n for t, n in expected.items()) and time.monotonic() < deadline:
             time.sleep(1.0)
             counts = count_events(lake)
-    stop.set()
-    consumer.join(30)
 
     _say("\nrejected on purpose (nothing valid was lost):")
     for line in rejected:

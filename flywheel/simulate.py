@@ -108,7 +108,7 @@ def simulate_events(samples: list[ChatSample], cfg: SimConfig, *, now: datetime 
         return ev
 
     def feedback(user: str, t: dict[str, Any], at: datetime, **fields: Any) -> dict[str, Any]:
-        ev = {"event_id": _eid(rng), "occurred_at": min(at, now).isoformat(), "conversation_id": t["conversation_id"],
+        ev = {"event_id": _eid(rng), "occurred_at": at.isoformat(), "conversation_id": t["conversation_id"],
               "user_id": user, "model_version": "sim-chat@1", **fields}
         events.append(ev)
         role = users[user]
@@ -138,9 +138,9 @@ def simulate_events(samples: list[ChatSample], cfg: SimConfig, *, now: datetime 
             if role == "honest":
                 if rng.random() < 0.35:
                     v2 = rng.choice([v for v in ("direct", "full", "padded") if v != v1])
-                    feedback(user, t1, at, type="regenerate", discarded_response_id=r1, new_response_id="")
+                    regen = feedback(user, t1, at, type="regenerate", discarded_response_id=r1, new_response_id="")
                     t2 = turn(user, conv, idx, v2, at + timedelta(seconds=2), parent=r1)
-                    events[-2]["new_response_id"] = t2["response_id"]
+                    regen["new_response_id"] = t2["response_id"]
                     at2 = at + timedelta(seconds=2) + read_delay(t2["response"])
                     if rng.random() < 0.5:
                         feedback(user, t2, at2, type="pairwise", response_a_id=r1, response_b_id=t2["response_id"],
@@ -260,20 +260,14 @@ def filter_report(quarantine: Any, truth: dict[str, Any]) -> dict[str, Any]:
 def run_simulation(settings: Any, cfg: SimConfig, *, truth_path: Path | None = None, api_url: str | None = None,
                    api_key: str | None = None) -> dict[str, Any]:
     """Simulate, send everything over HTTP, wait until the lake has it, write the truth and block list."""
-    import secrets
-    import threading
     import time
 
     import httpx
 
     from flywheel import stack
-    from flywheel.settings import ApiKey, hash_api_key
     from flywheel.storage import open_storage
     from ingest.lake import read_events
-    from ingest.service import run_ingest
     from pipelines.sharegpt import chat_samples
-    from serving.app import create_app
-    from serving.server import BackgroundServer
 
     now = datetime.now(UTC)
     sim = simulate_events(chat_samples(max(cfg.prompts, 50)), cfg, now=now)
@@ -292,17 +286,9 @@ def run_simulation(settings: Any, cfg: SimConfig, *, truth_path: Path | None = N
             accepted = send_events(client, sim.events)
     else:
         stack.up(settings)
-        secret = secrets.token_urlsafe(24)
-        settings.api.keys = [*settings.api.keys, ApiKey(name="simulator", sha256=hash_api_key(secret))]
-        settings.api.rate_per_s = max(settings.api.rate_per_s, 1_000)
-        settings.api.rate_burst = max(settings.api.rate_burst, 2_000)
-        stop = threading.Event()
-        consumer = threading.Thread(target=run_ingest, args=(settings, stop), name="consumer", daemon=True)
-        consumer.start()
         lake = open_storage(settings.lake.uri, settings.lake)
         ids = {e["event_id"] for e in sim.events}
-        with BackgroundServer(create_app(settings), port=stack.free_port()) as server, httpx.Client(
-                base_url=server.url, headers={"Authorization": f"Bearer {secret}"}, timeout=120) as client:
+        with stack.local_feedback_path(settings, "simulator") as (_state, client):
             accepted = send_events(client, sim.events)
             deadline = time.monotonic() + 180
             while time.monotonic() < deadline:
@@ -314,8 +300,6 @@ def run_simulation(settings: Any, cfg: SimConfig, *, truth_path: Path | None = N
                 time.sleep(1.0)
             else:
                 raise TimeoutError(f"{len(ids - landed)} simulated events did not reach the lake")
-        stop.set()
-        consumer.join(30)
     start = (now - timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
     end = now + timedelta(minutes=1)
     print(f"{accepted} events accepted (202) and in the lake in {time.monotonic() - started:.0f}s")

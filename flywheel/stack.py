@@ -20,8 +20,11 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flywheel.settings import KafkaSettings, Settings
 
@@ -224,3 +227,38 @@ def status(settings: Settings) -> dict[str, str]:
             "" if port_open(broker.port) else " (not answering)")
     return {"home": str(settings.home), "broker": state, "lake": settings.lake.uri,
             "mlflow": settings.mlflow.tracking_uri, "spool": settings.api.spool_dir}
+
+
+@contextmanager
+def local_feedback_path(settings: Settings, key_name: str) -> Iterator[tuple[Any, Any]]:
+    """The API and the consumer of the embedded stack, in this process, for the demo and the simulator.
+
+    Adds an API key named ``key_name`` (and lifts the rate limit for a local load), starts the consumer
+    thread and the HTTP server, and yields ``(app_state, client)``: an ``httpx.Client`` on the API carrying
+    that key. On exit the server stops, then the consumer flushes, commits and stops.
+    """
+    import secrets
+    import threading
+
+    import httpx
+
+    from flywheel.settings import ApiKey, hash_api_key
+    from ingest.service import run_ingest
+    from serving.app import create_app
+    from serving.server import BackgroundServer
+
+    secret = secrets.token_urlsafe(24)
+    settings.api.keys = [*settings.api.keys, ApiKey(name=key_name, sha256=hash_api_key(secret))]
+    settings.api.rate_per_s = max(settings.api.rate_per_s, 1_000)
+    settings.api.rate_burst = max(settings.api.rate_burst, 2_000)
+    app = create_app(settings)
+    stop = threading.Event()
+    consumer = threading.Thread(target=run_ingest, args=(settings, stop), name="consumer", daemon=True)
+    consumer.start()
+    try:
+        with BackgroundServer(app, port=free_port()) as server, httpx.Client(
+                base_url=server.url, headers={"Authorization": f"Bearer {secret}"}, timeout=120) as client:
+            yield app.state.flywheel, client
+    finally:
+        stop.set()
+        consumer.join(30)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.text import jaccard, near_duplicate_groups, normalize, words
+from pipelines.text import jaccard, near_duplicate_groups, words
 
 FEEDBACK_COLUMNS = ["event_id", "type", "user_id", "occurred_at", "response_id", "other_response_id", "value",
                     "corrected_text"]
@@ -84,8 +84,7 @@ def burst_rate(fb: pd.DataFrame, max_per_minute: int) -> pd.DataFrame:
     if fb.empty:
         return _held([], "burst_rate")
     df = fb[["user_id", "occurred_at"]].sort_values(["user_id", "occurred_at"], kind="stable")
-    t = df["occurred_at"].astype("int64").to_numpy() // 1_000  # microseconds or nanoseconds: both fine below
-    unit = 1_000_000 if df["occurred_at"].dtype.unit == "ns" else 1_000  # type: ignore[attr-defined]
+    t = df["occurred_at"].astype("datetime64[us, UTC]").astype("int64").to_numpy()  # microseconds
     users = df["user_id"].to_numpy()
     starts = np.r_[0, np.flatnonzero(users[1:] != users[:-1]) + 1]
     ends = np.r_[starts[1:], len(users)]
@@ -94,7 +93,7 @@ def burst_rate(fb: pd.DataFrame, max_per_minute: int) -> pd.DataFrame:
         if e - s <= max_per_minute:
             continue
         ts = t[s:e]
-        first_in_window = np.searchsorted(ts, ts - 60 * unit + 1, side="left")
+        first_in_window = np.searchsorted(ts, ts - 60_000_000 + 1, side="left")
         if ((np.arange(len(ts)) - first_in_window + 1) > max_per_minute).any():
             bad.add(users[s])
     return _held(fb.loc[fb["user_id"].isin(bad), "event_id"], "burst_rate")
@@ -149,7 +148,7 @@ def brigading(fb: pd.DataFrame, turns: pd.DataFrame, cfg: FilterConfig) -> pd.Da
         return _held([], "brigading")
     texts = corr["corrected_text"].tolist()
     groups = near_duplicate_groups(texts)
-    prompt_of = dict(zip(turns["response_id"], turns["prompt_key"], strict=True)) if "prompt_key" in turns else {}
+    prompt_of = dict(zip(turns["response_id"], turns["prompt_key"], strict=True))
     corr = corr.assign(group=groups, prompt_key=corr["response_id"].map(prompt_of).fillna(corr["response_id"]))
     sizes = corr.groupby("group")["user_id"].transform("nunique")
     spread = corr.groupby("group")["prompt_key"].transform("nunique")
@@ -202,14 +201,14 @@ def correction_checks(fb: pd.DataFrame, turns: pd.DataFrame, cfg: FilterConfig) 
     out: list[tuple[str, str]] = []
     for eid, text, response in zip(corr["event_id"], corr["corrected_text"], corr["response"].fillna(""), strict=True):
         text = text or ""
-        n_words = len(words(text))
+        text_words = words(text)
         if harmful_categories(text, response):
             out.append((eid, "harmful_correction"))
-        elif n_words < cfg.min_correction_words:
+        elif len(text_words) < cfg.min_correction_words:
             out.append((eid, "empty_correction"))
         elif len(text) > max(cfg.oversize_ratio * len(response), cfg.oversize_floor_chars):
             out.append((eid, "oversized_correction"))
-        elif response and jaccard(normalize(text).split(), normalize(response).split()) < cfg.min_overlap:
+        elif response and jaccard(text_words, words(response)) < cfg.min_overlap:
             out.append((eid, "unrelated_correction"))
     return pd.DataFrame(out, columns=["event_id", "reason"]).astype("string")
 

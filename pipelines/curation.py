@@ -12,6 +12,7 @@ of the four tables' bytes, so the same interval over the same lake gives the sam
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -32,7 +33,7 @@ from ingest.filters import FEEDBACK_COLUMNS, REASONS, FilterConfig, apply_filter
 from ingest.lake import list_files, read_events
 from pipelines import schemas
 from pipelines.agreement import agreement
-from pipelines.preferences import aggregate_votes, build_votes, thumbs_pairs, unpaired_labels
+from pipelines.preferences import PairingConfig, aggregate_votes, build_votes, thumbs_pairs, unpaired_labels
 from pipelines.text import mask_pii, near_duplicate_groups, normalize, stable_hash
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterCo
     kept = filtered.kept
     votes = build_votes(kept, turns)
     rater_pairs, items, ties = aggregate_votes(votes)
-    thumb = thumbs_pairs(kept, turns, _pairing_cfg())
+    thumb = thumbs_pairs(kept, turns, PairingConfig())
     pairs = pd.concat([p for p in (rater_pairs, thumb) if not p.empty], ignore_index=True) \
         if not (rater_pairs.empty and thumb.empty) else rater_pairs
     prompts = _group_prompts(turns, eval_share)
@@ -197,12 +198,6 @@ def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterCo
     return Dataset(pairs, unpaired, prompt_set, quarantine, stats)
 
 
-def _pairing_cfg() -> Any:
-    from pipelines.preferences import PairingConfig
-
-    return PairingConfig()
-
-
 # ---------------------------------------------------------------------------------------------- write
 def _parquet(df: pd.DataFrame) -> bytes:
     buf = io.BytesIO()
@@ -236,8 +231,6 @@ def interval_key(start: datetime, end: datetime) -> str:
 def publish_dataset(storage: Storage, ds: Dataset, *, start: datetime, end: datetime, partitions: list[str],
                     lake_uri: str) -> CurationResult:
     blobs = {name: _parquet(getattr(ds, name)) for name in ("pairs", "unpaired", "prompts", "quarantine")}
-    import hashlib
-
     h = hashlib.blake2b(digest_size=8)
     for name in sorted(blobs):
         h.update(name.encode() + b"\0" + blobs[name])
