@@ -266,7 +266,7 @@ def run_simulation(settings: Any, cfg: SimConfig, *, truth_path: Path | None = N
 
     from flywheel import stack
     from flywheel.storage import open_storage
-    from ingest.lake import read_events
+    from ingest.lake import wait_for_events
     from pipelines.sharegpt import chat_samples
 
     now = datetime.now(UTC)
@@ -287,19 +287,12 @@ def run_simulation(settings: Any, cfg: SimConfig, *, truth_path: Path | None = N
     else:
         stack.up(settings)
         lake = open_storage(settings.lake.uri, settings.lake)
-        ids = {e["event_id"] for e in sim.events}
         with stack.local_feedback_path(settings, "simulator") as (_state, client):
             accepted = send_events(client, sim.events)
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                landed: set[str] = set()
-                for t in ("turn", "thumbs", "regenerate", "correction", "pairwise", "implicit"):
-                    landed |= set(read_events(lake, t, now - timedelta(hours=2))["event_id"])
-                if ids <= landed:
-                    break
-                time.sleep(1.0)
-            else:
-                raise TimeoutError(f"{len(ids - landed)} simulated events did not reach the lake")
+            missing = wait_for_events(lake, {e["event_id"] for e in sim.events}, since=now - timedelta(hours=2),
+                                      timeout=180)
+        if missing:
+            raise TimeoutError(f"{len(missing)} simulated events did not reach the lake")
     start = (now - timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
     end = now + timedelta(minutes=1)
     print(f"{accepted} events accepted (202) and in the lake in {time.monotonic() - started:.0f}s")

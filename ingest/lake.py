@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import re
 import threading
+import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -228,3 +229,18 @@ def read_events(
 def count_events(storage: Storage) -> dict[str, int]:
     """Rows per event type (after dropping duplicate ids) across the whole lake."""
     return {t: len(read_events(storage, t)) for t in EVENT_TYPES}
+
+
+def wait_for_events(storage: Storage, event_ids: set[str], *, since: datetime | None = None,
+                    timeout: float = 120.0, poll_s: float = 1.0) -> set[str]:
+    """Wait until every id in ``event_ids`` (events that occurred at or after ``since``) is in the lake;
+    returns the ids still missing when ``timeout`` ran out (empty when all landed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        landed: set[str] = set()
+        for t in EVENT_TYPES:
+            landed.update(read_events(storage, t, since)["event_id"])
+        missing = event_ids - landed
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(poll_s)

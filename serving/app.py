@@ -9,13 +9,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException
 
 from flywheel.settings import Settings, get_settings
 from ingest.producer import EventPublisher
 from ingest.spool import Spool
 from ingest.validation import QualityRules
 from serving.deps import AppState
-from serving.errors import ApiError, api_error_handler, request_validation_handler
+from serving.errors import ApiError, api_error_handler, http_exception_handler, request_validation_handler
 from serving.middleware import BodyLimitMiddleware, MetricsMiddleware
 from serving.policy import PolicyHandle
 from serving.routers import chat, events, ops
@@ -62,6 +63,7 @@ def create_app(
     app.state.flywheel = state
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
+    app.add_exception_handler(HTTPException, http_exception_handler)
     for router in (ops.router, events.router, chat.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)

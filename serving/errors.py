@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from flywheel.events import field_path
 
@@ -55,3 +56,12 @@ async def request_validation_handler(_request: Request, exc: Exception) -> JSONR
     assert isinstance(exc, RequestValidationError)
     err = invalid(exc)
     return JSONResponse(body(err.error, err.message, err.fields), status_code=422)
+
+
+async def http_exception_handler(_request: Request, exc: Exception) -> JSONResponse:
+    """Framework errors (404, 405, ...) in the same body as ours."""
+    assert isinstance(exc, HTTPException)
+    from http import HTTPStatus
+
+    error = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    return JSONResponse(body(error, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)

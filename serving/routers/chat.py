@@ -6,13 +6,14 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flywheel.events import Id, Message, Turn
 from serving.deps import Caller, Policy, Publisher, State
-from serving.routers.events import publish
+from serving.errors import invalid
+from serving.routers.events import parse_json, publish
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
@@ -28,8 +29,16 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(default=None, description="Sampling seed, for reproducible simulations.")
 
 
-@router.post("/chat", summary="Generate a reply with the current policy and log the turn")
-async def chat(req: ChatRequest, _caller: Caller, state: State, policy: Policy, publisher: Publisher) -> dict[str, Any]:
+# The body is parsed like every other route's (400 for bytes that are not UTF-8 JSON, 422 with field paths),
+# so the schema is declared for the OpenAPI document rather than taken as a FastAPI body parameter.
+@router.post("/chat", summary="Generate a reply with the current policy and log the turn",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": ChatRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+async def chat(request: Request, _caller: Caller, state: State, policy: Policy, publisher: Publisher) -> dict[str, Any]:
+    try:
+        req = ChatRequest.model_validate(parse_json(await request.body()))
+    except ValidationError as e:
+        raise invalid(e) from None
     messages = [m.model_dump() for m in req.messages]
     max_new = req.max_new_tokens or state.settings.api.max_new_tokens
     reply = await run_in_threadpool(policy.generate, messages, max_new, seed=req.seed)

@@ -106,6 +106,49 @@ def test_garbage_gets_a_clear_4xx(client, settings, body, status, error, field):
         assert field in {f["field"] for f in payload.get("fields", [])} or field in payload["message"]
 
 
+TURN = {"conversation_id": "c9", "user_id": "u9", "model_version": "ext@3", "response_id": "r9",
+        "messages": [{"role": "user", "content": "hello"}], "response": "hi there"}
+CHAT = {"user_id": "u9", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 3}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "error", "field"),
+    [
+        ("/v1/turns", b'{"type": "turn",', 400, "malformed_json", None),
+        ("/v1/turns", b'{"response": "\xff"}', 400, "invalid_encoding", None),
+        ("/v1/turns", json.dumps({**TURN, "messages": "hello"}).encode(), 422, "validation_failed", "messages"),
+        ("/v1/turns", json.dumps({k: v for k, v in TURN.items() if k != "response"}).encode(), 422,
+         "validation_failed", "response"),
+        ("/v1/turns", json.dumps(thumbs()).encode(), 422, "validation_failed", "type"),
+        ("/v1/turns", json.dumps({**TURN, "occurred_at": "2099-01-01T00:00:00Z"}).encode(), 422,
+         "occurred_at_in_future", "occurred_at"),
+        ("/v1/chat", b"not json", 400, "malformed_json", None),
+        ("/v1/chat", b'{"user_id": "\xff"}', 400, "invalid_encoding", None),
+        ("/v1/chat", json.dumps({**CHAT, "messages": [{"role": "robot", "content": "x"}]}).encode(), 422,
+         "validation_failed", "messages"),
+        ("/v1/chat", json.dumps({**CHAT, "max_new_tokens": "many"}).encode(), 422, "validation_failed",
+         "max_new_tokens"),
+        ("/v1/chat", json.dumps({k: v for k, v in CHAT.items() if k != "user_id"}).encode(), 422,
+         "validation_failed", "user_id"),
+    ],
+    ids=["turns-truncated", "turns-invalid-utf8", "turns-wrong-type", "turns-missing-field", "turns-feedback-type",
+         "turns-future", "chat-not-json", "chat-invalid-utf8", "chat-bad-role", "chat-wrong-type",
+         "chat-missing-field"],
+)
+def test_garbage_on_turns_and_chat_gets_a_clear_4xx_and_valid_turns_still_land(client, settings, path, body, status,
+                                                                                 error, field):
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    payload = r.json()
+    assert payload["error"] == error and payload["message"]
+    if field:
+        assert field in {f["field"].split(".")[0].split("[")[0] for f in payload.get("fields", [])} \
+            or field in payload["message"]
+    assert client.post("/v1/turns", json=TURN).status_code == 202
+    got = consume_all(settings, 1)
+    assert [e.response_id for e in got] == ["r9"], "only the valid turn reached the topic"
+
+
 def test_batch_accepts_the_valid_events_and_lists_the_rest(client, settings):
     good = [thumbs(event_id=str(uuid.uuid4())) for _ in range(3)]
     items = [good[0], thumbs(value="meh"), good[1], "garbage", good[2],
@@ -144,6 +187,13 @@ def test_turns_and_chat_are_logged_with_the_model_version(client, settings):
     assert got[body["response_id"]].response == body["message"]["content"]
     r = client.post("/v1/chat", json={"user_id": "u9", "messages": []})
     assert r.status_code == 422 and r.json()["fields"][0]["field"] == "messages"
+
+
+def test_framework_errors_use_the_same_error_body(client):
+    r = client.get("/v1/nowhere")
+    assert r.status_code == 404 and r.json() == {"error": "not_found", "message": "Not Found"}
+    r = client.get("/v1/feedback")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
 
 
 def test_ops_endpoints(client, broker):
