@@ -34,7 +34,7 @@ def lake_tables(events: list[dict]) -> tuple[pd.DataFrame, dict[str, pd.DataFram
     frames = {}
     for t, rows in by_type.items():
         df = pd.DataFrame(rows)
-        df["occurred_at"] = pd.to_datetime(df["occurred_at"], utc=True).astype("datetime64[us, UTC]")
+        df["occurred_at"] = pd.to_datetime(df["occurred_at"], utc=True, format="ISO8601").astype("datetime64[us, UTC]")
         frames[t] = df
     return frames.pop("turn"), frames
 
@@ -43,10 +43,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=1_000_000)
     args = ap.parse_args()
-    per_user = 2.3 * 6  # events per simulated user with 6 conversations, measured
     t0 = time.perf_counter()
-    sim = simulate_events(chat_samples(2_000), SimConfig(users=int(args.events / per_user), prompts=2_000, seed=1),
-                          now=datetime.now(UTC))
+    samples, now = chat_samples(2_000), datetime.now(UTC)
+    # events per simulated user depend on the mix of roles; calibrate on a small run with the same seed
+    calib = simulate_events(samples, SimConfig(users=1_000, prompts=2_000, seed=1), now=now)
+    users = round(args.events * 1_000 / len(calib.events))
+    sim = simulate_events(samples, SimConfig(users=users, prompts=2_000, seed=1), now=now)
     turns, frames = lake_tables(sim.events)
     n = len(sim.events)
     print(f"generated {n:,} events ({len(turns):,} turns) in {time.perf_counter() - t0:.1f}s (not timed)")

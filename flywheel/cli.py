@@ -105,7 +105,7 @@ def _curate(args: argparse.Namespace, settings: Settings) -> int:
     result = curate(settings, _when(args.start), _when(args.end))
     m = result.manifest
     print(f"dataset {result.version}  ->  {result.uri}")
-    print(f"  feedback read {m['feedback_read']}, held back {m['held_back']}: "
+    print(f"  feedback read {m['feedback_read']} (+{m['held_at_ingest']} held at ingest), held back {m['held_back']}: "
           f"{ {k: v for k, v in m['held_back_by_reason'].items() if v} }")
     print(f"  pairs {m['files']['pairs.parquet']['rows']} by source {m['pairs_by_source']}, split {m['pairs_by_split']}")
     print(f"  agreement {m['agreement']}; unpaired {m['unpaired_by_label']}; prompts {m['prompts']} "

@@ -287,7 +287,11 @@ def run_simulation(settings: Any, cfg: SimConfig, *, truth_path: Path | None = N
     else:
         stack.up(settings)
         lake = open_storage(settings.lake.uri, settings.lake)
-        with stack.local_feedback_path(settings, "simulator") as (_state, client):
+        # the embedded consumer knows the block list (flagged before the traffic), so it holds those
+        # accounts' feedback at ingest; curation is given the same list
+        ingest_settings = settings.model_copy(deep=True)
+        ingest_settings.curation.blocklist_file = str(blocklist)
+        with stack.local_feedback_path(ingest_settings, "simulator") as (_state, client):
             accepted = send_events(client, sim.events)
             missing = wait_for_events(lake, {e["event_id"] for e in sim.events}, since=now - timedelta(hours=2),
                                       timeout=180)

@@ -1,7 +1,8 @@
 """The one consumer loop: Kafka -> validation -> event lake, at-least-once delivery, exactly-once rows.
 
     poll -> decode (bad bytes -> DLQ with reason) -> validate (pydantic per record, pandera per batch)
-         -> valid records to the lake sink, invalid ones to the dead-letter topic
+         -> screen (consumer-path abuse filters: blocked accounts, harmful or empty corrections)
+         -> valid records to the lake sink (held ones to its quarantine area), invalid ones to the DLQ
          -> every ``commit_every`` records or ``commit_interval_s`` seconds:
             flush the sink (durable) -> flush the DLQ producer (acked) -> commit offsets
 
@@ -47,7 +48,15 @@ class Rejected:
     detail: str
 
 
-Verdict = Any  # an event model, or Rejected
+@dataclass(frozen=True)
+class Held:
+    """A valid event that a consumer-path filter holds back: it goes to the lake's quarantine area."""
+
+    event: Any
+    reason: str
+
+
+Verdict = Any  # an event model, Held, or Rejected
 Handler = Callable[[list[Record]], list[tuple[Record, Verdict]]]
 
 
@@ -58,7 +67,7 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    def add(self, event: Any, topic: str, partition: int, offset: int) -> None: ...
+    def add(self, event: Any, topic: str, partition: int, offset: int, held: str | None = None) -> None: ...
     def flush(self) -> Any: ...
     def reset_index(self) -> None: ...
 
@@ -79,6 +88,8 @@ class ConsumerMetrics:
         self.replayed = Counter("flywheel_ingest_replayed_total",
                                 "Rows rewritten in place after an offset replay (same file, not duplicated)",
                                 registry=r)
+        self.held = Counter("flywheel_ingest_held_total", "Valid events held back by a consumer-path filter",
+                            ["reason"], registry=r)
         self.dead_lettered = Counter("flywheel_ingest_dead_lettered_total", "Records sent to the DLQ",
                                      ["reason"], registry=r)
         self.commit_latency = Histogram("flywheel_ingest_commit_seconds",
@@ -87,8 +98,10 @@ class ConsumerMetrics:
         self.commits = Counter("flywheel_ingest_commits_total", "Offset commits", registry=r)
 
 
-def validate_records(records: list[Record], rules: QualityRules, now: datetime | None = None) -> list[tuple[Record, Verdict]]:
-    """Decode and validate one poll's records. Never raises on bad data."""
+def validate_records(records: list[Record], rules: QualityRules, now: datetime | None = None,
+                     screen: Callable[[Any], str | None] | None = None) -> list[tuple[Record, Verdict]]:
+    """Decode and validate one poll's records; ``screen`` (see ``ingest.filters.StreamScreen``) gives the
+    reason a valid event is held back, or ``None``. Never raises on bad data."""
     out: list[tuple[Record, Verdict]] = []
     decoded: list[tuple[int, Any]] = []
     for record in records:
@@ -103,9 +116,11 @@ def validate_records(records: list[Record], rules: QualityRules, now: datetime |
         decoded.append((len(out), event))
         out.append((record, event))
     verdicts = check_batch([e for _, e in decoded], rules, now or datetime.now(UTC))
-    for (i, _event), verdict in zip(decoded, verdicts, strict=True):
+    for (i, event), verdict in zip(decoded, verdicts, strict=True):
         if verdict is not None:
             out[i] = (out[i][0], Rejected(*verdict))
+        elif screen is not None and (reason := screen(event)) is not None:
+            out[i] = (out[i][0], Held(event, reason))
     return out
 
 
@@ -155,6 +170,9 @@ def run_consumer(
                 if isinstance(verdict, Rejected):
                     dlq.send(record, verdict.reason, verdict.detail)
                     m.dead_lettered.labels(verdict.reason).inc()
+                elif isinstance(verdict, Held):
+                    sink.add(verdict.event, record.topic, record.partition, record.offset, held=verdict.reason)
+                    m.held.labels(verdict.reason).inc()
                 else:
                     sink.add(verdict, record.topic, record.partition, record.offset)
                 pending[(record.topic, record.partition)] = record.offset + 1

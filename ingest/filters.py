@@ -6,6 +6,12 @@ DataFrame ``[event_id, reason]`` of the events it holds back. Nothing is deleted
 to the quarantine table so a reviewer can audit every decision. :func:`apply_filters` runs them in the order
 below; an event held back by several filters keeps the first reason.
 
+The per-event filters (``STREAM_REASONS``: a blocked account, a correction that matches the content rules
+or has too few words) also run in the consumer path, through :class:`StreamScreen`: the consumer writes
+those events to the lake's quarantine area (``quarantine/reason=<reason>/...``, whole events, same
+exactly-once rules) instead of the event tables, and curation adds them to the quarantine table of the
+interval. The rest needs history or the response text and runs in batch curation.
+
 ===================  ===================================================================================
 reason               rule (thresholds in ``FilterConfig``)
 ===================  ===================================================================================
@@ -28,14 +34,18 @@ unrelated_correction shares almost no words with the response it corrects (Jacca
 from __future__ import annotations
 
 import re
+import time
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from flywheel.settings import CurationSettings
 from pipelines.text import jaccard, near_duplicate_groups, words
 
 FEEDBACK_COLUMNS = ["event_id", "type", "user_id", "occurred_at", "response_id", "other_response_id", "value",
@@ -60,6 +70,15 @@ class FilterConfig:
     oversize_ratio: float = 4.0
     oversize_floor_chars: int = 2_000
     min_overlap: float = 0.08
+
+    @classmethod
+    def from_settings(cls, c: CurationSettings, *, blocklist_file: bool = True) -> FilterConfig:
+        """The thresholds from ``settings.curation``; the block list is the settings' plus the file's."""
+        return cls.with_blocklist_file(
+            c.blocklist_file if blocklist_file else None, blocked_users=frozenset(c.blocked_users),
+            max_per_minute=c.max_feedback_per_minute, min_read_s=c.min_read_s, read_chars_per_s=c.read_chars_per_s,
+            brigade_min_accounts=c.brigade_min_accounts, brigade_window=timedelta(hours=c.brigade_window_h),
+            min_overlap=c.min_correction_overlap)
 
     @classmethod
     def with_blocklist_file(cls, path: str | Path | None, **kwargs: object) -> FilterConfig:
@@ -154,16 +173,21 @@ def brigading(fb: pd.DataFrame, turns: pd.DataFrame, cfg: FilterConfig) -> pd.Da
     spread = corr.groupby("group")["prompt_key"].transform("nunique")
     candidates = corr[(sizes >= cfg.brigade_min_accounts) & (spread >= 2)]
     held: list[str] = []
+    window = np.timedelta64(int(cfg.brigade_window.total_seconds() * 1e6), "us")
     for _, g in candidates.groupby("group"):
         times = g["occurred_at"].to_numpy()
-        users = g["user_id"].to_numpy()
-        window = np.timedelta64(int(cfg.brigade_window.total_seconds() * 1e6), "us")
+        users = g["user_id"].tolist()
+        in_window: Counter[str] = Counter()  # accounts in times[lo..hi], kept incrementally
         lo = 0
         in_brigade = np.zeros(len(g), dtype=bool)
         for hi in range(len(g)):
+            in_window[users[hi]] += 1
             while times[hi] - times[lo] > window:
+                in_window[users[lo]] -= 1
+                if not in_window[users[lo]]:
+                    del in_window[users[lo]]
                 lo += 1
-            if len(set(users[lo:hi + 1])) >= cfg.brigade_min_accounts:
+            if len(in_window) >= cfg.brigade_min_accounts:
                 in_brigade[lo:hi + 1] = True
         held.extend(g["event_id"].to_numpy()[in_brigade])
     return _held(held, "brigading")
@@ -185,10 +209,13 @@ _HARM_RULES: dict[str, re.Pattern[str]] = {
 _LINK = re.compile(r"https?://[^\s)]+|\bwww\.[^\s)]+|\b[a-z0-9-]+\.(xyz|top|click|ru|biz)\b")
 
 
+_ANY_HARM = re.compile("|".join(f"(?:{rx.pattern})" for rx in _HARM_RULES.values()))
+
+
 def harmful_categories(text: str, response: str = "") -> list[str]:
     """The content-rule categories a correction matches (empty = looks harmless)."""
     low = text.lower()
-    hits = [name for name, rx in _HARM_RULES.items() if rx.search(low)]
+    hits = [name for name, rx in _HARM_RULES.items() if rx.search(low)] if _ANY_HARM.search(low) else []
     links = {m.group(0) for m in _LINK.finditer(low)}
     if any(link not in response.lower() for link in links):
         hits.append("new_link")
@@ -199,6 +226,7 @@ def correction_checks(fb: pd.DataFrame, turns: pd.DataFrame, cfg: FilterConfig) 
     """Harmful, empty, oversized or unrelated corrections (in that order of precedence)."""
     corr = fb[fb["type"] == "correction"].merge(turns[["response_id", "response"]], on="response_id", how="left")
     out: list[tuple[str, str]] = []
+    response_words: dict[str, set[str]] = {}  # many corrections of the same answer
     for eid, text, response in zip(corr["event_id"], corr["corrected_text"], corr["response"].fillna(""), strict=True):
         text = text or ""
         text_words = words(text)
@@ -208,9 +236,60 @@ def correction_checks(fb: pd.DataFrame, turns: pd.DataFrame, cfg: FilterConfig) 
             out.append((eid, "empty_correction"))
         elif len(text) > max(cfg.oversize_ratio * len(response), cfg.oversize_floor_chars):
             out.append((eid, "oversized_correction"))
-        elif response and jaccard(text_words, words(response)) < cfg.min_overlap:
+        elif response and jaccard(text_words, response_words.get(response) or
+                                  response_words.setdefault(response, set(words(response)))) < cfg.min_overlap:
             out.append((eid, "unrelated_correction"))
     return pd.DataFrame(out, columns=["event_id", "reason"]).astype("string")
+
+
+# --------------------------------------------------------------------------------------- consumer path
+STREAM_REASONS = ("blocked_account", "harmful_correction", "empty_correction")
+
+
+def screen_event(event_type: str, user_id: str, corrected_text: str | None, cfg: FilterConfig) -> str | None:
+    """The per-event filters, on one feedback event: the reason it is held back, or ``None``.
+
+    The same rules as the batch filters, in the same order, minus what needs the corrected response (the
+    link rule and the size/overlap checks run in curation)."""
+    if event_type == "turn":
+        return None
+    if user_id in cfg.blocked_users:
+        return "blocked_account"
+    if event_type == "correction":
+        text = corrected_text or ""
+        if harmful_categories(text, response=text):  # links are judged against the response, in curation
+            return "harmful_correction"
+        if len(words(text)) < cfg.min_correction_words:
+            return "empty_correction"
+    return None
+
+
+class StreamScreen:
+    """:func:`screen_event` for the consumer, with the block list file re-read when it changes (checked at
+    most every ``reload_s`` seconds), so blocking an account needs no restart."""
+
+    def __init__(self, cfg: FilterConfig, blocklist_file: str | Path | None = None, *, reload_s: float = 10.0):
+        self._base, self._file, self._reload_s = cfg, Path(blocklist_file) if blocklist_file else None, reload_s
+        self.cfg, self._mtime, self._checked = cfg, None, float("-inf")
+        self._maybe_reload()
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if self._file is None or now - self._checked < self._reload_s:
+            return
+        self._checked = now
+        try:
+            mtime = self._file.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime != self._mtime:
+            self._mtime = mtime
+            from_file = FilterConfig.with_blocklist_file(self._file if mtime is not None else None)
+            self.cfg = replace(self._base, blocked_users=self._base.blocked_users | from_file.blocked_users)
+
+    def __call__(self, event: Any) -> str | None:
+        self._maybe_reload()
+        return screen_event(event.type, event.user_id, getattr(event, "corrected_text", None), self.cfg)
 
 
 # ------------------------------------------------------------------------------------------------ all

@@ -3,6 +3,10 @@
 Layout under the lake root::
 
     events/type=<type>/dt=YYYY-MM-DD/hour=HH/<topic>.p<partition>.o<first>-<last>.parquet
+    quarantine/reason=<reason>/type=<type>/dt=.../hour=.../<same file names>
+
+The quarantine area holds valid events that a consumer-path filter held back (``ingest.filters``), whole
+and with the same schema, so a reviewer can audit them and curation can list them with their reason.
 
 Exactly once by ``event_id``. A flush writes, for each (Kafka partition, lake partition) pair, one file named
 after the Kafka offset range it covers, atomically. Before writing, rows whose ``event_id`` is already in
@@ -39,6 +43,7 @@ from flywheel.events import EVENT_MODELS, EVENT_TYPES, Message
 from flywheel.storage import Storage, parquet_bytes
 
 EVENTS_ROOT = "events"
+QUARANTINE_ROOT = "quarantine"
 LINEAGE_COLUMNS = [("kafka_topic", pa.string()), ("kafka_partition", pa.int32()), ("kafka_offset", pa.int64())]
 _FILE_RE = re.compile(r"^(?P<topic>.+)\.p(?P<partition>\d+)\.o(?P<first>\d+)-(?P<last>\d+)\.parquet$")
 
@@ -66,17 +71,22 @@ def arrow_schema(event_type: str) -> pa.Schema:
 SCHEMAS = {t: arrow_schema(t) for t in EVENT_TYPES}
 
 
-_PREFIXES: dict[tuple[str, int, int, int, int], str] = {}
+_PREFIXES: dict[tuple[str | None, str, int, int, int, int], str] = {}
 
 
-def partition_prefix(event_type: str, occurred_at: datetime) -> str:
+def type_root(event_type: str, held: str | None = None) -> str:
+    """Where one event type's files live: the event tables, or the quarantine area for one reason."""
+    return f"{QUARANTINE_ROOT}/reason={held}/type={event_type}" if held else f"{EVENTS_ROOT}/type={event_type}"
+
+
+def partition_prefix(event_type: str, occurred_at: datetime, held: str | None = None) -> str:
     ts = occurred_at if occurred_at.tzinfo is UTC else occurred_at.astimezone(UTC)
-    key = (event_type, ts.year, ts.month, ts.day, ts.hour)
+    key = (held, event_type, ts.year, ts.month, ts.day, ts.hour)
     prefix = _PREFIXES.get(key)
     if prefix is None:  # formatting dominates the per-row cost of a flush, so cache the few hours seen
         if len(_PREFIXES) > 100_000:
             _PREFIXES.clear()
-        prefix = _PREFIXES[key] = f"{EVENTS_ROOT}/type={event_type}/dt={ts:%Y-%m-%d}/hour={ts:%H}"
+        prefix = _PREFIXES[key] = f"{type_root(event_type, held)}/dt={ts:%Y-%m-%d}/hour={ts:%H}"
     return prefix
 
 
@@ -97,14 +107,15 @@ class LakeSink:
 
     def __init__(self, storage: Storage, *, index_partitions: int = 256):
         self.storage = storage
-        self._pending: list[tuple[Any, str, int, int]] = []
+        self._pending: list[tuple[Any, str, int, int, str | None]] = []
         # lake partition prefix -> {event_id: file name}; LRU-bounded, reloaded from storage on a miss.
         self._index: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._index_partitions = index_partitions
         self._lock = threading.Lock()
 
-    def add(self, event: Any, topic: str, partition: int, offset: int) -> None:
-        self._pending.append((event, topic, partition, offset))
+    def add(self, event: Any, topic: str, partition: int, offset: int, held: str | None = None) -> None:
+        """Buffer one event; ``held`` (a filter's reason code) sends it to the quarantine area."""
+        self._pending.append((event, topic, partition, offset, held))
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -138,15 +149,15 @@ class LakeSink:
         if not self._pending:
             return stats
         with self._lock:
-            groups: dict[tuple[str, int], list[tuple[Any, int]]] = defaultdict(list)
-            for event, topic, partition, offset in self._pending:
-                groups[(topic, partition)].append((event, offset))
+            groups: dict[tuple[str, int], list[tuple[Any, int, str | None]]] = defaultdict(list)
+            for event, topic, partition, offset, held in self._pending:
+                groups[(topic, partition)].append((event, offset, held))
             for (topic, partition), rows in groups.items():
                 rows.sort(key=lambda r: r[1])
                 name = file_name(topic, partition, rows[0][1], rows[-1][1])
                 by_prefix: dict[str, list[tuple[Any, int]]] = defaultdict(list)
-                for event, offset in rows:
-                    by_prefix[partition_prefix(event.type, event.occurred_at)].append((event, offset))
+                for event, offset, held in rows:
+                    by_prefix[partition_prefix(event.type, event.occurred_at, held)].append((event, offset))
                 for prefix, part_rows in sorted(by_prefix.items()):
                     existing = self._ids_in(prefix)
                     keep, seen, replayed = [], set(), 0
@@ -204,18 +215,28 @@ def _in_range(path: str, start: datetime | None, end: datetime | None) -> bool:
     return (start is None or hour >= start.replace(minute=0, second=0, microsecond=0)) and (end is None or hour < end)
 
 
-def list_files(storage: Storage, event_type: str, start: datetime | None = None, end: datetime | None = None) -> list[str]:
-    """Lake files of one event type whose hour partition overlaps ``[start, end)``."""
-    keys = storage.list(f"{EVENTS_ROOT}/type={event_type}/")
+def list_files(storage: Storage, event_type: str, start: datetime | None = None, end: datetime | None = None,
+               *, held: str | None = None) -> list[str]:
+    """Lake files of one event type (in the quarantine area for reason ``held``) whose hour partition
+    overlaps ``[start, end)``."""
+    keys = storage.list(f"{type_root(event_type, held)}/")
     return [k for k in keys if k.endswith(".parquet") and _in_range(k, start, end)]
 
 
+def held_reasons(storage: Storage) -> list[str]:
+    """The reasons that have a quarantine area in this lake (one listing of the area's top level)."""
+    return sorted({m.group(1) for k in storage.list(f"{QUARANTINE_ROOT}/")
+                   if (m := re.match(rf"{QUARANTINE_ROOT}/reason=([^/]+)/", k))})
+
+
 def read_events(
-    storage: Storage, event_type: str, start: datetime | None = None, end: datetime | None = None
+    storage: Storage, event_type: str, start: datetime | None = None, end: datetime | None = None,
+    *, held: str | None = None,
 ) -> pd.DataFrame:
-    """All events of one type in ``[start, end)`` (by ``occurred_at``), one row per ``event_id``."""
+    """All events of one type in ``[start, end)`` (by ``occurred_at``), one row per ``event_id``; with
+    ``held``, the ones the consumer held back for that reason."""
     tables = [pq.read_table(io.BytesIO(storage.get_bytes(k)), schema=SCHEMAS[event_type])
-              for k in list_files(storage, event_type, start, end)]
+              for k in list_files(storage, event_type, start, end, held=held)]
     table = pa.concat_tables(tables) if tables else SCHEMAS[event_type].empty_table()
     df = table.to_pandas()
     if start is not None:
@@ -227,19 +248,23 @@ def read_events(
 
 
 def count_events(storage: Storage) -> dict[str, int]:
-    """Rows per event type (after dropping duplicate ids) across the whole lake."""
-    return {t: len(read_events(storage, t)) for t in EVENT_TYPES}
+    """Rows per event type (after dropping duplicate ids) across the whole lake, held-back ones included."""
+    reasons = held_reasons(storage)
+    return {t: len(read_events(storage, t)) + sum(len(read_events(storage, t, held=r)) for r in reasons)
+            for t in EVENT_TYPES}
 
 
 def wait_for_events(storage: Storage, event_ids: set[str], *, since: datetime | None = None,
                     timeout: float = 120.0, poll_s: float = 1.0) -> set[str]:
-    """Wait until every id in ``event_ids`` (events that occurred at or after ``since``) is in the lake;
+    """Wait until every id in ``event_ids`` (events that occurred at or after ``since``) is in the lake
+    (in the event tables or the quarantine area);
     returns the ids still missing when ``timeout`` ran out (empty when all landed)."""
     deadline = time.monotonic() + timeout
     while True:
         landed: set[str] = set()
-        for t in EVENT_TYPES:
-            landed.update(read_events(storage, t, since)["event_id"])
+        for held in [None, *held_reasons(storage)]:
+            for t in EVENT_TYPES:
+                landed.update(read_events(storage, t, since, held=held)["event_id"])
         missing = event_ids - landed
         if not missing or time.monotonic() >= deadline:
             return missing

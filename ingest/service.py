@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from flywheel.settings import Settings
 from flywheel.storage import open_storage
 from ingest.consumer import ConsumerMetrics, KafkaDeadLetters, KafkaSource, run_consumer, validate_records
+from ingest.filters import FilterConfig, StreamScreen
 from ingest.lake import LakeSink
 from ingest.validation import QualityRules
 
@@ -29,7 +30,9 @@ def run_ingest(settings: Settings, stop: threading.Event, *, metrics_port: int |
     source = KafkaSource(settings.kafka, poll_timeout_ms=cfg.poll_timeout_ms, max_poll_records=cfg.max_poll_records)
     dlq = KafkaDeadLetters(settings.kafka)
     sink = LakeSink(open_storage(settings.lake.uri, settings.lake))
-    handle = partial(validate_records, rules=QualityRules.from_settings(cfg))
+    screen = StreamScreen(FilterConfig.from_settings(settings.curation, blocklist_file=False),
+                          settings.curation.blocklist_file)
+    handle = partial(validate_records, rules=QualityRules.from_settings(cfg), screen=screen)
     log.info("consuming %s into %s", settings.kafka.topic, settings.lake.uri)
     try:
         run_consumer(source, handle, sink, dlq, commit_every=cfg.commit_every,

@@ -27,10 +27,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flywheel.settings import CurationSettings, Settings
+from flywheel.settings import Settings
 from flywheel.storage import Storage, open_storage
 from ingest.filters import FEEDBACK_COLUMNS, REASONS, FilterConfig, apply_filters
-from ingest.lake import list_files, read_events
+from ingest.lake import held_reasons, list_files, read_events
 from pipelines import schemas
 from pipelines.agreement import agreement
 from pipelines.preferences import PairingConfig, aggregate_votes, build_votes, thumbs_pairs, unpaired_labels
@@ -102,13 +102,6 @@ class Dataset:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def filter_config(c: CurationSettings) -> FilterConfig:
-    return FilterConfig.with_blocklist_file(
-        c.blocklist_file, blocked_users=c.blocked_users, max_per_minute=c.max_feedback_per_minute,
-        min_read_s=c.min_read_s, read_chars_per_s=c.read_chars_per_s, brigade_min_accounts=c.brigade_min_accounts,
-        brigade_window=timedelta(hours=c.brigade_window_h), min_overlap=c.min_correction_overlap)
-
-
 def _group_prompts(turns: pd.DataFrame, eval_share: float) -> pd.DataFrame:
     """Unique prompts, their near-duplicate group and split (by group, so no group straddles the split)."""
     prompts = (turns.groupby("prompt_key", sort=True)
@@ -137,10 +130,24 @@ def _mask(df: pd.DataFrame, cols: list[str], counts: dict[str, int]) -> pd.DataF
     return df
 
 
-def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterConfig, *, eval_share: float = 0.1) -> Dataset:
-    """Pure: lake tables of one interval -> the four published tables and their statistics."""
+QUARANTINE_COLUMNS = ["event_id", "reason", "type", "user_id", "occurred_at"]
+
+
+def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterConfig, *, eval_share: float = 0.1,
+                  held: pd.DataFrame | None = None) -> Dataset:
+    """Pure: lake tables of one interval -> the four published tables and their statistics.
+
+    ``held`` are the events the consumer already held back (``QUARANTINE_COLUMNS``); they join the
+    quarantine table, and the same ids are ignored if they also reached the event tables."""
     turns = prepare_turns(turns_raw)
-    filtered = apply_filters(feedback, turns, cfg)
+    held = held if held is not None and not held.empty else None
+    filtered = apply_filters(feedback if held is None else feedback[~feedback["event_id"].isin(held["event_id"])],
+                             turns, cfg)
+    if held is not None:
+        filtered.quarantine = pd.concat([filtered.quarantine, held[QUARANTINE_COLUMNS]], ignore_index=True) \
+            .drop_duplicates("event_id").sort_values(["occurred_at", "event_id"], kind="stable").reset_index(drop=True)
+        counts = filtered.quarantine["reason"].value_counts()
+        filtered.held_by_reason = {r: int(counts.get(r, 0)) for r in REASONS}
     kept = filtered.kept
     votes = build_votes(kept, turns)
     rater_pairs, items, ties = aggregate_votes(votes)
@@ -153,7 +160,8 @@ def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterCo
     pii = {"email": 0, "card": 0, "phone": 0}
 
     if pairs.empty:
-        pairs = pd.DataFrame({c: pd.Series(dtype="object") for c in PAIR_COLUMNS}).astype({"margin": float})
+        pairs = pd.DataFrame({c: pd.Series(dtype=float if c == "margin" else object if c == "event_ids" else "str")
+                              for c in PAIR_COLUMNS})
     else:
         pairs["group_id"] = pairs["prompt_key"].map(group_of)
         pairs["split"] = pairs["prompt_key"].map(split_of)
@@ -171,6 +179,8 @@ def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterCo
     unpaired = unpaired.sort_values("_k", kind="stable")[
         ["prompt", "completion", "label", "source", "group_id", "split", "event_ids"]].reset_index(drop=True)
     unpaired["label"] = unpaired["label"].astype(bool)
+    if unpaired.empty:  # no feedback left: the columns still need their types for the schema and Parquet
+        unpaired = unpaired.astype({c: "str" for c in ("prompt", "completion", "source", "group_id", "split")})
 
     prompt_set = _mask(prompts, ["prompt"], pii).rename(columns={"prompt_key": "prompt_id"})[
         ["prompt_id", "prompt", "group_id", "split", "n_turns"]].astype({"n_turns": int})
@@ -180,6 +190,7 @@ def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterCo
     stats = {
         "events_read": {"turn": int(len(turns_raw)), **{t: int(n) for t, n in feedback["type"].value_counts().sort_index().items()}},
         "feedback_read": int(len(feedback)),
+        "held_at_ingest": int(0 if held is None else len(held)),
         "held_back": int(len(quarantine)),
         "held_back_by_reason": filtered.held_by_reason,
         "pairs_by_source": {s: int(n) for s, n in pairs["source"].value_counts().sort_index().items()},
@@ -261,25 +272,39 @@ def publish_dataset(storage: Storage, ds: Dataset, *, start: datetime, end: date
 
 
 # ------------------------------------------------------------------------------------------------ run
-def read_interval(storage: Storage, start: datetime, end: datetime, lookback: timedelta) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], list[str]]:
-    """Turns of ``[start - lookback, end)`` (feedback refers to earlier turns) and feedback of ``[start, end)``."""
+FEEDBACK_TYPES = ("thumbs", "regenerate", "correction", "pairwise", "implicit")
+
+
+def read_interval(storage: Storage, start: datetime, end: datetime, lookback: timedelta) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], pd.DataFrame, list[str]]:
+    """Turns of ``[start - lookback, end)`` (feedback refers to earlier turns), feedback of ``[start, end)``,
+    the feedback of ``[start, end)`` the consumer held back (``QUARANTINE_COLUMNS``), and the files read."""
     turns = read_events(storage, "turn", start - lookback, end)
-    frames = {t: read_events(storage, t, start, end) for t in ("thumbs", "regenerate", "correction", "pairwise", "implicit")}
+    frames = {t: read_events(storage, t, start, end) for t in FEEDBACK_TYPES}
     files = list_files(storage, "turn", start - lookback, end)
     for t in frames:
         files += list_files(storage, t, start, end)
-    return turns, frames, sorted(files)
+    held_parts = []
+    for reason in held_reasons(storage):
+        for t in FEEDBACK_TYPES:
+            df = read_events(storage, t, start, end, held=reason)
+            if not df.empty:
+                held_parts.append(df[["event_id", "type", "user_id", "occurred_at"]].assign(reason=reason))
+            files += list_files(storage, t, start, end, held=reason)
+    held = pd.concat(held_parts, ignore_index=True)[QUARANTINE_COLUMNS] if held_parts else \
+        pd.DataFrame({c: pd.Series(dtype="str") for c in QUARANTINE_COLUMNS}).astype({"occurred_at": "datetime64[us, UTC]"})
+    return turns, frames, held, sorted(files)
 
 
 def curate(settings: Settings, start: datetime, end: datetime) -> CurationResult:
     storage = open_storage(settings.lake.uri, settings.lake)
     c = settings.curation
-    turns, frames, files = read_interval(storage, start, end, timedelta(hours=c.turn_lookback_h))
-    ds = build_dataset(turns, unify_feedback(frames), filter_config(c), eval_share=c.eval_share)
+    turns, frames, held, files = read_interval(storage, start, end, timedelta(hours=c.turn_lookback_h))
+    ds = build_dataset(turns, unify_feedback(frames), FilterConfig.from_settings(c), eval_share=c.eval_share,
+                       held=held)
     result = publish_dataset(storage, ds, start=start, end=end, partitions=files, lake_uri=settings.lake.uri)
     m = result.manifest
-    log.info("curated %s: %d feedback events read, %d held back %s, %d pairs %s, agreement %s",
-             result.version, m["feedback_read"], m["held_back"],
+    log.info("curated %s: %d feedback events read (+%d held at ingest), %d held back %s, %d pairs %s, agreement %s",
+             result.version, m["feedback_read"], m["held_at_ingest"], m["held_back"],
              {k: v for k, v in m["held_back_by_reason"].items() if v}, len(ds.pairs), m["pairs_by_source"], m["agreement"])
     return result
 

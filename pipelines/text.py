@@ -86,6 +86,7 @@ def near_duplicate_groups(texts: Sequence[str]) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- PII
+_MAYBE_PII = re.compile(r"[\d@]")
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
 _CARD = re.compile(r"\b(?:\d[ -]?){12,18}\d\b")
 _PHONE = re.compile(r"(?<![\w+])\+?\d{1,3}?[ .-]?\(?\d{2,4}\)?[ .-]?\d{3,4}[ .-]?\d{3,4}\b")
@@ -104,7 +105,7 @@ def _luhn_ok(digits: str) -> bool:
 def mask_pii(text: str) -> tuple[str, dict[str, int]]:
     """Replace emails, card-like numbers (Luhn-valid, 13-19 digits) and phone numbers with placeholders."""
     counts = {"email": 0, "card": 0, "phone": 0}
-    if not text or not any(c.isdigit() or c == "@" for c in text):
+    if not text or not _MAYBE_PII.search(text):
         return text, counts
 
     def email(_m: re.Match[str]) -> str:

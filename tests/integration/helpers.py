@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from flywheel.events import EVENT_TYPES
 from flywheel.settings import Settings
 from flywheel.storage import Storage, open_storage
-from ingest.lake import list_files
+from ingest.lake import held_reasons, list_files
 from ingest.service import run_ingest
 
 
@@ -41,12 +41,14 @@ def consumer_thread(settings: Settings) -> Iterator[threading.Event]:
 
 
 def lake_rows(storage: Storage) -> list[dict[str, Any]]:
-    """Every physical row in the lake (no de-duplication), with its type."""
+    """Every physical row in the lake (no de-duplication), with its type and, for events a consumer-path
+    filter held back (written to the quarantine area), the reason."""
     rows = []
-    for t in EVENT_TYPES:
-        for key in list_files(storage, t):
-            table = pq.read_table(io.BytesIO(storage.get_bytes(key)), columns=["event_id", "type"])
-            rows.extend(table.to_pylist())
+    for held in [None, *held_reasons(storage)]:
+        for t in EVENT_TYPES:
+            for key in list_files(storage, t, held=held):
+                table = pq.read_table(io.BytesIO(storage.get_bytes(key)), columns=["event_id", "type"])
+                rows.extend({**r, "held": held} for r in table.to_pylist())
     return rows
 
 

@@ -36,4 +36,10 @@ def test_simulated_adversaries_are_caught_and_curation_is_reproducible(settings,
     assert report["honest_held_back_share"] < 0.02, report
     manifest = json.loads(before["manifest.json"])
     assert manifest["pairs_by_source"] and manifest["agreement"]["items"] > 0
+    # the consumer held the blocked accounts' feedback (and the harmful corrections it could judge alone)
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    blocked = {u for u, role in truth["users"].items() if role == "blocked"}
+    held = manifest["held_at_ingest"]
+    assert held > 0 and storage.list("quarantine/reason=blocked_account/")
+    assert set(quarantine.loc[quarantine["reason"] == "blocked_account", "user_id"]) == blocked & set(quarantine["user_id"])
     assert storage.exists(f"datasets/{first.version}/card.md")

@@ -23,6 +23,7 @@ from flywheel.stack import free_port
 from flywheel.storage import open_storage
 from flywheel.traffic import example_traffic
 from ingest.consumer import ConsumerMetrics, KafkaDeadLetters, KafkaSource, run_consumer, validate_records
+from ingest.filters import FilterConfig, screen_event
 from ingest.lake import LakeSink
 from ingest.validation import QualityRules
 from pipelines.sharegpt import chat_samples
@@ -82,6 +83,11 @@ def test_11000_events_land_exactly_once(request, settings, api_secret, samples, 
     assert len(expected) == 11_000
     assert set(ids) == expected, "lost or foreign events"
     assert len(ids) == 11_000, "duplicated rows"
+    # valid events a consumer-path filter holds (here: one-word corrections) are in the quarantine area instead
+    everything = http_events + [json.loads(r) for r in raw]
+    should_hold = {e["event_id"] for e in everything
+                   if screen_event(e["type"], e["user_id"], e.get("corrected_text"), FilterConfig())}
+    assert should_hold and {r["event_id"] for r in rows if r["held"]} == should_hold
     assert settings.lake.uri.startswith("s3://" if lake_kind == "s3" else "file://")
 
 
