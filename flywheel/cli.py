@@ -142,6 +142,47 @@ def _filter_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if ok else 1
 
 
+def _overrides(pairs: list[str] | None) -> dict[str, object]:
+    """``--set key=value`` (values parsed as YAML: numbers, booleans, lists)."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in pairs or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    from training.config import PPORecipe, PreferenceOptRecipe, RewardRecipe, load_recipe
+
+    default = {"reward": "reward-minilm.yaml", "policy": "policy-ppo-lora.yaml"}[args.what]
+    recipe = load_recipe(args.recipe or default, _overrides(args.set))
+    if args.what == "reward":
+        if not isinstance(recipe, RewardRecipe):
+            raise SystemExit(f"{args.recipe}: not a reward recipe (kind: reward)")
+        from training.reward.train import train_reward
+
+        r = train_reward(settings, recipe, args.dataset, checkpoint_dir=args.checkpoint_dir)
+        print(json.dumps({"run_id": r.run_id, "model": "flywheel-reward", "version": r.model_version,
+                          "steps": r.steps, **r.metrics}, indent=2))
+        return 0
+    if isinstance(recipe, PPORecipe):
+        from training.policy.ppo import train_ppo
+
+        res = train_ppo(settings, recipe, args.dataset, checkpoint_dir=args.checkpoint_dir)
+    elif isinstance(recipe, PreferenceOptRecipe):
+        from training.policy.prefopt import train_preference_opt
+
+        res = train_preference_opt(settings, recipe, args.dataset)
+    else:
+        raise SystemExit(f"{args.recipe}: not a policy recipe (kind: ppo, dpo or kto)")
+    print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flywheel", description="Continuous RLHF from user feedback.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -192,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", required=True, help="dataset version id")
     s.add_argument("--truth", required=True, help="the simulation's side file")
     s.set_defaults(func=_filter_report)
+
+    s = sub.add_parser("train", help="train the reward model or the policy on a curated dataset (MLflow-tracked)")
+    s.add_argument("what", choices=["reward", "policy"])
+    s.add_argument("--dataset", required=True, help="dataset URI (…/datasets/<version>) or version id")
+    s.add_argument("--recipe", help="a YAML recipe (path, or a name in configs/)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field (repeatable)")
+    s.add_argument("--checkpoint-dir", help="checkpoint here and resume from here if a checkpoint exists")
+    s.set_defaults(func=_train)
 
     s = sub.add_parser("demo", help="run the whole feedback path on the embedded stack and show the lake")
     s.add_argument("--events", type=int, default=2_000, help="events to send over HTTP")

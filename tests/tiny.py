@@ -27,3 +27,46 @@ def tiny_causal_lm(vocab_size: int, seed: int = 0) -> Any:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       pad_token_id=0, bos_token_id=2, eos_token_id=3)
     return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_encoder_dir(path: Any, seed: int = 0) -> str:
+    """A tiny random BERT and its tokenizer saved as a local backbone directory (for reward-model tests)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=128, pad_token_id=0))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def tiny_pairs(n: int, seed: int = 0) -> Any:
+    """Pairs with a learnable preference: the chosen answer says "yes", the rejected one "no"."""
+    import random
+
+    import pandas as pd
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(5))
+        filler = " ".join(rng.choice(WORDS[:8]) for _ in range(rng.randint(1, 6)))
+        rows.append({"pair_id": f"p{i}", "prompt": prompt, "chosen": f"yes {filler}", "rejected": f"no {filler}",
+                     "source": "thumbs", "margin": 1.0, "group_id": f"g{i}", "split": "eval" if i % 5 == 0 else "train",
+                     "event_ids": [f"e{i}"]})
+    return pd.DataFrame(rows)
+
+
+def write_dataset(root: Any, pairs: Any, version: str = "0123456789abcdef") -> str:
+    """A curated-dataset directory with just what the trainers read (pairs + manifest)."""
+    import json
+    from pathlib import Path
+
+    d = Path(root) / "datasets" / version
+    d.mkdir(parents=True)
+    pairs.to_parquet(d / "pairs.parquet")
+    (d / "manifest.json").write_text(json.dumps({"version": version, "pairs_by_source": {"thumbs": len(pairs)}}))
+    return d.as_uri()

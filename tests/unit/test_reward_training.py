@@ -1,0 +1,95 @@
+"""A few reward-model steps on a tiny random encoder: finite loss, parameters move, MLflow has the run and the
+registered version; a killed run resumes from its checkpoint and ends at the same step count."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flywheel.settings import Settings
+from tests.tiny import tiny_encoder_dir, tiny_pairs, write_dataset
+from training.config import RewardRecipe
+from training.reward.model import RewardModel
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture
+def env(tmp_path):
+    backbone = tiny_encoder_dir(tmp_path / "backbone")
+    uri = write_dataset(tmp_path / "lake", tiny_pairs(80))
+    return Settings(home=tmp_path / "home"), backbone, uri
+
+
+def test_a_few_reward_steps_train_log_and_register(env):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from training.reward.train import load_registered_reward, train_reward
+
+    settings, backbone, uri = env
+    recipe = RewardRecipe(backbone=backbone, max_length=32, batch_size=8, max_steps=12, lr=1e-3, head_lr=1e-2,
+                          warmup_steps=1, log_every=2, threads=1)
+    before = RewardModel.from_backbone(backbone).backbone.state_dict()
+    result = train_reward(settings, recipe, uri)
+    assert result.steps == 12 and result.model_version == "1"
+    after = RewardModel.load(result.model_dir).backbone.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "parameters did not change"
+
+    client = MlflowClient(settings.mlflow.tracking_uri)
+    run = client.get_run(result.run_id)
+    losses = client.get_metric_history(result.run_id, "train/loss")
+    assert [m.step for m in losses] == [2, 4, 6, 8, 10, 12] and all(math.isfinite(m.value) for m in losses)
+    assert run.data.tags["flywheel.dataset_version"] == "0123456789abcdef"
+    assert run.data.params["recipe.max_steps"] == "12"
+    assert 0.0 <= run.data.metrics["eval/accuracy"] <= 1.0 and "eval/ece" in run.data.metrics
+    mv = client.get_model_version_by_alias("flywheel-reward", "challenger")
+    assert str(mv.version) == "1" and mv.run_id == result.run_id and mv.tags["dataset_version"] == "0123456789abcdef"
+
+    mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+    loaded = load_registered_reward("models:/flywheel-reward@challenger")
+    prompts, responses = ["hello world"], ["yes the capital"]
+    assert torch.allclose(loaded.score(prompts, responses), RewardModel.load(result.model_dir).score(prompts, responses))
+    pyfunc = mlflow.pyfunc.load_model("models:/flywheel-reward@challenger")
+    import pandas as pd
+
+    assert pyfunc.predict(pd.DataFrame({"prompt": prompts, "response": responses})).shape == (1,)
+
+
+def test_a_killed_reward_run_resumes_from_its_checkpoint(env, tmp_path):
+    settings, backbone, uri = env
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "flywheel.cli", "train", "reward", "--dataset", uri, "--recipe", "reward-minilm.yaml",
+           "--checkpoint-dir", str(ckpt), "--set", f"backbone={backbone}", "--set", "max_steps=400",
+           "--set", "batch_size=4", "--set", "max_length=32", "--set", "checkpoint_every=10", "--set", "threads=1",
+           "--set", "log_every=10"]
+    envvars = {**os.environ, "FLYWHEEL_HOME": str(settings.home), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=envvars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).resolve().parents[2])
+    deadline = time.monotonic() + 120
+    while not (ckpt / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = torch.load(ckpt / "last.pt", weights_only=False)
+    assert 0 < killed_at["step"] < 400
+    out = subprocess.run(cmd, env=envvars, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert torch.load(ckpt / "last.pt", weights_only=False)["step"] == 400
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.mlflow.tracking_uri)
+    history = client.get_metric_history(killed_at["run_id"], "train/loss")
+    assert max(m.step for m in history) == 400, "the resumed run logs into the killed run"
+    assert len(client.search_runs([r.experiment_id for r in client.search_experiments()])) == 1

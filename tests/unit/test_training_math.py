@@ -1,0 +1,92 @@
+"""Reward-model and PPO arithmetic against small hand-computed references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from training.policy.ppo_math import (
+    AdaptiveKLController,
+    gae,
+    kl_k1,
+    kl_k3,
+    policy_loss,
+    token_rewards,
+    value_loss,
+    whiten,
+)
+from training.reward.losses import bt_loss, expected_calibration_error, length_correlation, margin_from_share
+
+t = torch.tensor
+
+
+def test_bradley_terry_loss_with_and_without_margin_and_centering():
+    rc, rr = t([1.0]), t([0.0])
+    assert bt_loss(rc, rr).item() == pytest.approx(math.log(1 + math.exp(-1.0)))  # 0.313262
+    assert bt_loss(rc, rr, margin=t([0.5])).item() == pytest.approx(math.log(1 + math.exp(-0.5)))  # 0.474077
+    assert bt_loss(rc, rr, centering=0.1).item() == pytest.approx(0.313262 + 0.1, abs=1e-6)
+    # two pairs: the mean of -log sigmoid(gap)
+    assert bt_loss(t([2.0, 0.0]), t([0.0, 1.0])).item() == pytest.approx(
+        (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))) / 2)
+    assert margin_from_share(t([0.5, 0.75, 1.0]), 2.0).tolist() == [0.0, 1.0, 2.0]
+
+
+def test_expected_calibration_error_of_an_overconfident_model():
+    gaps = np.array([100.0, 100, 100, 100, -100])  # always certain, right 4 times in 5
+    assert expected_calibration_error(gaps, np.zeros(5)) == pytest.approx(0.2)
+    assert expected_calibration_error(np.zeros(4), np.zeros(4)) == pytest.approx(0.0)  # p = 0.5, half right
+    assert length_correlation(np.array([1.0, 2, 3]), np.array([10, 20, 30])) == pytest.approx(1.0)
+
+
+def test_kl_estimators():
+    logp, ref = t([math.log(0.5)]), t([math.log(0.25)])
+    assert kl_k1(logp, ref).item() == pytest.approx(math.log(2))  # 0.693147
+    assert kl_k3(logp, ref).item() == pytest.approx(0.5 - 1 + math.log(2))  # 0.193147
+    assert kl_k3(ref, ref).item() == 0.0 and kl_k3(ref, logp).item() > 0  # never negative
+
+
+def test_gae_hand_computed():
+    r, v, m = t([[0.0, 0.0, 1.0]]), t([[0.5, 0.5, 0.5]]), torch.ones(1, 3)
+    adv, ret = gae(r, v, m, gamma=1.0, lam=1.0)
+    assert adv[0].tolist() == pytest.approx([0.5, 0.5, 0.5])
+    adv, ret = gae(r, v, m, gamma=0.9, lam=0.5)
+    assert adv[0].tolist() == pytest.approx([0.02875, 0.175, 0.5])
+    assert ret[0].tolist() == pytest.approx([0.52875, 0.675, 1.0])
+    # padding after the end carries no value and no advantage
+    adv, _ = gae(t([[0.0, 1.0, 0.0]]), t([[0.5, 0.5, 9.0]]), t([[1.0, 1.0, 0.0]]), gamma=0.9, lam=0.5)
+    assert adv[0].tolist() == pytest.approx([0.175, 0.5, 0.0])
+
+
+def test_token_rewards_put_the_score_on_the_last_real_token():
+    out = token_rewards(t([2.0]), t([[0.1, 0.2, 0.3]]), t([[1.0, 1.0, 0.0]]), beta=0.5)
+    assert out[0].tolist() == pytest.approx([-0.05, 1.9, 0.0])
+
+
+def test_adaptive_kl_controller_update():
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    assert c.update(9.0, 100) == pytest.approx(0.1002)  # error clipped to +0.2
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    assert c.update(3.0, 100) == pytest.approx(0.0998)  # error clipped to -0.2
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    assert c.update(6.6, 1000) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+
+
+def test_reward_whitening():
+    out = whiten(t([1.0, 2.0, 3.0, 4.0]))
+    assert out.tolist() == pytest.approx([-1.161895, -0.387298, 0.387298, 1.161895], abs=1e-5)
+    masked = whiten(t([1.0, 2.0, 3.0, 4.0, 100.0]), mask=t([1.0, 1, 1, 1, 0]))
+    assert masked[:4].tolist() == pytest.approx(out.tolist(), abs=1e-5)
+    assert whiten(t([1.0, 3.0]), shift_mean=False).tolist() == pytest.approx([2 - 0.707107, 2 + 0.707107], abs=1e-5)
+
+
+def test_clipped_surrogate_and_value_losses():
+    m = torch.ones(1, 2)
+    loss, stats = policy_loss(t([[0.0, 0.0]]), t([[0.0, 0.0]]), t([[1.0, -3.0]]), m, clip=0.2)
+    assert loss.item() == pytest.approx(1.0) and stats["clipfrac"].item() == 0.0
+    loss, stats = policy_loss(t([[math.log(1.5)]]), t([[0.0]]), t([[1.0]]), torch.ones(1, 1), clip=0.2)
+    assert loss.item() == pytest.approx(-1.2) and stats["clipfrac"].item() == 1.0
+    # value moved from 0 to 1 with clip 0.2: clipped prediction 0.2; return 2 -> max(1, 3.24) / 2
+    assert value_loss(t([[1.0]]), t([[0.0]]), t([[2.0]]), torch.ones(1, 1), clip=0.2).item() == pytest.approx(1.62)

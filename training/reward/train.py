@@ -1,0 +1,216 @@
+"""``flywheel train reward``: Bradley-Terry reward model on a curated dataset's pairs, tracked in MLflow.
+
+    pairs.parquet (train split) -> tokenize once -> AdamW (backbone lr, head lr), linear warm-up then decay
+      -> per step: loss, accuracy (logged every ``log_every`` steps)
+      -> every ``checkpoint_every`` steps: model + optimizer + scheduler + step + RNG + MLflow run id, atomically
+      -> eval split: accuracy, ECE, mean margin, reward/length correlation
+      -> saved model logged as an MLflow pyfunc and registered as ``flywheel-reward`` (tagged with dataset)
+
+A killed run started again with the same recipe, dataset and checkpoint directory continues from its last
+checkpoint in the same MLflow run and ends at the same step count (the batch order is a function of the
+seed and the epoch, so the remaining batches are the ones the first run would have seen).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from flywheel.settings import Settings
+from training.config import RewardRecipe, recipe_dict
+from training.data import open_dataset
+from training.reward.losses import bt_loss, margin_from_share, reward_eval
+from training.reward.model import RewardModel
+from training.tracking import (
+    REWARD_MODEL,
+    download_model,
+    flat_params,
+    log_dict_artifact,
+    pip_requirements,
+    register,
+    use_tracking,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardResult:
+    run_id: str
+    model_version: str | None
+    steps: int
+    metrics: dict[str, float]
+    model_dir: Path
+
+
+def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def evaluate(model: RewardModel, pairs: pd.DataFrame, batch_size: int = 64) -> dict[str, float]:
+    if pairs.empty:
+        return {}
+    prompts = pairs["prompt"].tolist()
+    rc = model.score(prompts, pairs["chosen"].tolist(), batch_size).numpy()
+    rr = model.score(prompts, pairs["rejected"].tolist(), batch_size).numpy()
+    return reward_eval(rc, rr, pairs["chosen"].str.len().to_numpy(), pairs["rejected"].str.len().to_numpy())
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, checkpoint_dir: str | Path | None = None,
+                 train_pairs: pd.DataFrame | None = None, eval_pairs: pd.DataFrame | None = None,
+                 register_model: bool = True, experiment: str = "flywheel-reward") -> RewardResult:
+    """Train, evaluate, log and register. ``train_pairs``/``eval_pairs`` override the dataset's splits (used by
+    the HH-RLHF evaluation, which brings its own split); the dataset is still recorded for lineage."""
+    import mlflow
+
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    random.seed(recipe.seed)
+    ds = open_dataset(dataset_ref, settings) if dataset_ref else None
+    pairs = ds.table("pairs") if ds is not None and train_pairs is None else None
+    train = train_pairs if train_pairs is not None else pairs[pairs["split"] == "train"].reset_index(drop=True)
+    evalp = eval_pairs if eval_pairs is not None else pairs[pairs["split"] == "eval"].reset_index(drop=True)
+    if train.empty:
+        raise ValueError(f"dataset {dataset_ref}: no training pairs")
+
+    model = RewardModel.from_backbone(recipe.backbone, recipe.pooling, recipe.max_length)
+    enc_c = model.encode(train["prompt"].tolist(), train["chosen"].tolist())
+    enc_r = model.encode(train["prompt"].tolist(), train["rejected"].tolist())
+    share = torch.tensor(train["margin"].to_numpy(dtype=np.float32)) if "margin" in train else torch.ones(len(train))
+
+    per_epoch = math.ceil(len(train) / recipe.batch_size)
+    total = recipe.max_steps or per_epoch * recipe.epochs
+    head_params = list(model.head.parameters())
+    opt = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": recipe.lr},
+                             {"params": head_params, "lr": recipe.head_lr}], weight_decay=recipe.weight_decay)
+    warm = max(1, recipe.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+
+    ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    step, run_id = 0, None
+    if ckpt_path and ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, run_id = state["step"], state["run_id"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resuming %s from step %d (MLflow run %s)", recipe.name, step, run_id)
+
+    use_tracking(settings, experiment)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else recipe.name) as run:
+        if not run_id:
+            mlflow.log_params(flat_params("recipe.", recipe_dict(recipe)))
+            mlflow.log_params({"train_pairs": len(train), "eval_pairs": len(evalp), "total_steps": total})
+            tags = {"flywheel.kind": "reward", "flywheel.recipe": recipe.name}
+            if ds is not None:
+                tags |= {"flywheel.dataset_version": ds.version, "flywheel.dataset_uri": ds.uri}
+                log_dict_artifact(ds.manifest, "dataset_manifest.json")
+            mlflow.set_tags(tags)
+            log_dict_artifact(recipe_dict(recipe), "recipe.json")
+        model.train()
+        started, seen, window = time.perf_counter(), 0, []
+        while step < total:
+            epoch, i = divmod(step, per_epoch)
+            idx = torch.as_tensor(batches(len(train), recipe.batch_size, recipe.seed, epoch)[i])
+            batch = {k: torch.cat([enc_c[k][idx], enc_r[k][idx]]) for k in ("input_ids", "attention_mask")}
+            width = int(batch["attention_mask"].sum(1).max())  # trim the padding this batch does not need
+            batch = {k: v[:, :width] for k, v in batch.items()}
+            if "token_type_ids" in enc_c:
+                batch["token_type_ids"] = torch.cat([enc_c["token_type_ids"][idx], enc_r["token_type_ids"][idx]])[:, :width]
+            rewards = model(**batch)
+            rc, rr = rewards[: len(idx)], rewards[len(idx):]
+            margin = margin_from_share(share[idx], recipe.margin_scale) if recipe.margin_scale else None
+            loss = bt_loss(rc, rr, margin, recipe.centering)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            seen += len(idx)
+            window.append((loss.item(), (rc > rr).float().mean().item()))
+            if step % recipe.log_every == 0 or step == total:
+                losses, accs = zip(*window, strict=True)
+                mlflow.log_metrics({"train/loss": float(np.mean(losses)), "train/accuracy": float(np.mean(accs)),
+                                    "train/lr": sched.get_last_lr()[0]}, step=step)
+                window.clear()
+            if ckpt_path and (step % recipe.checkpoint_every == 0 or step == total):
+                _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                             "scheduler": sched.state_dict(), "step": step,
+                                             "run_id": run.info.run_id, "torch_rng": torch.get_rng_state()})
+        elapsed = time.perf_counter() - started
+        mlflow.log_metric("train/pairs_per_s", seen / elapsed if elapsed else 0.0, step=step)
+
+        # reward statistics on the training pairs: PPO whitens with them
+        sample = train.iloc[: min(len(train), 512)]
+        scores = model.score(sample["prompt"].tolist() * 2, sample["chosen"].tolist() + sample["rejected"].tolist())
+        model.stats = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6))}
+        metrics = {f"eval/{k}": v for k, v in evaluate(model, evalp, recipe.eval_batch_size).items()}
+        if metrics:
+            mlflow.log_metrics(metrics, step=step)
+        model_dir = Path(tempfile.mkdtemp(prefix="reward-")) / "model"
+        model.save(model_dir)
+        version = None
+        if register_model:
+            version = log_and_register(model_dir, run.info.run_id, ds.version if ds else "", metrics)
+        log.info("reward model %s: %d steps, %s, registered version %s", recipe.name, step, metrics, version)
+        return RewardResult(run.info.run_id, version, step, metrics, model_dir)
+
+
+def _pyfunc_class() -> type:
+    import mlflow
+
+    class _RewardPyfunc(mlflow.pyfunc.PythonModel):
+        """``predict(DataFrame[prompt, response]) -> rewards``."""
+
+        def load_context(self, context: Any) -> None:
+            self.model = RewardModel.load(context.artifacts["reward_model"])
+
+        def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> np.ndarray:  # noqa: ARG002
+            return self.model.score(model_input["prompt"].tolist(), model_input["response"].tolist()).numpy()
+
+    return _RewardPyfunc
+
+
+def log_and_register(model_dir: Path, run_id: str, dataset_version: str, metrics: dict[str, float]) -> str:
+    import mlflow
+
+    info = mlflow.pyfunc.log_model(name="reward_model", python_model=_pyfunc_class()(),
+                                   artifacts={"reward_model": str(model_dir)}, pip_requirements=pip_requirements())
+    mv = register(info.model_uri, REWARD_MODEL, alias="challenger",
+                  tags={"dataset_version": dataset_version, "run_id": run_id,
+                        **{k.replace("/", "_"): f"{v:.4f}" for k, v in metrics.items()}})
+    return str(mv.version)
+
+
+def load_registered_reward(uri: str) -> RewardModel:
+    """A reward model from ``models:/flywheel-reward@alias``, ``models:/flywheel-reward/3``, or a local dir
+    (either a saved reward model or a downloaded MLflow model)."""
+    path = Path(uri) if Path(uri).is_dir() else download_model(uri)
+    if not (path / "reward.json").exists():  # an MLflow model: the saved directory is under artifacts/
+        found = sorted(path.glob("artifacts/*/reward.json"))
+        if not found:
+            raise FileNotFoundError(f"{uri}: no reward model (reward.json) in {path}")
+        path = found[0].parent
+    return RewardModel.load(path)
