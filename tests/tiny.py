@@ -65,8 +65,21 @@ def write_dataset(root: Any, pairs: Any, version: str = "0123456789abcdef") -> s
     import json
     from pathlib import Path
 
+    import pandas as pd
+
     d = Path(root) / "datasets" / version
     d.mkdir(parents=True)
     pairs.to_parquet(d / "pairs.parquet")
+    prompts = pairs.drop_duplicates("prompt")[["prompt", "group_id", "split"]].assign(
+        prompt_id=lambda df: [f"q{i}" for i in range(len(df))], n_turns=1)
+    pd.DataFrame(prompts[["prompt_id", "prompt", "group_id", "split", "n_turns"]]).to_parquet(d / "prompts.parquet")
     (d / "manifest.json").write_text(json.dumps({"version": version, "pairs_by_source": {"thumbs": len(pairs)}}))
     return d.as_uri()
+
+
+def tiny_policy_dir(path: Any, seed: int = 0) -> str:
+    """A tiny random Llama and its tokenizer saved as a local policy directory."""
+    tok = tiny_tokenizer()
+    tiny_causal_lm(len(tok), seed).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,132 @@
+"""A few PPO steps with a tiny random policy and a tiny reward model: finite losses, parameters move, KL and
+reward logged, the run and the registered challenger exist in MLflow; a killed run resumes to the same step."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flywheel.settings import Settings
+from tests.tiny import tiny_encoder_dir, tiny_pairs, tiny_policy_dir, tiny_tokenizer, write_dataset
+from training.config import PPORecipe
+from training.reward.model import RewardModel
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def env(tmp_path):
+    reward = RewardModel.from_backbone(tiny_encoder_dir(tmp_path / "rm-backbone"), max_length=64)
+    reward.save(tmp_path / "reward")
+    return (Settings(home=tmp_path / "home"), tiny_policy_dir(tmp_path / "policy"), str(tmp_path / "reward"),
+            write_dataset(tmp_path / "lake", tiny_pairs(40)))
+
+
+def recipe(policy: str, reward: str, **kw) -> PPORecipe:
+    base = dict(policy=policy, reward_model=reward, prompts=16, eval_prompts=4, max_new_tokens=8, rollout_batch=4,
+                minibatch=2, ppo_epochs=2, steps=3, lr=1e-3, value_lr=1e-3, threads=1)
+    return PPORecipe(**{**base, **kw})
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_few_ppo_steps_train_log_and_register(env, lora):
+    from mlflow import MlflowClient
+
+    from training.policy.ppo import train_ppo
+
+    settings, policy, reward, uri = env
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(policy).state_dict()
+    res = train_ppo(settings, recipe(policy, reward, lora=lora, lora_targets=("q_proj", "v_proj")), uri)
+    assert res["steps"] == 3 and res["version"] == "1"
+    after = AutoModelForCausalLM.from_pretrained(res["policy_dir"]).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the policy did not change"
+    client = MlflowClient(settings.mlflow.tracking_uri)
+    for key in ("ppo/reward", "ppo/kl", "ppo/entropy", "ppo/response_length", "ppo/clipfrac", "ppo/approx_kl",
+                "ppo/value_loss", "ppo/policy_loss"):
+        hist = client.get_metric_history(res["run_id"], key)
+        assert [m.step for m in hist] == [1, 2, 3] and all(math.isfinite(m.value) for m in hist), key
+    run = client.get_run(res["run_id"])
+    assert run.data.tags["flywheel.dataset_version"] == "0123456789abcdef"
+    assert run.data.tags["flywheel.reward_model_version"] == reward
+    assert {"eval/reward_before", "eval/reward_after", "eval/kl_after"} <= set(run.data.metrics)
+    mv = client.get_model_version_by_alias("flywheel-policy", "challenger")
+    assert mv.run_id == res["run_id"] and mv.tags["dataset_version"] == "0123456789abcdef"
+
+
+def test_responses_are_masked_after_the_first_eos(env):
+    from training.policy.ppo import PPOTrainer
+
+    _settings, policy, reward, _uri = env
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    trainer = PPOTrainer(recipe(policy, reward), AutoModelForCausalLM.from_pretrained(policy), tok,
+                         RewardModel.load(reward))
+    torch.manual_seed(0)
+    ro = trainer.generate(["hello world", "what is the capital of france"])
+    resp = ro.input_ids[:, ro.prompt_len:]
+    for row, m in zip(resp, ro.mask, strict=True):
+        eos = (row == tok.eos_token_id).nonzero()
+        end = int(eos[0]) + 1 if len(eos) else len(row)
+        assert m[:end].eq(1).all() and m[end:].eq(0).all()
+
+
+def test_a_killed_ppo_run_resumes_from_its_checkpoint(env, tmp_path):
+    settings, policy, reward, uri = env
+    ckpt = tmp_path / "ckpt"
+    recipe_file = tmp_path / "ppo.yaml"
+    recipe_file.write_text(f"kind: ppo\npolicy: {policy}\nreward_model: {reward}\nprompts: 16\neval_prompts: 2\n"
+                           "max_new_tokens: 4\nrollout_batch: 2\nminibatch: 2\nppo_epochs: 1\nsteps: 300\n"
+                           "checkpoint_every: 2\nthreads: 1\n")
+    cmd = [sys.executable, "-m", "flywheel.cli", "train", "policy", "--dataset", uri, "--recipe", str(recipe_file),
+           "--checkpoint-dir", str(ckpt)]
+    envvars = {**os.environ, "FLYWHEEL_HOME": str(settings.home), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=envvars, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not (ckpt / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed = torch.load(ckpt / "last.pt", weights_only=False)
+    assert 0 < killed["step"] < 300
+    out = subprocess.run(cmd, env=envvars, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert torch.load(ckpt / "last.pt", weights_only=False)["step"] == 300
+
+    from mlflow import MlflowClient
+
+    hist = MlflowClient(settings.mlflow.tracking_uri).get_metric_history(killed["run_id"], "ppo/reward")
+    assert sorted({m.step for m in hist}) == list(range(1, 301)), "one metric per step, in the killed run"
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_dpo_and_kto_recipes_train_through_trl_and_register(env, tmp_path, kind):
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from training.config import PreferenceOptRecipe
+    from training.policy.prefopt import train_preference_opt
+
+    settings, policy, _reward, uri = env
+    d = Path(uri.removeprefix("file://"))
+    pairs = pd.read_parquet(d / "pairs.parquet")
+    unpaired = pd.concat([pairs.assign(completion=pairs["chosen"], label=True),
+                          pairs.assign(completion=pairs["rejected"], label=False)])
+    unpaired[["prompt", "completion", "label", "source", "group_id", "split", "event_ids"]].to_parquet(d / "unpaired.parquet")
+    res = train_preference_opt(settings, PreferenceOptRecipe(kind=kind, policy=policy, max_steps=2, batch_size=4,
+                                                             max_length=32, lr=1e-3, threads=1), uri)
+    assert res["steps"] == 2 and math.isfinite(res["train_loss"])
+    client = MlflowClient(settings.mlflow.tracking_uri)
+    assert client.get_run(res["run_id"]).data.tags["flywheel.kind"] == kind
+    assert client.get_model_version_by_alias("flywheel-policy", "challenger").run_id == res["run_id"]

@@ -1,0 +1,36 @@
+"""Every recipe in configs/ parses into its config class; typos and wrong kinds are errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.config import (
+    CONFIGS_DIR,
+    PPORecipe,
+    PreferenceOptRecipe,
+    RewardRecipe,
+    load_recipe,
+    parse_recipe,
+)
+
+RECIPES = sorted(CONFIGS_DIR.glob("*.yaml"))
+
+
+def test_there_are_recipes_for_every_kind():
+    kinds = {type(load_recipe(p)) for p in RECIPES}
+    assert kinds == {RewardRecipe, PPORecipe, PreferenceOptRecipe}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_parses(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+
+
+def test_unknown_keys_and_kinds_are_errors():
+    with pytest.raises(ValueError, match="unknown reward recipe keys \\['lerning_rate'\\]"):
+        parse_recipe({"kind": "reward", "lerning_rate": 1e-3})
+    with pytest.raises(ValueError, match="recipe kind must be one of"):
+        parse_recipe({"kind": "sft"})
+    assert parse_recipe({"kind": "ppo"}, {"steps": 3}).steps == 3
+    assert parse_recipe({"kind": "ppo", "lora_targets": ["q_proj"]}).lora_targets == ("q_proj",)

@@ -1,0 +1,433 @@
+"""PPO for a causal LM against a learned reward, with a KL penalty to the frozen reference (ours: TRL 1.16
+has no PPO). The arithmetic is in :mod:`training.policy.ppo_math`; this module runs the loop.
+
+Objective (InstructGPT, Ouyang et al. 2022; Ziegler et al. 2019), for prompts x and responses y ~ π(·|x):
+
+    maximise  E[ R(x, y) ]  -  β · KL( π(·|x) ‖ π_ref(·|x) )
+
+optimised with PPO's clipped surrogate (Schulman et al. 2017) on per-token advantages from GAE, a value
+head on the policy's last hidden state (a shared trunk), and an entropy bonus:
+
+    L = L_clip(θ) + c_v · L_value + c_H · (-entropy)
+
+One round (``steps`` of them): sample ``rollout_batch`` prompts -> generate -> score with the reward model ->
+per-token rewards (-β·KL, plus the sequence score on the last token) -> GAE -> ``ppo_epochs`` passes over
+minibatches -> update β (adaptive controller) -> log -> checkpoint.
+
+Deviations from the textbook, on purpose:
+
+- The KL penalty is in the reward (per token, estimator ``k1`` or ``k3`` from the recipe), not in the loss;
+  ``target_kl`` is the per-sequence KL the adaptive controller steers β towards.
+- Sequence scores are whitened over the rollout batch, then clipped to ±``reward_clip`` (raw scores are what
+  we report); a response that never emits EOS within ``max_new_tokens`` gets ``no_eos_penalty`` added to its
+  raw score first (otherwise the policy learns to ramble past the window the RM sees).
+- Advantages are whitened over the batch's response tokens. Values are clipped around their rollout values.
+- With ``lora: true`` only LoRA adapters (peft) and the value head train, and the reference model is the
+  same network with the adapters disabled, so no second copy of the weights is kept.
+- Prompts are left-padded; response tokens after the first EOS are masked out of every loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from flywheel.settings import Settings
+from serving.policy import load_causal_lm
+from training.config import PPORecipe, recipe_dict
+from training.data import open_dataset
+from training.policy.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    kl_k1,
+    kl_k3,
+    masked_mean,
+    policy_loss,
+    token_rewards,
+    value_loss,
+    whiten,
+)
+from training.reward.model import RewardModel
+from training.reward.train import load_registered_reward
+from training.tracking import (
+    POLICY_MODEL,
+    flat_params,
+    log_dict_artifact,
+    pip_requirements,
+    register,
+    use_tracking,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PolicyWithValue(nn.Module):
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+        return out.logits, values
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # prompt (left-padded) + response
+    attention_mask: torch.Tensor
+    mask: torch.Tensor  # 1 on response tokens up to and including EOS, over the response positions
+    prompt_len: int
+    texts: list[str]
+    finished: torch.Tensor
+
+
+def _format_prompt(tok: Any, prompt: str) -> str:
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=False)
+    return f"user: {prompt}\nassistant:"
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """log π(token_t | prefix) for the response tokens (positions prompt_len..end)."""
+    logits = logits[:, prompt_len - 1:-1].float()
+    return torch.gather(F.log_softmax(logits, -1), 2, ids[:, prompt_len:, None]).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    p = F.softmax(logits.float(), -1)
+    return torch.logsumexp(logits.float(), -1) - (p * logits.float()).sum(-1)
+
+
+class PPOTrainer:
+    def __init__(self, recipe: PPORecipe, policy: nn.Module, tokenizer: Any, reward: RewardModel):
+        self.r, self.tok, self.reward = recipe, tokenizer, reward
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if recipe.lora:
+            from peft import LoraConfig, get_peft_model
+
+            policy = get_peft_model(policy, LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+                                                       target_modules=list(recipe.lora_targets), lora_dropout=0.0,
+                                                       task_type="CAUSAL_LM"))
+            self.ref = None  # the same weights with the adapters disabled
+        else:
+            self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.model = PolicyWithValue(policy)
+        self.reward.eval().requires_grad_(False)
+        params = [{"params": [p for p in self.model.lm.parameters() if p.requires_grad], "lr": recipe.lr},
+                  {"params": self.model.value_head.parameters(), "lr": recipe.value_lr}]
+        self.opt = torch.optim.AdamW(params, eps=1e-5)
+        self.kl_ctl = (AdaptiveKLController(recipe.init_kl_coef, recipe.target_kl, recipe.kl_horizon)
+                       if recipe.kl_controller == "adaptive" else FixedKLController(recipe.init_kl_coef))
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------ rollout
+    @contextmanager
+    def _reference(self) -> Iterator[nn.Module]:
+        if self.ref is not None:
+            yield self.ref
+        else:
+            with self.model.lm.disable_adapter():
+                yield self.model.lm
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, greedy: bool = False) -> Rollout:
+        tok, r = self.tok, self.r
+        tok.padding_side = "left"
+        enc = tok([_format_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True, truncation=True,
+                  max_length=r.max_prompt_tokens, add_special_tokens=False)
+        self.model.lm.eval()
+        out = self.model.lm.generate(**enc, max_new_tokens=r.max_new_tokens, do_sample=not greedy,
+                                     temperature=r.temperature if not greedy else None,
+                                     top_k=r.top_k or None, top_p=None, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)
+        plen = enc["input_ids"].shape[1]
+        resp = out[:, plen:]
+        is_eos = resp == tok.eos_token_id
+        # response tokens up to and including the first EOS
+        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+        mask = (~after_eos).float()
+        if resp.shape[1] == 0:
+            mask = torch.zeros_like(resp, dtype=torch.float)
+        finished = is_eos.any(1)
+        attn = torch.cat([enc["attention_mask"], mask.long()], 1)
+        texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(resp, mask, strict=True)]
+        return Rollout(out, attn, mask, plen, texts, finished)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], ro: Rollout) -> torch.Tensor:
+        """Raw reward-model scores, with the no-EOS penalty."""
+        scores = self.reward.score(prompts, ro.texts).float()
+        return scores + (~ro.finished).float() * self.r.no_eos_penalty
+
+    @torch.no_grad()
+    def logprobs_values(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, values = self.model(ro.input_ids, ro.attention_mask)
+        logp = token_logprobs(logits, ro.input_ids, ro.prompt_len)
+        with self._reference() as ref:
+            ref_logits = ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask).logits
+        ref_logp = token_logprobs(ref_logits, ro.input_ids, ro.prompt_len)
+        return logp, ref_logp, values[:, ro.prompt_len - 1:-1]
+
+    def kl(self, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+        return kl_k3(logp, ref_logp) if self.r.kl_estimator == "k3" else kl_k1(logp, ref_logp)
+
+    # ------------------------------------------------------------------------------------------- update
+    def train_step(self, prompts: list[str]) -> dict[str, float]:
+        r = self.r
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        ro = self.generate(prompts)
+        t1 = time.perf_counter()
+        raw = self.score(prompts, ro)
+        t2 = time.perf_counter()
+        old_logp, ref_logp, old_values = self.logprobs_values(ro)
+        mask = ro.mask
+        kl = self.kl(old_logp, ref_logp) * mask
+        seq_kl = kl.sum(1)
+        score = whiten(raw) if r.whiten_rewards and len(raw) > 1 else raw
+        score = score.clamp(-r.reward_clip, r.reward_clip)
+        rewards = token_rewards(score, kl, mask, self.kl_ctl.beta)
+        adv, returns = gae(rewards, old_values, mask, r.gamma, r.lam)
+        adv = whiten(adv, mask) * mask
+        t3 = time.perf_counter()
+
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")}
+        self.model.train()
+        n = len(prompts)
+        for _ in range(r.ppo_epochs):
+            order = torch.randperm(n)
+            for i in range(0, n, r.minibatch):
+                idx = order[i:i + r.minibatch]
+                logits, values = self.model(ro.input_ids[idx], ro.attention_mask[idx])
+                logp = token_logprobs(logits, ro.input_ids[idx], ro.prompt_len)
+                values = values[:, ro.prompt_len - 1:-1]
+                m = mask[idx]
+                pl, pstats = policy_loss(logp, old_logp[idx], adv[idx], m, r.clip)
+                vl = value_loss(values, old_values[idx], returns[idx], m, r.value_clip)
+                ent = masked_mean(entropy_from_logits(logits[:, ro.prompt_len - 1:-1]), m)
+                loss = pl + r.value_coef * vl - r.entropy_coef * ent
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.max_grad_norm)
+                self.opt.step()
+                for k, v in (("policy_loss", pl), ("value_loss", vl), ("entropy", ent),
+                             ("clipfrac", pstats["clipfrac"]), ("approx_kl", pstats["approx_kl"])):
+                    stats[k].append(float(v))
+        t4 = time.perf_counter()
+        mean_kl = float(seq_kl.mean())
+        beta = self.kl_ctl.beta
+        self.kl_ctl.update(mean_kl, n)
+        self.step += 1
+        timings = {"time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/prepare_s": t3 - t2,
+                   "time/update_s": t4 - t3}
+        return {
+            "ppo/reward": float(raw.mean()), "ppo/reward_std": float(raw.std()) if n > 1 else 0.0,
+            "ppo/kl": mean_kl, "ppo/beta": beta, "ppo/response_length": float(mask.sum(1).mean()),
+            "ppo/no_eos_share": float((~ro.finished).float().mean()),
+            "ppo/tokens": float(mask.sum()),
+            **{f"ppo/{k}": float(np.mean(v)) for k, v in stats.items()}, **timings,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, prompts: list[str], seed: int) -> dict[str, float]:
+        """Mean raw reward and per-sequence KL on held-out prompts (sampled with a fixed seed)."""
+        if not prompts:
+            return {}
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        rewards, kls, lengths = [], [], []
+        for i in range(0, len(prompts), self.r.rollout_batch):
+            batch = prompts[i:i + self.r.rollout_batch]
+            ro = self.generate(batch)
+            rewards.append(self.score(batch, ro))
+            logp, ref_logp, _ = self.logprobs_values(ro)
+            kls.append((self.kl(logp, ref_logp) * ro.mask).sum(1))
+            lengths.append(ro.mask.sum(1))
+        torch.set_rng_state(state)
+        return {"reward": float(torch.cat(rewards).mean()), "kl": float(torch.cat(kls).mean()),
+                "response_length": float(torch.cat(lengths).mean())}
+
+    # --------------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        trainable = {k: v for k, v in self.model.state_dict().items()
+                     if not self.r.lora or "lora_" in k or k.startswith("value_head")}
+        return {"model": trainable, "optimizer": self.opt.state_dict(), "beta": self.kl_ctl.beta,
+                "step": self.step, "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"], strict=not self.r.lora)
+        self.opt.load_state_dict(state["optimizer"])
+        self.kl_ctl.beta, self.step = state["beta"], state["step"]
+        torch.set_rng_state(state["torch_rng"])
+
+    def save_policy(self, path: Path) -> Path:
+        lm = self.model.lm
+        if self.r.lora:
+            lm = copy.deepcopy(lm).merge_and_unload()
+        lm.save_pretrained(path)
+        self.tok.save_pretrained(path)
+        return path
+
+
+def _prompts(ds: Any, split: str, n: int, seed: int) -> list[str]:
+    df = ds.table("prompts")
+    df = df[df["split"] == split].sort_values("prompt_id")
+    texts = df["prompt"].tolist()
+    random.Random(seed).shuffle(texts)
+    return texts[:n]
+
+
+def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkpoint_dir: str | Path | None = None,
+              experiment: str = "flywheel-policy", register_model: bool = True) -> dict[str, Any]:
+    import mlflow
+
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    ds = open_dataset(dataset_ref, settings)
+    train_prompts = _prompts(ds, "train", recipe.prompts, recipe.seed)
+    eval_prompts = _prompts(ds, "eval", recipe.eval_prompts, recipe.seed)
+    if not train_prompts:
+        raise ValueError(f"dataset {dataset_ref}: no training prompts")
+    lm, tok = load_causal_lm(recipe.policy)
+    reward = load_registered_reward(recipe.reward_model)
+    reward_version = _reward_version(recipe.reward_model)
+    trainer = PPOTrainer(recipe, lm, tok, reward)
+
+    ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    run_id = None
+    before: dict[str, float] = {}
+    if ckpt and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        trainer.load_state_dict(state)
+        run_id, before = state["run_id"], state.get("eval_before", {})
+        log.info("resuming PPO %s at step %d (MLflow run %s)", recipe.name, trainer.step, run_id)
+
+    use_tracking(settings, experiment)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else recipe.name) as run:
+        if not run_id:
+            mlflow.log_params(flat_params("recipe.", recipe_dict(recipe)))
+            mlflow.set_tags({"flywheel.kind": "ppo", "flywheel.recipe": recipe.name,
+                             "flywheel.dataset_version": ds.version, "flywheel.dataset_uri": ds.uri,
+                             "flywheel.reward_model": recipe.reward_model,
+                             "flywheel.reward_model_version": reward_version})
+            log_dict_artifact(ds.manifest, "dataset_manifest.json")
+            log_dict_artifact(recipe_dict(recipe), "recipe.json")
+            before = {f"eval/{k}_before": v for k, v in trainer.evaluate(eval_prompts, recipe.seed).items()}
+            mlflow.log_metrics(before, step=0)
+        history: list[dict[str, float]] = []
+        rng = random.Random(recipe.seed)
+        while trainer.step < recipe.steps:
+            rng.seed(recipe.seed * 100_003 + trainer.step)  # the batch of a step is a function of the step
+            batch = rng.sample(train_prompts, min(recipe.rollout_batch, len(train_prompts)))
+            metrics = trainer.train_step(batch)
+            history.append(metrics)
+            mlflow.log_metrics(metrics, step=trainer.step)
+            log.info("PPO step %d: reward %.3f kl %.3f beta %.4f", trainer.step, metrics["ppo/reward"],
+                     metrics["ppo/kl"], metrics["ppo/beta"])
+            if ckpt and (trainer.step % recipe.checkpoint_every == 0 or trainer.step == recipe.steps):
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                tmp = ckpt.with_suffix(".tmp")
+                torch.save({**trainer.state_dict(), "run_id": run.info.run_id, "eval_before": before}, tmp)
+                os.replace(tmp, ckpt)
+        after = {f"eval/{k}_after": v for k, v in trainer.evaluate(eval_prompts, recipe.seed).items()}
+        mlflow.log_metrics(after, step=trainer.step)
+        if history:
+            _log_plots(history)
+        out_dir = trainer.save_policy(Path(tempfile.mkdtemp(prefix="policy-")) / "policy")
+        version = log_and_register_policy(out_dir, run.info.run_id, ds.version, reward_version,
+                                          {**before, **after}) if register_model else None
+        return {"run_id": run.info.run_id, "model": POLICY_MODEL, "version": version, "steps": trainer.step,
+                **before, **after, "policy_dir": str(out_dir)}
+
+
+def _reward_version(uri: str) -> str:
+    if not uri.startswith("models:/"):
+        return uri
+    from mlflow import MlflowClient
+
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    if alias:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    return uri.rsplit("/", 1)[-1]
+
+
+def _log_plots(history: list[dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    df = pd.DataFrame(history)
+    keys = ["ppo/reward", "ppo/kl", "ppo/beta", "ppo/entropy", "ppo/response_length", "ppo/value_loss"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, k in zip(axes.flat, keys, strict=True):
+        ax.plot(np.arange(1, len(df) + 1), df[k])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    mlflow.log_figure(fig, "plots/ppo.png")
+    plt.close(fig)
+
+
+def _policy_pyfunc() -> type:
+    import mlflow
+
+    class _PolicyPyfunc(mlflow.pyfunc.PythonModel):
+        """``predict(DataFrame[prompt]) -> replies`` (greedy, 128 new tokens)."""
+
+        def load_context(self, context: Any) -> None:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path = context.artifacts["policy"]
+            self.tok = AutoTokenizer.from_pretrained(path)
+            self.lm = AutoModelForCausalLM.from_pretrained(path).eval()
+
+        def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> list[str]:  # noqa: ARG002
+            out = []
+            for prompt in model_input["prompt"]:
+                enc = self.tok(_format_prompt(self.tok, prompt), return_tensors="pt", add_special_tokens=False)
+                with torch.no_grad():
+                    ids = self.lm.generate(**enc, max_new_tokens=128, do_sample=False)
+                out.append(self.tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            return out
+
+    return _PolicyPyfunc
+
+
+def log_and_register_policy(policy_dir: Path, run_id: str, dataset_version: str, reward_version: str,
+                            metrics: dict[str, float]) -> str:
+    import mlflow
+
+    info = mlflow.pyfunc.log_model(name="policy", python_model=_policy_pyfunc()(), artifacts={"policy": str(policy_dir)},
+                                   pip_requirements=pip_requirements())
+    mv = register(info.model_uri, POLICY_MODEL, alias="challenger",
+                  tags={"dataset_version": dataset_version, "reward_model_version": reward_version, "run_id": run_id,
+                        **{k.replace("/", "_"): f"{v:.4f}" for k, v in metrics.items()}})
+    return str(mv.version)
+
+
+__all__ = ["PPOTrainer", "PolicyWithValue", "train_ppo"]

@@ -1,0 +1,99 @@
+"""DPO and KTO through TRL: the cheaper alternatives to PPO, selected by a recipe's ``kind``.
+
+- ``dpo`` (Rafailov et al. 2023) trains on the curated ``pairs`` (train split): no reward model, no sampling.
+- ``kto`` (Ethayarajh et al. 2024) trains on the ``unpaired`` set (prompt, completion, thumbs-style label),
+  which uses feedback that never formed a pair.
+
+The reference model is an explicit frozen copy (TRL would otherwise try to fetch one by name). TRL's
+``report_to`` is off; a callback forwards its logs into our MLflow run, which carries the same tags and
+artifacts as a PPO run, and the result is registered as ``flywheel-policy@challenger``.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flywheel.settings import Settings
+from serving.policy import load_causal_lm
+from training.config import PreferenceOptRecipe, recipe_dict
+from training.data import open_dataset
+from training.tracking import flat_params, log_dict_artifact, use_tracking
+
+
+def train_preference_opt(settings: Settings, recipe: PreferenceOptRecipe, dataset_ref: str, *,
+                         experiment: str = "flywheel-policy", register_model: bool = True) -> dict[str, Any]:
+    import mlflow
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from training.policy.ppo import log_and_register_policy
+
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    ds = open_dataset(dataset_ref, settings)
+    if recipe.kind == "dpo":
+        table = ds.table("pairs")
+        table = table[table["split"] == "train"][["prompt", "chosen", "rejected"]]
+    else:
+        table = ds.table("unpaired")
+        table = table[table["split"] == "train"][["prompt", "completion", "label"]]
+    if table.empty:
+        raise ValueError(f"dataset {dataset_ref}: no training rows for {recipe.kind}")
+    lm, tok = load_causal_lm(recipe.policy)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    ref = copy.deepcopy(lm).eval().requires_grad_(False)
+    peft_config = None
+    if recipe.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=["q_proj", "v_proj"],
+                                 task_type="CAUSAL_LM")
+        ref = None  # with adapters, TRL uses the base weights as the reference
+
+    out_dir = Path(tempfile.mkdtemp(prefix=f"{recipe.kind}-"))
+    common = dict(output_dir=str(out_dir / "trainer"), per_device_train_batch_size=recipe.batch_size,
+                  learning_rate=recipe.lr, max_steps=recipe.max_steps, logging_steps=1, save_strategy="no",
+                  report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False, seed=recipe.seed,
+                  beta=recipe.beta, max_length=recipe.max_length)
+
+    class _ToMlflow(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **_: Any) -> None:
+            if logs:
+                mlflow.log_metrics({f"{recipe.kind}/{k}": float(v) for k, v in logs.items()
+                                    if isinstance(v, (int, float))}, step=state.global_step)
+
+    use_tracking(settings, experiment)
+    with mlflow.start_run(run_name=recipe.name) as run:
+        mlflow.log_params(flat_params("recipe.", recipe_dict(recipe)))
+        mlflow.set_tags({"flywheel.kind": recipe.kind, "flywheel.recipe": recipe.name,
+                         "flywheel.dataset_version": ds.version, "flywheel.dataset_uri": ds.uri})
+        log_dict_artifact(ds.manifest, "dataset_manifest.json")
+        if recipe.kind == "dpo":
+            from trl import DPOConfig, DPOTrainer
+
+            trainer = DPOTrainer(model=lm, ref_model=ref, args=DPOConfig(**common),
+                                 train_dataset=Dataset.from_pandas(table, preserve_index=False),
+                                 processing_class=tok, peft_config=peft_config, callbacks=[_ToMlflow()])
+        else:
+            from trl import KTOConfig, KTOTrainer
+
+            trainer = KTOTrainer(model=lm, ref_model=ref, args=KTOConfig(**common),
+                                 train_dataset=Dataset.from_pandas(table, preserve_index=False),
+                                 processing_class=tok, peft_config=peft_config, callbacks=[_ToMlflow()])
+        result = trainer.train()
+        model = trainer.model
+        if recipe.lora:
+            model = model.merge_and_unload()
+        policy_dir = out_dir / "policy"
+        model.save_pretrained(policy_dir)
+        tok.save_pretrained(policy_dir)
+        version = log_and_register_policy(policy_dir, run.info.run_id, ds.version, "none",
+                                          {"train_loss": float(result.training_loss)}) if register_model else None
+        return {"run_id": run.info.run_id, "kind": recipe.kind, "version": version, "steps": result.global_step,
+                "train_loss": result.training_loss, "policy_dir": str(policy_dir)}
