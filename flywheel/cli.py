@@ -183,6 +183,44 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _eval_hh(args: argparse.Namespace, settings: Settings) -> int:
+    from training.config import RewardRecipe, load_recipe
+    from training.reward.hh import DEFAULT_DIR, evaluate_hh
+
+    recipe = load_recipe(args.recipe, _overrides(args.set))
+    if not isinstance(recipe, RewardRecipe):
+        raise SystemExit(f"{args.recipe}: not a reward recipe")
+    print(json.dumps(evaluate_hh(settings, recipe, args.data or DEFAULT_DIR, args.limit), indent=2))
+    return 0
+
+
+def _eval_reward(args: argparse.Namespace, settings: Settings) -> int:
+    """Eval-split accuracy of a reward model against the dataset's labels and, with a simulation's truth file,
+    against the hidden preference itself (pairs the hidden preference ranks the same either way are skipped)."""
+    import mlflow
+
+    from flywheel.simulate import HiddenPreference
+    from training.data import open_dataset
+    from training.reward.train import evaluate, load_registered_reward
+
+    mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+    model = load_registered_reward(args.model)
+    pairs = open_dataset(args.dataset, settings).table("pairs")
+    pairs = pairs[pairs["split"] == "eval"].reset_index(drop=True)
+    report: dict[str, object] = {"model": args.model, "eval_pairs": len(pairs), **evaluate(model, pairs)}
+    if args.truth:
+        pref = HiddenPreference(**json.loads(Path(args.truth).read_text())["preference"])
+        truth_c, truth_r = pairs["chosen"].map(pref.score), pairs["rejected"].map(pref.score)
+        decided = (truth_c != truth_r).to_numpy()
+        swap = (truth_c < truth_r).to_numpy()  # the hidden preference prefers the "rejected" side
+        oriented = pairs.assign(chosen=pairs["chosen"].where(~swap, pairs["rejected"]),
+                                rejected=pairs["rejected"].where(~swap, pairs["chosen"]))[decided].reset_index(drop=True)
+        report["hidden_preference"] = {"pairs": len(oriented), **evaluate(model, oriented)}
+        report["labels_agree_with_hidden_preference"] = float((~swap[decided]).mean()) if decided.any() else None
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flywheel", description="Continuous RLHF from user feedback.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -241,6 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field (repeatable)")
     s.add_argument("--checkpoint-dir", help="checkpoint here and resume from here if a checkpoint exists")
     s.set_defaults(func=_train)
+
+    s = sub.add_parser("eval-reward", help="a reward model's accuracy on a dataset's eval split (and vs a simulation's truth)")
+    s.add_argument("--model", default="models:/flywheel-reward@challenger", help="models:/… URI or a local directory")
+    s.add_argument("--dataset", required=True, help="dataset URI or version id")
+    s.add_argument("--truth", help="a `flywheel simulate` truth file: also score against the hidden preference")
+    s.set_defaults(func=_eval_reward)
+
+    s = sub.add_parser("eval-hh", help="train the reward recipe on 80%% of HH-RLHF, report accuracy per subset")
+    s.add_argument("--recipe", default="reward-minilm.yaml")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field (repeatable)")
+    s.add_argument("--data", help="directory with the HH-RLHF files (default: ../shared/data/hh-rlhf)")
+    s.add_argument("--limit", type=int, default=0, help="at most this many pairs per subset (0 = all)")
+    s.set_defaults(func=_eval_hh)
 
     s = sub.add_parser("demo", help="run the whole feedback path on the embedded stack and show the lake")
     s.add_argument("--events", type=int, default=2_000, help="events to send over HTTP")

@@ -34,3 +34,13 @@ def test_unknown_keys_and_kinds_are_errors():
         parse_recipe({"kind": "sft"})
     assert parse_recipe({"kind": "ppo"}, {"steps": 3}).steps == 3
     assert parse_recipe({"kind": "ppo", "lora_targets": ["q_proj"]}).lora_targets == ("q_proj",)
+
+
+def test_hh_rlhf_rows_split_into_prompt_and_final_replies():
+    from training.reward.hh import split_conversation
+
+    c = "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Capital of France?\n\nAssistant: Paris."
+    r = "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Capital of France?\n\nAssistant: Lyon."
+    assert split_conversation(c, r) == ("Human: Hi?\n\nAssistant: Hello.\n\nHuman: Capital of France?", "Paris.", "Lyon.")
+    assert split_conversation(c, c) is None  # chosen == rejected
+    assert split_conversation(c, r.replace("Hello.", "Hey.")) is None  # differ before the final reply
