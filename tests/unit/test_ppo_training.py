@@ -45,6 +45,17 @@ def test_a_few_ppo_steps_train_log_and_register(env, lora):
     settings, policy, reward, uri = env
     from transformers import AutoModelForCausalLM
 
+    if lora:  # the reward model as PPO finds it in production: registered in MLflow, by alias
+        import mlflow
+
+        from training.reward.train import log_and_register
+        from training.tracking import use_tracking
+
+        use_tracking(settings, "flywheel-reward")
+        with mlflow.start_run() as rm_run:
+            rm_version = log_and_register(Path(reward), rm_run.info.run_id, "0123456789abcdef", {})
+        mlflow.set_tracking_uri("sqlite:///" + str(Path(settings.home) / "elsewhere.db"))  # train_ppo must set it
+        reward = "models:/flywheel-reward@challenger"
     before = AutoModelForCausalLM.from_pretrained(policy).state_dict()
     res = train_ppo(settings, recipe(policy, reward, lora=lora, lora_targets=("q_proj", "v_proj")), uri)
     assert res["steps"] == 3 and res["version"] == "1"
@@ -57,7 +68,7 @@ def test_a_few_ppo_steps_train_log_and_register(env, lora):
         assert [m.step for m in hist] == [1, 2, 3] and all(math.isfinite(m.value) for m in hist), key
     run = client.get_run(res["run_id"])
     assert run.data.tags["flywheel.dataset_version"] == "0123456789abcdef"
-    assert run.data.tags["flywheel.reward_model_version"] == reward
+    assert run.data.tags["flywheel.reward_model_version"] == (rm_version if lora else reward)
     assert {"eval/reward_before", "eval/reward_after", "eval/kl_after"} <= set(run.data.metrics)
     mv = client.get_model_version_by_alias("flywheel-policy", "challenger")
     assert mv.run_id == res["run_id"] and mv.tags["dataset_version"] == "0123456789abcdef"

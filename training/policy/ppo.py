@@ -311,6 +311,7 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
     eval_prompts = _prompts(ds, "eval", recipe.eval_prompts, recipe.seed)
     if not train_prompts:
         raise ValueError(f"dataset {dataset_ref}: no training prompts")
+    use_tracking(settings, experiment)  # before resolving models:/ URIs of the reward model
     lm, tok = load_causal_lm(recipe.policy)
     reward = load_registered_reward(recipe.reward_model)
     reward_version = _reward_version(recipe.reward_model)
@@ -325,7 +326,6 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
         run_id, before = state["run_id"], state.get("eval_before", {})
         log.info("resuming PPO %s at step %d (MLflow run %s)", recipe.name, trainer.step, run_id)
 
-    use_tracking(settings, experiment)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else recipe.name) as run:
         if not run_id:
             mlflow.log_params(flat_params("recipe.", recipe_dict(recipe)))
