@@ -18,25 +18,12 @@ from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import pandas as pd  # noqa: E402
 
-from flywheel.simulate import SimConfig, simulate_events  # noqa: E402
+from flywheel.simulate import SimConfig, lake_tables, simulate_events  # noqa: E402
 from flywheel.storage import LocalStorage  # noqa: E402
 from ingest.filters import FilterConfig  # noqa: E402
 from pipelines.curation import build_dataset, publish_dataset, unify_feedback  # noqa: E402
 from pipelines.sharegpt import chat_samples  # noqa: E402
-
-
-def lake_tables(events: list[dict]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
-    by_type: dict[str, list[dict]] = {}
-    for e in events:
-        by_type.setdefault(e["type"], []).append(e)
-    frames = {}
-    for t, rows in by_type.items():
-        df = pd.DataFrame(rows)
-        df["occurred_at"] = pd.to_datetime(df["occurred_at"], utc=True, format="ISO8601").astype("datetime64[us, UTC]")
-        frames[t] = df
-    return frames.pop("turn"), frames
 
 
 def main() -> None:

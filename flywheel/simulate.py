@@ -199,6 +199,34 @@ def simulate_events(samples: list[ChatSample], cfg: SimConfig, *, now: datetime 
     return Simulation(events, truth, blocked)
 
 
+def lake_tables(events: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    """Simulated events as the lake tables curation reads (turns, {feedback type: frame}), without a lake:
+    for benchmarks and experiments that skip the broker and the API."""
+    import pandas as pd
+
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        by_type.setdefault(e["type"], []).append(e)
+    frames = {}
+    for t, rows in by_type.items():
+        df = pd.DataFrame(rows)
+        df["occurred_at"] = pd.to_datetime(df["occurred_at"], utc=True, format="ISO8601").astype("datetime64[us, UTC]")
+        frames[t] = df
+    return frames.pop("turn"), frames
+
+
+def simulated_dataset(users: int = 300, seed: int = 3, prompts: int = 120) -> Any:
+    """A curated dataset (``pipelines.curation.Dataset``) built in memory from a simulated run."""
+    from ingest.filters import FilterConfig
+    from pipelines.curation import build_dataset, unify_feedback
+    from pipelines.sharegpt import chat_samples
+
+    sim = simulate_events(chat_samples(prompts), SimConfig(users=users, seed=seed, prompts=prompts),
+                          now=datetime.now(UTC))
+    turns, frames = lake_tables(sim.events)
+    return build_dataset(turns, unify_feedback(frames), FilterConfig(blocked_users=frozenset(sim.blocked_users)))
+
+
 def send_events(client: Any, events: list[dict[str, Any]], batch: int = 200) -> int:
     """POST turns one by one (as a chat service logs them) and feedback in batches; returns events accepted."""
     accepted = 0
