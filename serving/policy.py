@@ -36,6 +36,11 @@ def load_causal_lm(model: str) -> tuple[Any, Any]:
         gguf = smollm2_gguf_path()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # the GGUF weights are dequantized to plain fp32 on load; drop the quantizer marker so that a trained
+        # copy can be saved with save_pretrained (transformers refuses to serialize "gguf-quantized" models)
+        lm.hf_quantizer = None
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
     else:
         tok = AutoTokenizer.from_pretrained(model)
         lm = AutoModelForCausalLM.from_pretrained(model)
