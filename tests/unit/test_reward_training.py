@@ -93,3 +93,30 @@ def test_a_killed_reward_run_resumes_from_its_checkpoint(env, tmp_path):
     history = client.get_metric_history(killed_at["run_id"], "train/loss")
     assert max(m.step for m in history) == 400, "the resumed run logs into the killed run"
     assert len(client.search_runs([r.experiment_id for r in client.search_experiments()])) == 1
+
+
+def test_eval_reward_reports_accuracy_against_labels_and_the_hidden_preference(tmp_path, capsys):
+    import json
+
+    from flywheel import cli
+
+    pairs = tiny_pairs(50)
+    pairs["rejected"] = pairs["rejected"] + " and the of to"  # the rejected side is always longer
+    uri = write_dataset(tmp_path / "lake", pairs)
+    model_dir = RewardModel.from_backbone(tiny_encoder_dir(tmp_path / "backbone"), max_length=32).save(tmp_path / "rm")
+
+    def run(length_weight: float) -> dict:
+        truth = tmp_path / "truth.json"
+        truth.write_text(json.dumps({"preference": {"length_weight": length_weight, "filler_weight": 0.0, "noise": 0.0}}))
+        assert cli.main(["eval-reward", "--model", str(model_dir), "--dataset", uri, "--truth", str(truth)]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    os.environ["FLYWHEEL_HOME"] = str(tmp_path / "home")
+    try:
+        shorter, longer = run(1.0), run(-1.0)  # the hidden preference likes short answers, then long ones
+    finally:
+        del os.environ["FLYWHEEL_HOME"]
+    assert shorter["eval_pairs"] == 10 and shorter["hidden_preference"]["pairs"] == 10
+    assert shorter["labels_agree_with_hidden_preference"] == 1.0 and longer["labels_agree_with_hidden_preference"] == 0.0
+    assert shorter["hidden_preference"]["accuracy"] == pytest.approx(shorter["accuracy"])
+    assert longer["hidden_preference"]["accuracy"] == pytest.approx(1 - shorter["accuracy"])
