@@ -8,6 +8,7 @@ is what MLflow logs with each run.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,10 +121,35 @@ def parse_recipe(data: dict[str, Any], overrides: dict[str, Any] | None = None) 
         raise ValueError(f"unknown {kind} recipe keys {unknown}; known: {sorted(fields)}")
     if cls is PreferenceOptRecipe:
         data["kind"] = kind
-    for k, v in data.items():  # YAML lists -> tuples for the frozen dataclass
-        if isinstance(v, list):
-            data[k] = tuple(v)
-    return cls(**data)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(kind, k, v, hints[k]) for k, v in data.items()})
+
+
+def _coerce(kind: str, key: str, value: Any, hint: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string and lists as lists: give every value its field's type, or say why
+    it cannot have it."""
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError("expected true or false")
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if hint is str:
+            return str(value)
+        if typing.get_origin(hint) is tuple:
+            if isinstance(value, str) or not isinstance(value, list | tuple):
+                raise ValueError("expected a list")
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{kind} recipe: {key}={value!r}: {e}") from None
+    return value
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:

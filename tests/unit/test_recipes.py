@@ -44,3 +44,14 @@ def test_hh_rlhf_rows_split_into_prompt_and_final_replies():
     assert split_conversation(c, r) == ("Human: Hi?\n\nAssistant: Hello.\n\nHuman: Capital of France?", "Paris.", "Lyon.")
     assert split_conversation(c, c) is None  # chosen == rejected
     assert split_conversation(c, r.replace("Hello.", "Hey.")) is None  # differ before the final reply
+
+
+def test_values_get_their_field_types_or_a_clear_error():
+    r = parse_recipe({"kind": "ppo"}, {"lr": "1e-3", "steps": 30.0, "lora": True, "lora_targets": ["q_proj"]})
+    assert r.lr == 1e-3 and isinstance(r.lr, float) and r.steps == 30 and isinstance(r.steps, int)
+    with pytest.raises(ValueError, match="steps=2.5: expected an integer"):
+        parse_recipe({"kind": "ppo", "steps": 2.5})
+    with pytest.raises(ValueError, match="lora='yes please': expected true or false"):
+        parse_recipe({"kind": "ppo", "lora": "yes please"})
+    with pytest.raises(ValueError, match="lr='fast'"):
+        parse_recipe({"kind": "reward", "lr": "fast"})
