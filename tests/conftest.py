@@ -70,3 +70,28 @@ def s3_lake(settings: Settings, s3_endpoint: str) -> str:
     settings.lake.uri = f"s3://{bucket}/flywheel"
     settings.lake.s3_endpoint_url = s3_endpoint
     return settings.lake.uri
+
+
+@pytest.fixture
+def postgres_tracking_uri() -> Iterator[str]:
+    """A fresh PostgreSQL database on loopback (trust auth) for an MLflow tracking store; dropped afterwards.
+    PostgreSQL runs on this machine and in CI (FLYWHEEL_TEST_PG overrides the server URL)."""
+    import os
+    import uuid
+
+    import psycopg
+
+    server = os.environ.get("FLYWHEEL_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+    name = f"flywheel_test_{uuid.uuid4().hex[:12]}"
+    admin = psycopg.connect(f"{server}/postgres", autocommit=True)
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{server}/{name}"
+    finally:
+        import sqlalchemy
+
+        sqlalchemy.create_engine(f"{server}/{name}").dispose()  # MLflow's pooled connections, if any
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

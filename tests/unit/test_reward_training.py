@@ -29,13 +29,17 @@ def env(tmp_path):
     return Settings(home=tmp_path / "home"), backbone, uri
 
 
-def test_a_few_reward_steps_train_log_and_register(env):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_a_few_reward_steps_train_log_and_register(env, store, request):
     import mlflow
     from mlflow import MlflowClient
 
     from training.reward.train import load_registered_reward, train_reward
 
     settings, backbone, uri = env
+    if store == "postgresql":  # the production tracking store: runs, metrics and the registry on PostgreSQL
+        settings.mlflow.tracking_uri = request.getfixturevalue("postgres_tracking_uri")
+    assert settings.mlflow.tracking_uri.startswith(store)
     recipe = RewardRecipe(backbone=backbone, max_length=32, batch_size=8, max_steps=12, lr=1e-3, head_lr=1e-2,
                           warmup_steps=1, log_every=2, threads=1)
     before = RewardModel.from_backbone(backbone).backbone.state_dict()
