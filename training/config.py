@@ -75,7 +75,7 @@ class PPORecipe:
     kl_controller: str = "adaptive"  # "adaptive" or "fixed"
     init_kl_coef: float = 0.05
     target_kl: float = 6.0  # per-sequence KL the adaptive controller aims for
-    kl_horizon: int = 10_000
+    kl_horizon: int = 10_000  # in samples (Ziegler et al.): beta moves at most 0.2 x batch / horizon per step
     whiten_rewards: bool = True
     reward_clip: float = 5.0
     no_eos_penalty: float = -1.0  # added to the score of a response that never ends
