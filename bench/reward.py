@@ -58,6 +58,8 @@ def run_trl(pairs: pd.DataFrame, steps: int, batch: int, threads: int) -> tuple[
     torch.set_num_threads(threads)
     path = str(get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
+    if tok.eos_token is None:  # TRL appends EOS to every text; a BERT tokenizer has [SEP] for that role
+        tok.eos_token = tok.sep_token
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     join = lambda p, r: f"{p}\n\n{r}"  # noqa: E731
     train, evalp = pairs[pairs["split"] == "train"], pairs[pairs["split"] == "eval"]
