@@ -83,3 +83,32 @@ def tiny_policy_dir(path: Any, seed: int = 0) -> str:
     tiny_causal_lm(len(tok), seed).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def kill_at_first_checkpoint_then_resume(cmd: list[str], home: Any, ckpt: Any, total_steps: int) -> dict[str, Any]:
+    """Run a training command, SIGKILL it as soon as its first checkpoint exists, run it again to the end;
+    asserts the kill landed mid-run and the rerun finished at ``total_steps``. Returns the killed checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    last = Path(ckpt) / "last.pt"
+    env = {**os.environ, "FLYWHEEL_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed = torch.load(last, weights_only=False)
+    assert 0 < killed["step"] < total_steps
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert torch.load(last, weights_only=False)["step"] == total_steps
+    return killed

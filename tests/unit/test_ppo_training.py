@@ -4,18 +4,21 @@ reward logged, the run and the registered challenger exist in MLflow; a killed r
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from flywheel.settings import Settings
-from tests.tiny import tiny_encoder_dir, tiny_pairs, tiny_policy_dir, tiny_tokenizer, write_dataset
+from tests.tiny import (
+    kill_at_first_checkpoint_then_resume,
+    tiny_encoder_dir,
+    tiny_pairs,
+    tiny_policy_dir,
+    tiny_tokenizer,
+    write_dataset,
+)
 from training.config import PPORecipe
 from training.reward.model import RewardModel
 
@@ -101,19 +104,7 @@ def test_a_killed_ppo_run_resumes_from_its_checkpoint(env, tmp_path):
                            "checkpoint_every: 2\nthreads: 1\n")
     cmd = [sys.executable, "-m", "flywheel.cli", "train", "policy", "--dataset", uri, "--recipe", str(recipe_file),
            "--checkpoint-dir", str(ckpt)]
-    envvars = {**os.environ, "FLYWHEEL_HOME": str(settings.home), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=envvars, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    deadline = time.monotonic() + 120
-    while not (ckpt / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed = torch.load(ckpt / "last.pt", weights_only=False)
-    assert 0 < killed["step"] < 300
-    out = subprocess.run(cmd, env=envvars, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert torch.load(ckpt / "last.pt", weights_only=False)["step"] == 300
+    killed = kill_at_first_checkpoint_then_resume(cmd, settings.home, ckpt, 300)
 
     from mlflow import MlflowClient
 

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from flywheel.settings import Settings
-from tests.tiny import tiny_encoder_dir, tiny_pairs, write_dataset
+from tests.tiny import kill_at_first_checkpoint_then_resume, tiny_encoder_dir, tiny_pairs, write_dataset
 from training.config import RewardRecipe
 from training.reward.model import RewardModel
 
@@ -75,21 +71,7 @@ def test_a_killed_reward_run_resumes_from_its_checkpoint(env, tmp_path):
            "--checkpoint-dir", str(ckpt), "--set", f"backbone={backbone}", "--set", "max_steps=400",
            "--set", "batch_size=4", "--set", "max_length=32", "--set", "checkpoint_every=10", "--set", "threads=1",
            "--set", "log_every=10"]
-    envvars = {**os.environ, "FLYWHEEL_HOME": str(settings.home), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=envvars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            cwd=Path(__file__).resolve().parents[2])
-    deadline = time.monotonic() + 120
-    while not (ckpt / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = torch.load(ckpt / "last.pt", weights_only=False)
-    assert 0 < killed_at["step"] < 400
-    out = subprocess.run(cmd, env=envvars, capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[2])
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert torch.load(ckpt / "last.pt", weights_only=False)["step"] == 400
+    killed_at = kill_at_first_checkpoint_then_resume(cmd, settings.home, ckpt, 400)
 
     from mlflow import MlflowClient
 
