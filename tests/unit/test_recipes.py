@@ -6,6 +6,7 @@ import pytest
 
 from training.config import (
     CONFIGS_DIR,
+    GateRecipe,
     PPORecipe,
     PreferenceOptRecipe,
     RewardRecipe,
@@ -18,7 +19,7 @@ RECIPES = sorted(CONFIGS_DIR.glob("*.yaml"))
 
 def test_there_are_recipes_for_every_kind():
     kinds = {type(load_recipe(p)) for p in RECIPES}
-    assert kinds == {RewardRecipe, PPORecipe, PreferenceOptRecipe}
+    assert kinds == {RewardRecipe, PPORecipe, PreferenceOptRecipe, GateRecipe}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -55,3 +56,10 @@ def test_values_get_their_field_types_or_a_clear_error():
         parse_recipe({"kind": "ppo", "lora": "yes please"})
     with pytest.raises(ValueError, match="lr='fast'"):
         parse_recipe({"kind": "reward", "lr": "fast"})
+
+
+def test_choice_fields_name_what_they_accept():
+    with pytest.raises(ValueError, match="reward_norm must be one of \\('batch', 'reward_model', 'none'\\)"):
+        parse_recipe({"kind": "ppo", "reward_norm": "whiten"})
+    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+        parse_recipe({"kind": "ppo", "kl_estimator": "k2"})

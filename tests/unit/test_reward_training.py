@@ -106,3 +106,21 @@ def test_eval_reward_reports_accuracy_against_labels_and_the_hidden_preference(t
     assert shorter["labels_agree_with_hidden_preference"] == 1.0 and longer["labels_agree_with_hidden_preference"] == 0.0
     assert shorter["hidden_preference"]["accuracy"] == pytest.approx(shorter["accuracy"])
     assert longer["hidden_preference"]["accuracy"] == pytest.approx(1 - shorter["accuracy"])
+
+
+def test_length_grouped_batches_cover_every_pair_once_and_cut_padding():
+    import numpy as np
+
+    from training.reward.train import batches
+
+    lengths = np.random.default_rng(1).integers(20, 256, size=203)
+    plain = batches(203, 16, seed=0, epoch=0)
+    grouped = batches(203, 16, seed=0, epoch=0, lengths=lengths, group=8)
+    assert sorted(np.concatenate(grouped).tolist()) == list(range(203))
+    assert [b.tolist() for b in grouped] == [b.tolist() for b in batches(203, 16, 0, 0, lengths, 8)]  # resumable
+    assert [b.tolist() for b in grouped] != [b.tolist() for b in batches(203, 16, 0, 1, lengths, 8)]  # per epoch
+
+    def padded_tokens(bs):  # every row padded to its batch's longest
+        return sum(len(b) * lengths[b].max() for b in bs)
+
+    assert padded_tokens(grouped) < 0.8 * padded_tokens(plain)

@@ -18,9 +18,11 @@ Deviations from the textbook, on purpose:
 
 - The KL penalty is in the reward (per token, estimator ``k1`` or ``k3`` from the recipe), not in the loss;
   ``target_kl`` is the per-sequence KL the adaptive controller steers β towards.
-- Sequence scores are whitened over the rollout batch, then clipped to ±``reward_clip`` (raw scores are what
-  we report); a response that never emits EOS within ``max_new_tokens`` gets ``no_eos_penalty`` added to its
-  raw score first (otherwise the policy learns to ramble past the window the RM sees).
+- Sequence scores are normalised (``reward_norm``: whitened over the rollout batch, or standardised with the
+  reward model's own training statistics, which keeps the KL lower late in training), then clipped to
+  ±``reward_clip`` (raw scores are what we report); a response that never emits EOS within
+  ``max_new_tokens`` gets ``no_eos_penalty`` added to its raw score first (otherwise the policy learns to
+  ramble past the window the RM sees).
 - Advantages are whitened over the batch's response tokens. Values are clipped around their rollout values.
 - With ``lora: true`` only LoRA adapters (peft) and the value head train, and the reference model is the
   same network with the adapters disabled, so no second copy of the weights is kept.
@@ -108,6 +110,33 @@ def _format_prompt(tok: Any, prompt: str) -> str:
     return f"user: {prompt}\nassistant:"
 
 
+@torch.no_grad()
+def sample(lm: nn.Module, tok: Any, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int = 0, max_prompt_tokens: int = 128, greedy: bool = False) -> Rollout:
+    """Responses to ``prompts`` (chat-formatted, left-padded, one batch); the mask keeps each response up to
+    and including its first EOS."""
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    enc = tok([_format_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True, truncation=True,
+              max_length=max_prompt_tokens, add_special_tokens=False)
+    lm.eval()
+    out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                      temperature=temperature if not greedy else None, top_k=top_k or None, top_p=None,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    plen = enc["input_ids"].shape[1]
+    resp = out[:, plen:]
+    is_eos = resp == tok.eos_token_id
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # response tokens up to and including the first EOS
+    mask = (~after_eos).float()
+    if resp.shape[1] == 0:
+        mask = torch.zeros_like(resp, dtype=torch.float)
+    finished = is_eos.any(1)
+    attn = torch.cat([enc["attention_mask"], mask.long()], 1)
+    texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(resp, mask, strict=True)]
+    return Rollout(out, attn, mask, plen, texts, finished)
+
+
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """log π(token_t | prefix) for the response tokens (positions prompt_len..end)."""
     logits = logits[:, prompt_len - 1:-1].float()
@@ -151,29 +180,10 @@ class PPOTrainer:
             with self.model.lm.disable_adapter():
                 yield self.model.lm
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], *, greedy: bool = False) -> Rollout:
-        tok, r = self.tok, self.r
-        tok.padding_side = "left"
-        enc = tok([_format_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True, truncation=True,
-                  max_length=r.max_prompt_tokens, add_special_tokens=False)
-        self.model.lm.eval()
-        out = self.model.lm.generate(**enc, max_new_tokens=r.max_new_tokens, do_sample=not greedy,
-                                     temperature=r.temperature if not greedy else None,
-                                     top_k=r.top_k or None, top_p=None, pad_token_id=tok.pad_token_id,
-                                     eos_token_id=tok.eos_token_id)
-        plen = enc["input_ids"].shape[1]
-        resp = out[:, plen:]
-        is_eos = resp == tok.eos_token_id
-        # response tokens up to and including the first EOS
-        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-        mask = (~after_eos).float()
-        if resp.shape[1] == 0:
-            mask = torch.zeros_like(resp, dtype=torch.float)
-        finished = is_eos.any(1)
-        attn = torch.cat([enc["attention_mask"], mask.long()], 1)
-        texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(resp, mask, strict=True)]
-        return Rollout(out, attn, mask, plen, texts, finished)
+        r = self.r
+        return sample(self.model.lm, self.tok, prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                      top_k=r.top_k, max_prompt_tokens=r.max_prompt_tokens, greedy=greedy)
 
     @torch.no_grad()
     def score(self, prompts: list[str], ro: Rollout) -> torch.Tensor:
@@ -189,6 +199,15 @@ class PPOTrainer:
             ref_logits = ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask).logits
         ref_logp = token_logprobs(ref_logits, ro.input_ids, ro.prompt_len)
         return logp, ref_logp, values[:, ro.prompt_len - 1:-1]
+
+    def normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        """Sequence scores as the policy sees them (``reward_norm``), clipped to ±``reward_clip``."""
+        if self.r.reward_norm == "batch" and len(raw) > 1:
+            raw = whiten(raw)
+        elif self.r.reward_norm == "reward_model":
+            stats = getattr(self.reward, "stats", None) or {"mean": 0.0, "std": 1.0}
+            raw = (raw - stats["mean"]) / max(stats["std"], 1e-6)
+        return raw.clamp(-self.r.reward_clip, self.r.reward_clip)
 
     def kl(self, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
         return kl_k3(logp, ref_logp) if self.r.kl_estimator == "k3" else kl_k1(logp, ref_logp)
@@ -206,8 +225,7 @@ class PPOTrainer:
         mask = ro.mask
         kl = self.kl(old_logp, ref_logp) * mask
         seq_kl = kl.sum(1)
-        score = whiten(raw) if r.whiten_rewards and len(raw) > 1 else raw
-        score = score.clamp(-r.reward_clip, r.reward_clip)
+        score = self.normalise(raw)
         rewards = token_rewards(score, kl, mask, self.kl_ctl.beta)
         adv, returns = gae(rewards, old_values, mask, r.gamma, r.lam)
         adv = whiten(adv, mask) * mask
@@ -358,7 +376,7 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
             _log_plots(history)
         out_dir = trainer.save_policy(Path(tempfile.mkdtemp(prefix="policy-")) / "policy")
         version = log_and_register_policy(out_dir, run.info.run_id, ds.version, reward_version,
-                                          {**before, **after}) if register_model else None
+                                          {**before, **after}, reference=recipe.policy) if register_model else None
         return {"run_id": run.info.run_id, "model": POLICY_MODEL, "version": version, "steps": trainer.step,
                 **before, **after, "policy_dir": str(out_dir)}
 
@@ -400,11 +418,7 @@ def _policy_pyfunc() -> type:
         """``predict(DataFrame[prompt]) -> replies`` (greedy, 128 new tokens)."""
 
         def load_context(self, context: Any) -> None:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            path = context.artifacts["policy"]
-            self.tok = AutoTokenizer.from_pretrained(path)
-            self.lm = AutoModelForCausalLM.from_pretrained(path).eval()
+            self.lm, self.tok = load_causal_lm(context.artifacts["policy"])
 
         def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> list[str]:  # noqa: ARG002
             out = []
@@ -419,13 +433,14 @@ def _policy_pyfunc() -> type:
 
 
 def log_and_register_policy(policy_dir: Path, run_id: str, dataset_version: str, reward_version: str,
-                            metrics: dict[str, float]) -> str:
+                            metrics: dict[str, float], reference: str = "smollm2") -> str:
     import mlflow
 
     info = mlflow.pyfunc.log_model(name="policy", python_model=_policy_pyfunc()(), artifacts={"policy": str(policy_dir)},
                                    pip_requirements=pip_requirements())
     mv = register(info.model_uri, POLICY_MODEL, alias="challenger",
                   tags={"dataset_version": dataset_version, "reward_model_version": reward_version, "run_id": run_id,
+                        "reference": reference,
                         **{k.replace("/", "_"): f"{v:.4f}" for k, v in metrics.items()}})
     return str(mv.version)
 

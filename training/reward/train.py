@@ -54,9 +54,22 @@ class RewardResult:
     model_dir: Path
 
 
-def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+def batches(n: int, batch_size: int, seed: int, epoch: int, lengths: np.ndarray | None = None,
+            group: int = 1) -> list[np.ndarray]:
+    """The epoch's batches of row indices, a pure function of (seed, epoch) so that a resumed run sees the
+    batches the killed one would have. With ``lengths`` and ``group > 1``, each window of ``group`` batches
+    of the shuffled order is sorted by length before it is cut, and the batches are shuffled again: rows of
+    similar length share a batch, so less of every forward pass is padding."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    if lengths is not None and group > 1:
+        window = batch_size * group
+        order = np.concatenate([w[np.argsort(-lengths[w], kind="stable")]
+                                for w in (order[i:i + window] for i in range(0, n, window))])
+    out = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is not None and group > 1:
+        out = [out[j] for j in rng.permutation(len(out))]
+    return out
 
 
 def evaluate(model: RewardModel, pairs: pd.DataFrame, batch_size: int = 64) -> dict[str, float]:
@@ -96,6 +109,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
     model = RewardModel.from_backbone(recipe.backbone, recipe.pooling, recipe.max_length)
     enc_c = model.encode(train["prompt"].tolist(), train["chosen"].tolist())
     enc_r = model.encode(train["prompt"].tolist(), train["rejected"].tolist())
+    lengths = torch.maximum(enc_c["attention_mask"].sum(1), enc_r["attention_mask"].sum(1)).numpy()
     share = torch.tensor(train["margin"].to_numpy(dtype=np.float32)) if "margin" in train else torch.ones(len(train))
 
     per_epoch = math.ceil(len(train) / recipe.batch_size)
@@ -129,10 +143,12 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
             mlflow.set_tags(tags)
             log_dict_artifact(recipe_dict(recipe), "recipe.json")
         model.train()
-        started, seen, window = time.perf_counter(), 0, []
+        started, seen, window, epoch_batches = time.perf_counter(), 0, [], None
         while step < total:
             epoch, i = divmod(step, per_epoch)
-            idx = torch.as_tensor(batches(len(train), recipe.batch_size, recipe.seed, epoch)[i])
+            if i == 0 or epoch_batches is None:
+                epoch_batches = batches(len(train), recipe.batch_size, recipe.seed, epoch, lengths, recipe.group_by_length)
+            idx = torch.as_tensor(epoch_batches[i])
             batch = {k: torch.cat([enc_c[k][idx], enc_r[k][idx]]) for k in ("input_ids", "attention_mask")}
             width = int(batch["attention_mask"].sum(1).max())  # trim the padding this batch does not need
             batch = {k: v[:, :width] for k, v in batch.items()}
