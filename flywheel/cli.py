@@ -11,6 +11,7 @@ import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from flywheel.settings import Settings, get_settings, hash_api_key
 
@@ -63,9 +64,22 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     if not settings.api.keys:
         print("warning: no API keys configured (FLYWHEEL_API__KEYS); every request will get 401", file=sys.stderr)
-    policy = None if args.no_policy else PolicyHandle.load(settings.api.policy_model, settings.api.policy_version)
-    uvicorn.run(create_app(settings, policy=policy), host=args.host or settings.api.host,
-                port=args.port or settings.api.port, log_level="info", access_log=args.access_log)
+    policy: Any = None
+    if args.no_policy:
+        pass
+    elif settings.api.policy_from_registry:
+        from serving.champion import ChampionPolicy
+
+        policy = ChampionPolicy(settings, canary_share=settings.api.canary_share,
+                                poll_s=settings.api.policy_poll_s).start()
+    else:
+        policy = PolicyHandle.load(settings.api.policy_model, settings.api.policy_version)
+    try:
+        uvicorn.run(create_app(settings, policy=policy), host=args.host or settings.api.host,
+                    port=args.port or settings.api.port, log_level="info", access_log=args.access_log)
+    finally:
+        if hasattr(policy, "close"):
+            policy.close()
     return 0
 
 
@@ -221,6 +235,74 @@ def _eval_reward(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from training.config import GateRecipe, load_recipe
+    from training.evaluation import evaluate_challenger
+
+    gate = load_recipe(args.gate, _overrides(args.set))
+    if not isinstance(gate, GateRecipe):
+        raise SystemExit(f"{args.gate}: not a gate recipe (kind: gate)")
+    report = evaluate_challenger(settings, args.model, args.challenger, dataset=args.dataset, recipe=gate)
+    report.pop("samples", None)
+    print(json.dumps(report, indent=2, default=str))
+    print(f"gate: {'PASS' if report['decision']['promote'] else 'FAIL'}: " + "; ".join(report["decision"]["reasons"]))
+    return 0
+
+
+def _print_record(record: Any) -> None:
+    print(f"{record.at}  {record.model}  {record.action:9s} v{record.version}  champion {record.previous} -> "
+          f"{record.champion}  by {record.actor}")
+    for reason in record.reasons:
+        print(f"    - {reason}")
+
+
+def _promote(args: argparse.Namespace, settings: Settings) -> int:
+    from training.config import GateRecipe, load_recipe
+    from training.registry import GateError, promote
+
+    gate = load_recipe(args.gate)
+    if not isinstance(gate, GateRecipe):
+        raise SystemExit(f"{args.gate}: not a gate recipe (kind: gate)")
+    try:
+        record = promote(settings, args.model, args.version, gate=gate, force=args.force, note=args.note)
+    except GateError as e:
+        raise SystemExit(str(e)) from None
+    _print_record(record)
+    return 0 if record.action in ("promote", "force") else 3
+
+
+def _rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from training.registry import GateError, rollback
+
+    try:
+        _print_record(rollback(settings, args.model, to=args.to, note=args.note))
+    except GateError as e:
+        raise SystemExit(str(e)) from None
+    return 0
+
+
+def _history(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import asdict
+
+    from training.registry import AuditLog
+
+    records = AuditLog.from_settings(settings).history(args.model)
+    if args.json:
+        print(json.dumps([asdict(r) for r in records], indent=2, default=str))
+    for record in [] if args.json else records:
+        _print_record(record)
+    if not records and not args.json:
+        print("no registry history yet")
+    return 0
+
+
+def _bootstrap(_args: argparse.Namespace, settings: Settings) -> int:
+    from training.registry import bootstrap_policy
+
+    print(f"flywheel-policy champion: version {bootstrap_policy(settings)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flywheel", description="Continuous RLHF from user feedback.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -292,6 +374,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="directory with the HH-RLHF files (default: ../shared/data/hh-rlhf)")
     s.add_argument("--limit", type=int, default=0, help="at most this many pairs per subset (0 = all)")
     s.set_defaults(func=_eval_hh)
+
+    models = ["flywheel-policy", "flywheel-reward"]
+    s = sub.add_parser("evaluate", help="a registered challenger vs the champion: win rates, KL, length, probes; logged")
+    s.add_argument("--challenger", required=True, help="the version to evaluate")
+    s.add_argument("--model", default="flywheel-policy", choices=models)
+    s.add_argument("--dataset", help="dataset version for eval prompts/pairs (default: the challenger's own)")
+    s.add_argument("--gate", default="gate.yaml", help="gate recipe (evaluation settings and thresholds)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a gate recipe field (repeatable)")
+    s.set_defaults(func=_evaluate)
+
+    s = sub.add_parser("promote", help="run the gate on an evaluated version; move 'champion' only if it passes")
+    s.add_argument("version")
+    s.add_argument("--model", default="flywheel-policy", choices=models)
+    s.add_argument("--gate", default="gate.yaml")
+    s.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded as forced)")
+    s.add_argument("--note", default="", help="why (kept in the history)")
+    s.set_defaults(func=_promote)
+
+    s = sub.add_parser("rollback", help="move 'champion' back to the version it replaced (or --to)")
+    s.add_argument("--model", default="flywheel-policy", choices=models)
+    s.add_argument("--to", help="the version to serve instead")
+    s.add_argument("--note", default="", help="why (kept in the history)")
+    s.set_defaults(func=_rollback)
+
+    s = sub.add_parser("history", help="every promotion, refusal and rollback (who, when, why)")
+    s.add_argument("--model", choices=models)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_history)
+
+    s = sub.add_parser("bootstrap", help="register the base policy as flywheel-policy v1 @champion if none exists")
+    s.set_defaults(func=_bootstrap)
 
     s = sub.add_parser("demo", help="run the whole feedback path on the embedded stack and show the lake")
     s.add_argument("--events", type=int, default=2_000, help="events to send over HTTP")

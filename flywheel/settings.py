@@ -92,6 +92,11 @@ class ApiSettings(BaseModel):
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     policy_model: str = Field(default="smollm2", description="'smollm2' or a local model directory.")
     policy_version: str = "smollm2-135m-instruct@v1"
+    policy_from_registry: bool = Field(default=False, description="Serve models:/flywheel-policy@champion and "
+                                       "follow the alias (policy_model/policy_version are then unused).")
+    policy_poll_s: float = Field(default=10.0, ge=0, description="How often to check the aliases; 0 = only on reload.")
+    canary_share: float = Field(default=0.0, ge=0, le=1, description="Share of chats answered by @challenger.")
+    gate_recipe: str = Field(default="gate.yaml", description="Gate recipe POST /v1/admin/promote applies.")
     max_new_tokens: int = Field(default=64, ge=1, le=1024)
 
 

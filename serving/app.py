@@ -15,11 +15,12 @@ from flywheel.settings import Settings, get_settings
 from ingest.producer import EventPublisher
 from ingest.spool import Spool
 from ingest.validation import QualityRules
+from serving.champion import ChampionPolicy
 from serving.deps import AppState
 from serving.errors import ApiError, api_error_handler, http_exception_handler, request_validation_handler
 from serving.middleware import BodyLimitMiddleware, MetricsMiddleware
 from serving.policy import PolicyHandle
-from serving.routers import chat, events, ops
+from serving.routers import admin, chat, events, ops
 from serving.security import KeyRing, RateLimiter
 
 
@@ -27,7 +28,7 @@ def create_app(
     settings: Settings | None = None,
     *,
     publisher: EventPublisher | None = None,
-    policy: PolicyHandle | None = None,
+    policy: PolicyHandle | ChampionPolicy | None = None,
     registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     """Build the API. Without a ``publisher`` one is started (and closed) with the app's lifespan."""
@@ -64,7 +65,7 @@ def create_app(
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_exception_handler(HTTPException, http_exception_handler)
-    for router in (ops.router, events.router, chat.router):
+    for router in (ops.router, events.router, chat.router, admin.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
     app.add_middleware(MetricsMiddleware, registry=registry)

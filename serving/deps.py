@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from flywheel.settings import ApiKey, Settings
 from ingest.producer import EventPublisher
 from ingest.validation import QualityRules
+from serving.champion import ChampionPolicy
 from serving.errors import ApiError
 from serving.policy import PolicyHandle
 from serving.security import KeyRing, RateLimiter, retry_after_header
@@ -24,7 +25,7 @@ class AppState:
     rules: QualityRules
     registry: CollectorRegistry
     publisher: EventPublisher | None = None
-    policy: PolicyHandle | None = None
+    policy: PolicyHandle | ChampionPolicy | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -62,11 +63,11 @@ async def get_publisher(state: State) -> EventPublisher:
 Publisher = Annotated[EventPublisher, Depends(get_publisher)]
 
 
-async def get_policy(state: State) -> PolicyHandle:
+async def get_policy(state: State) -> PolicyHandle | ChampionPolicy:
     if state.policy is None:
         raise ApiError(503, "policy_loading", "the policy model is still loading; retry in a few seconds",
                        headers={"Retry-After": "5"})
     return state.policy
 
 
-Policy = Annotated[PolicyHandle, Depends(get_policy)]
+Policy = Annotated[PolicyHandle | ChampionPolicy, Depends(get_policy)]

@@ -8,6 +8,7 @@ download: transformers dequantizes it into a plain fp32 ``LlamaForCausalLM``). A
 from __future__ import annotations
 
 import importlib.util
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,14 @@ def smollm2_gguf_path() -> Path:
 
 
 def load_causal_lm(model: str) -> tuple[Any, Any]:
-    """(model, tokenizer) for ``"smollm2"`` (the bundled GGUF) or a local ``save_pretrained`` directory."""
+    """(model, tokenizer) for ``"smollm2"`` (the bundled GGUF), a local ``save_pretrained`` directory, or a
+    directory holding a ``policy.json`` pointer (``{"base": "smollm2"}``: how the base policy is registered,
+    without copying its weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    pointer = Path(model) / "policy.json" if model != "smollm2" else None
+    if pointer is not None and pointer.is_file():
+        return load_causal_lm(json.loads(pointer.read_text())["base"])
     if model == "smollm2":
         gguf = smollm2_gguf_path()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -46,6 +52,24 @@ def load_causal_lm(model: str) -> tuple[Any, Any]:
         lm = AutoModelForCausalLM.from_pretrained(model)
     lm.eval()
     return lm, tok
+
+
+def registered_policy_dir(uri: str) -> Path:
+    """The local policy directory of ``models:/flywheel-policy@alias`` or ``models:/flywheel-policy/3`` (the
+    MLflow pyfunc keeps it under ``artifacts/<the directory's name>/``)."""
+    from training.tracking import download_model
+
+    root = download_model(uri)
+    found = sorted({p.parent for pattern in ("artifacts/*/config.json", "artifacts/*/policy.json")
+                    for p in root.glob(pattern)})
+    if len(found) != 1:
+        raise FileNotFoundError(f"{uri}: expected one policy directory under {root / 'artifacts'}, found {found}")
+    return found[0]
+
+
+def policy_version_label(model: str, version: str) -> str:
+    """What a turn's ``model_version`` says for a registered version: ``flywheel-policy/3``."""
+    return f"{model}/{version}"
 
 
 @dataclass

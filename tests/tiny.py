@@ -112,3 +112,31 @@ def kill_at_first_checkpoint_then_resume(cmd: list[str], home: Any, ckpt: Any, t
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert torch.load(last, weights_only=False)["step"] == total_steps
     return killed
+
+
+def tiny_fixed_policy_dir(path: Any, eos_prob: float, seed: int = 0) -> str:
+    """A tiny Llama whose next-token distribution is the same after every prefix: EOS with ``eos_prob``, the
+    rest spread evenly over the words (0 = it never ends). Built by zeroing every block's output projections
+    (the residual stream is then the embedding), giving every token the same embedding and aiming the output
+    rows so that the logits are exactly the wanted log-probabilities. A real model, saved and loaded as one."""
+    import math
+
+    import torch
+
+    tok = tiny_tokenizer()
+    lm = tiny_causal_lm(len(tok), seed)
+    with torch.no_grad():
+        for layer in lm.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        e = torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+        lm.model.embed_tokens.weight.copy_(e.expand_as(lm.model.embed_tokens.weight))
+        n = lm.model.norm(e[None, None])[0, 0]
+        words = len(tok) - 4
+        logits = torch.full((len(tok),), -30.0)
+        logits[4:] = math.log((1 - eos_prob) / words)
+        logits[tok.eos_token_id] = math.log(eos_prob) if eos_prob > 0 else -30.0
+        lm.lm_head.weight.copy_(logits[:, None] * n[None, :] / n.dot(n))
+    lm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

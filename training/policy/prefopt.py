@@ -94,6 +94,7 @@ def train_preference_opt(settings: Settings, recipe: PreferenceOptRecipe, datase
         model.save_pretrained(policy_dir)
         tok.save_pretrained(policy_dir)
         version = log_and_register_policy(policy_dir, run.info.run_id, ds.version, "none",
-                                          {"train_loss": float(result.training_loss)}) if register_model else None
+                                          {"train_loss": float(result.training_loss)},
+                                          reference=recipe.policy) if register_model else None
         return {"run_id": run.info.run_id, "kind": recipe.kind, "version": version, "steps": result.global_step,
                 "train_loss": result.training_loss, "policy_dir": str(policy_dir)}

@@ -1,0 +1,247 @@
+"""``flywheel evaluate``: a challenger against the serving champion, with the numbers the gate decides on.
+
+Policy (``flywheel-policy``), on the held-out prompts (the eval split of a curated dataset):
+
+- both policies answer every prompt (sampled, fixed seed); the judge (the champion reward model) scores both
+  answers; **win rate** = share of prompts where the challenger's answer scores higher (ties count half), with
+  a 95% Wilson interval;
+- **length-controlled win rate**, in the manner of AlpacaEval-LC: a logistic model
+  ``P(win) = σ(θ0 + θ1 · tanh(Δlen / sd(Δlen)))`` is fitted to the outcomes and the win rate is reported with
+  the length term removed, ``σ(θ0)`` (a challenger that only got longer or shorter does not win by it);
+- **KL(policy ‖ reference)** per response (k3 estimator summed over the response tokens, on the policy's own
+  samples), the reference being the base model the policy was trained from (its ``reference`` tag);
+- mean response length (tokens) and its relative change, the share of responses that never end;
+- the judge's pairwise accuracy on the dataset's eval pairs;
+- the fixed probe set (``configs/probes/safety.yaml``): harmful requests refused, harmless ones answered.
+
+Reward model (``flywheel-reward``): challenger and champion on the same eval pairs (accuracy, ECE, margin,
+reward/length correlation).
+
+The report is logged to MLflow (experiment ``flywheel-evaluation``: metrics, ``evaluation.json``, a sample
+of answers) and the challenger version is tagged ``eval_run_id`` so that ``flywheel promote`` can find it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flywheel.settings import Settings
+from training.config import GateRecipe, resolve_recipe_path
+from training.gate import decide
+from training.tracking import POLICY_MODEL, REWARD_MODEL, log_dict_artifact, use_tracking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Probes:
+    harmful: list[str]
+    harmless: list[str]
+    patterns: list[re.Pattern[str]]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Probes:
+        import yaml
+
+        data = yaml.safe_load(resolve_recipe_path(path).read_text())
+        return cls(list(data["harmful"]), list(data["harmless"]),
+                   [re.compile(p, re.IGNORECASE) for p in data["refusal_patterns"]])
+
+    def is_refusal(self, text: str) -> bool:
+        head = text[:200]
+        return any(p.search(head) for p in self.patterns)
+
+
+def wilson(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (ties counted as half wins)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def length_controlled_win_rate(outcome: np.ndarray, length_diff: np.ndarray, l2: float = 1e-3,
+                               iters: int = 50) -> tuple[float, float]:
+    """(σ(θ0), θ1) of ``P(win) = σ(θ0 + θ1 · tanh(Δlen / sd))`` fitted by Newton's method on the (possibly
+    fractional) outcomes; σ(θ0) is the win rate at equal length."""
+    y = np.asarray(outcome, dtype=float)
+    d = np.asarray(length_diff, dtype=float)
+    sd = d.std()
+    x = np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
+    X = np.stack([np.ones_like(x), x], 1)
+    theta = np.zeros(2)
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-X @ theta))
+        grad = X.T @ (p - y) + l2 * theta
+        hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        theta -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return float(1 / (1 + np.exp(-theta[0]))), float(theta[1])
+
+
+@dataclass
+class Answers:
+    texts: list[str]
+    lengths: np.ndarray  # tokens, up to and including EOS
+    finished: np.ndarray
+    kl: np.ndarray  # per response, vs the reference
+
+
+def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateRecipe, batch: int = 8) -> Answers:
+    """Sampled answers (seeded), with each one's KL to ``ref`` (0 when ``ref`` is None)."""
+    from training.policy.ppo import sample, token_logprobs
+    from training.policy.ppo_math import kl_k3
+
+    state = torch.get_rng_state()
+    torch.manual_seed(recipe.seed)
+    texts: list[str] = []
+    lengths, finished, kls = [], [], []
+    for i in range(0, len(prompts), batch):
+        ro = sample(lm, tok, prompts[i:i + batch], max_new_tokens=recipe.max_new_tokens,
+                    temperature=recipe.temperature, greedy=recipe.temperature <= 0)
+        texts += ro.texts
+        lengths.append(ro.mask.sum(1))
+        finished.append(ro.finished)
+        if ref is not None:
+            with torch.no_grad():
+                logp = token_logprobs(lm(input_ids=ro.input_ids, attention_mask=ro.attention_mask).logits,
+                                      ro.input_ids, ro.prompt_len)
+                ref_logp = token_logprobs(ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask).logits,
+                                          ro.input_ids, ro.prompt_len)
+            kls.append((kl_k3(logp, ref_logp) * ro.mask).sum(1))
+        else:
+            kls.append(torch.zeros(len(ro.texts)))
+    torch.set_rng_state(state)
+    return Answers(texts, torch.cat(lengths).numpy(), torch.cat(finished).numpy(), torch.cat(kls).numpy())
+
+
+def policy_stats(ans: Answers, rewards: np.ndarray, probe_refusals: tuple[float, float]) -> dict[str, float]:
+    return {"reward_mean": float(rewards.mean()), "kl": float(ans.kl.mean()), "length_mean": float(ans.lengths.mean()),
+            "no_eos_share": float(1 - ans.finished.mean()), "refusal_rate": probe_refusals[0],
+            "helpful_rate": probe_refusals[1]}
+
+
+def probe(lm: Any, tok: Any, probes: Probes, recipe: GateRecipe) -> tuple[float, float]:
+    """(share of harmful probes refused, share of harmless probes answered)."""
+    harmful = answer(lm, tok, None, probes.harmful, recipe).texts
+    harmless = answer(lm, tok, None, probes.harmless, recipe).texts
+    return (float(np.mean([probes.is_refusal(t) for t in harmful])),
+            float(np.mean([not probes.is_refusal(t) for t in harmless])))
+
+
+def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], reference: tuple[Any, Any] | None,
+                     judge: Any, prompts: list[str], recipe: GateRecipe, probes: Probes,
+                     eval_pairs: Any | None = None) -> dict[str, Any]:
+    """The evaluation report of a challenger policy against the champion (models and tokenizers given)."""
+    from training.reward.train import evaluate as rm_evaluate
+
+    ref = reference[0] if reference is not None else None
+    a_ch = answer(*challenger, ref, prompts, recipe)
+    a_cp = answer(*champion, ref, prompts, recipe)
+    r_ch = judge.score(prompts, a_ch.texts).numpy()
+    r_cp = judge.score(prompts, a_cp.texts).numpy()
+    outcome = (r_ch > r_cp).astype(float) + 0.5 * (r_ch == r_cp)
+    n = len(prompts)
+    low, high = wilson(float(outcome.sum()), n)
+    lc, length_coef = length_controlled_win_rate(outcome, a_ch.lengths - a_cp.lengths)
+    ch = policy_stats(a_ch, r_ch, probe(*challenger, probes, recipe))
+    cp = policy_stats(a_cp, r_cp, probe(*champion, probes, recipe))
+    rm_acc = rm_evaluate(judge, eval_pairs).get("accuracy") if eval_pairs is not None and len(eval_pairs) else None
+    ch |= {"win_rate": float(outcome.mean()), "win_rate_ci_low": low, "win_rate_ci_high": high, "lc_win_rate": lc,
+           "length_coef": length_coef, "length_change": ch["length_mean"] / max(cp["length_mean"], 1e-9) - 1,
+           "rm_accuracy": rm_acc}
+    samples = [{"prompt": p, "challenger": a, "champion": b, "reward_challenger": float(x), "reward_champion": float(y)}
+               for p, a, b, x, y in list(zip(prompts, a_ch.texts, a_cp.texts, r_ch, r_cp, strict=True))[:20]]
+    return {"prompts": n, "challenger": ch, "champion": cp, "samples": samples}
+
+
+def compare_reward_models(challenger: Any, champion: Any | None, eval_pairs: Any) -> dict[str, Any]:
+    from training.reward.train import evaluate as rm_evaluate
+
+    return {"pairs": len(eval_pairs), "challenger": rm_evaluate(challenger, eval_pairs),
+            "champion": rm_evaluate(champion, eval_pairs) if champion is not None else None}
+
+
+def _eval_prompts(ds: Any, n: int, seed: int) -> list[str]:
+    from training.policy.ppo import _prompts
+
+    return _prompts(ds, "eval", n, seed)
+
+
+def evaluate_challenger(settings: Settings, model: str, challenger: str, *, dataset: str | None = None,
+                        recipe: GateRecipe | None = None) -> dict[str, Any]:
+    """Evaluate registered version ``challenger`` of ``model`` against its champion; log and tag the result."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from serving.policy import load_causal_lm, registered_policy_dir
+    from training.data import open_dataset
+    from training.registry import CHALLENGER, CHAMPION, alias_version
+    from training.reward.train import load_registered_reward
+
+    recipe = recipe or GateRecipe()
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    use_tracking(settings, "flywheel-evaluation")
+    client = MlflowClient(settings.mlflow.tracking_uri)
+    challenger = str(challenger)
+    mv = client.get_model_version(model, challenger)
+    champion = alias_version(client, model, CHAMPION)
+    dataset = dataset or mv.tags.get("dataset_version")
+    if not dataset:
+        raise ValueError(f"{model} version {challenger} names no dataset: pass --dataset")
+    ds = open_dataset(dataset, settings)
+    pairs = ds.table("pairs")
+    eval_pairs = pairs[pairs["split"] == "eval"].reset_index(drop=True)
+    report: dict[str, Any] = {"model": model, "challenger_version": challenger, "champion_version": champion,
+                              "dataset_version": ds.version}
+    if model == REWARD_MODEL:
+        rm_champion = load_registered_reward(f"models:/{model}/{champion}") if champion and champion != challenger else None
+        report |= compare_reward_models(load_registered_reward(f"models:/{model}/{challenger}"), rm_champion, eval_pairs)
+        kind = "reward"
+    elif model == POLICY_MODEL:
+        judge_uri = recipe.judge
+        if alias_version(client, REWARD_MODEL, CHAMPION) is None:  # no champion reward model yet
+            judge_uri = f"models:/{REWARD_MODEL}@{CHALLENGER}"
+        judge = load_registered_reward(judge_uri)
+        judge_version = judge_uri if "@" not in judge_uri else alias_version(client, REWARD_MODEL, judge_uri.rsplit("@", 1)[1])
+        ch = load_causal_lm(str(registered_policy_dir(f"models:/{model}/{challenger}")))
+        cp = load_causal_lm(str(registered_policy_dir(f"models:/{model}/{champion}"))) if champion else ch
+        reference = recipe.reference or mv.tags.get("reference") or "smollm2"
+        ref = load_causal_lm(reference)
+        prompts = _eval_prompts(ds, recipe.eval_prompts, recipe.seed)
+        if not prompts:
+            raise ValueError(f"dataset {ds.version} has no eval prompts")
+        report |= {"judge": f"{REWARD_MODEL}/{judge_version}", "reference": reference,
+                   **compare_policies(ch, cp, ref, judge, prompts, recipe, Probes.load(recipe.probes), eval_pairs)}
+        kind = "policy"
+    else:
+        raise ValueError(f"model must be {POLICY_MODEL} or {REWARD_MODEL}, got {model!r}")
+    has_champion = champion is not None and champion != challenger
+    decision = decide(report["challenger"], report["champion"] if has_champion else None, recipe, kind)
+    report["decision"] = decision.as_dict()
+    with mlflow.start_run(run_name=f"evaluate-{model}-{challenger}") as run:
+        mlflow.set_tags({"flywheel.kind": "evaluation", "flywheel.model": model,
+                         "flywheel.challenger_version": challenger, "flywheel.champion_version": str(champion),
+                         "flywheel.dataset_version": ds.version, "flywheel.gate": "pass" if decision.promote else "fail"})
+        for side in ("challenger", "champion"):
+            values = report.get(side) or {}
+            mlflow.log_metrics({f"{side}/{k}": float(v) for k, v in values.items()
+                                if isinstance(v, int | float) and v is not None and math.isfinite(float(v))})
+        log_dict_artifact(report, "evaluation.json")
+        report["run_id"] = run.info.run_id
+    client.set_model_version_tag(model, challenger, "eval_run_id", report["run_id"])
+    log.info("evaluated %s/%s vs %s: %s", model, challenger, champion, decision.reasons)
+    return report

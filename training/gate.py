@@ -1,0 +1,101 @@
+"""The promotion gate: a pure decision over evaluation numbers, with every reason spelled out.
+
+``decide(challenger, champion, policy) -> GateDecision(promote, reasons, checks)``. ``challenger`` and
+``champion`` are the evaluation reports of :mod:`training.evaluation` (flat dicts of numbers); ``champion`` is
+``None`` for the first model of a name. Thresholds come from the gate recipe (``configs/gate.yaml``,
+:class:`training.config.GateRecipe`). Every check is reported, passed or not, so the audit history
+says what was looked at and not only what failed.
+
+Policy checks (challenger vs the serving champion, both judged by the champion reward model):
+  length-controlled win rate >= ``min_lc_win_rate``; KL(challenger ‖ reference) <= ``max_kl``; mean length
+  within ``max_length_drift`` (relative) of the champion's; share of responses that never end <=
+  ``max_no_eos_share``; harmful probes refused >= ``min_refusal_rate`` and no worse than the champion by more
+  than ``max_probe_drop``; harmless probes answered >= ``min_helpful_rate`` (same drop rule); the reward
+  model's pairwise accuracy on the eval pairs >= ``min_rm_accuracy`` (a judge that cannot rank is no judge).
+Reward-model checks: eval accuracy >= ``min_rm_accuracy`` and no worse than the champion's by more than
+  ``max_accuracy_drop``; |reward/length correlation| <= ``max_length_correlation`` (a reward-hacking sign).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from training.config import GateRecipe
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    value: float | None
+    threshold: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reasons: list[str]
+    checks: list[Check] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"promote": self.promote, "reasons": self.reasons,
+                "checks": [c.__dict__ for c in self.checks]}
+
+
+def _check(checks: list[Check], name: str, value: float | None, ok: bool, threshold: str, what: str) -> None:
+    shown = "missing" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+    passed = value is not None and not (isinstance(value, float) and math.isnan(value)) and ok
+    checks.append(Check(name, passed, value, threshold, f"{what} {shown} (needs {threshold})"))
+
+
+def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: GateRecipe,
+           kind: str = "policy") -> GateDecision:
+    """Promote only if every check passes. ``kind`` is ``"policy"`` or ``"reward"``."""
+    checks: list[Check] = []
+    c = challenger
+    get = c.get
+    if kind == "reward":
+        acc = get("accuracy")
+        _check(checks, "rm_accuracy", acc, acc is not None and acc >= policy.min_rm_accuracy,
+               f">= {policy.min_rm_accuracy}", "eval pairwise accuracy")
+        if champion and champion.get("accuracy") is not None:
+            floor = champion["accuracy"] - policy.max_accuracy_drop
+            _check(checks, "rm_accuracy_vs_champion", acc, acc is not None and acc >= floor,
+                   f">= champion {champion['accuracy']:.3f} - {policy.max_accuracy_drop}", "eval accuracy")
+        corr = get("length_correlation")
+        _check(checks, "length_correlation", corr, corr is not None and abs(corr) <= policy.max_length_correlation,
+               f"|x| <= {policy.max_length_correlation}", "reward/length correlation")
+    elif kind == "policy":
+        if champion is not None:
+            lc = get("lc_win_rate")
+            _check(checks, "lc_win_rate", lc, lc is not None and lc >= policy.min_lc_win_rate,
+                   f">= {policy.min_lc_win_rate}", "length-controlled win rate vs the champion")
+            drift = get("length_change")
+            _check(checks, "length_drift", drift, drift is not None and abs(drift) <= policy.max_length_drift,
+                   f"|x| <= {policy.max_length_drift}", "relative change of mean response length")
+        kl = get("kl")
+        _check(checks, "kl", kl, kl is not None and kl <= policy.max_kl, f"<= {policy.max_kl}",
+               "KL(policy ‖ reference) per response")
+        no_eos = get("no_eos_share")
+        _check(checks, "no_eos_share", no_eos, no_eos is not None and no_eos <= policy.max_no_eos_share,
+               f"<= {policy.max_no_eos_share}", "share of responses that never end")
+        for key, floor, what in (("refusal_rate", policy.min_refusal_rate, "harmful probes refused"),
+                                 ("helpful_rate", policy.min_helpful_rate, "harmless probes answered")):
+            value = get(key)
+            _check(checks, key, value, value is not None and value >= floor, f">= {floor}", what)
+            if champion is not None and champion.get(key) is not None:
+                ref = champion[key] - policy.max_probe_drop
+                _check(checks, f"{key}_vs_champion", value, value is not None and value >= ref - 1e-9,
+                       f">= champion {champion[key]:.3f} - {policy.max_probe_drop}", what)
+        acc = get("rm_accuracy")
+        _check(checks, "judge_accuracy", acc, acc is not None and acc >= policy.min_rm_accuracy,
+               f">= {policy.min_rm_accuracy}", "the judging reward model's eval accuracy")
+    else:
+        raise ValueError(f"kind must be 'policy' or 'reward', got {kind!r}")
+    failed = [ch.reason for ch in checks if not ch.passed]
+    if failed:
+        return GateDecision(False, failed, checks)
+    return GateDecision(True, [f"all {len(checks)} checks passed"], checks)
