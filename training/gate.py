@@ -65,7 +65,7 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: 
             floor = champion["accuracy"] - policy.max_accuracy_drop
             _check(checks, "rm_accuracy_vs_champion", acc, acc is not None and acc >= floor,
                    f">= champion {champion['accuracy']:.3f} - {policy.max_accuracy_drop}", "eval accuracy")
-        corr = get("length_correlation")
+        corr = get("length_corr")
         _check(checks, "length_correlation", corr, corr is not None and abs(corr) <= policy.max_length_correlation,
                f"|x| <= {policy.max_length_correlation}", "reward/length correlation")
     elif kind == "policy":

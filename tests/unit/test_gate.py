@@ -48,9 +48,9 @@ def test_the_first_policy_has_no_comparisons_and_thresholds_come_from_the_recipe
 
 
 def test_the_reward_model_gate():
-    ok = {"accuracy": 0.80, "length_correlation": -0.3}
+    ok = {"accuracy": 0.80, "length_corr": -0.3}
     assert decide(ok, {"accuracy": 0.81}, GateRecipe(), kind="reward").promote
-    d = decide({"accuracy": 0.70, "length_correlation": 0.9}, {"accuracy": 0.80}, GateRecipe(), kind="reward")
+    d = decide({"accuracy": 0.70, "length_corr": 0.9}, {"accuracy": 0.80}, GateRecipe(), kind="reward")
     assert not d.promote and len(d.reasons) == 2
     assert "eval accuracy 0.700 (needs >= champion 0.800 - 0.02)" in d.reasons[0]
     assert "reward/length correlation 0.900 (needs |x| <= 0.6)" in d.reasons[1]

@@ -155,3 +155,33 @@ def test_the_served_policy_follows_the_alias_by_polling_and_sends_a_canary_share
         follower.close()
     with pytest.raises(ValueError, match="canary_share"):
         ChampionPolicy(settings, canary_share=1.5)
+
+
+def test_reward_models_go_through_the_same_gate_and_history(registry):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from training.evaluation import evaluate_challenger
+    from training.registry import alias_version, promote, rollback
+    from training.reward.train import log_and_register
+    from training.tracking import use_tracking
+
+    settings, uri, _base, tmp = registry
+    client = MlflowClient(settings.mlflow.tracking_uri)
+    first = evaluate_challenger(settings, "flywheel-reward", "1", dataset=uri, recipe=gate())
+    assert first["champion"] is None and 0 <= first["challenger"]["accuracy"] <= 1
+    assert promote(settings, "flywheel-reward", "1", gate=gate(min_rm_accuracy=1.01)).action == "refuse"
+    ok = promote(settings, "flywheel-reward", "1", gate=gate(min_rm_accuracy=0.0, max_length_correlation=1.0))
+    assert ok.action == "promote", ok.reasons
+
+    RewardModel.from_backbone(tiny_encoder_dir(tmp / "rm2-bb", seed=5), max_length=64).save(tmp / "reward2")
+    use_tracking(settings, "flywheel-reward")
+    with mlflow.start_run() as run:
+        v2 = log_and_register(tmp / "reward2", run.info.run_id, "0123456789abcdef", {})
+    report = evaluate_challenger(settings, "flywheel-reward", v2, dataset=uri, recipe=gate())
+    assert report["champion_version"] == "1" and report["champion"]["accuracy"] is not None
+    rec = promote(settings, "flywheel-reward", v2, gate=gate(min_rm_accuracy=0.0, max_accuracy_drop=1.0,
+                                                             max_length_correlation=1.0))
+    assert (rec.action, rec.previous, rec.champion) == ("promote", "1", v2)
+    assert rollback(settings, "flywheel-reward").champion == "1"
+    assert alias_version(client, "flywheel-reward", "champion") == "1"
