@@ -303,6 +303,16 @@ def _bootstrap(_args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _airflow(args: argparse.Namespace, settings: Settings) -> int:
+    from flywheel import orchestrator
+
+    if args.action == "up":
+        return orchestrator.up(settings)
+    orchestrator.prepare(settings)
+    print(f"AIRFLOW_HOME={settings.home / 'airflow'}: metadata DB migrated, pool {orchestrator.TRAINING_POOL} set")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flywheel", description="Continuous RLHF from user feedback.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -405,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bootstrap", help="register the base policy as flywheel-policy v1 @champion if none exists")
     s.set_defaults(func=_bootstrap)
+
+    s = sub.add_parser("airflow", help="Airflow 3 standalone with the flywheel DAGs on the embedded stack")
+    s.add_argument("action", choices=["up", "prepare"], help="up: run it; prepare: migrate the DB, create the pool")
+    s.set_defaults(func=_airflow)
 
     s = sub.add_parser("demo", help="run the whole feedback path on the embedded stack and show the lake")
     s.add_argument("--events", type=int, default=2_000, help="events to send over HTTP")

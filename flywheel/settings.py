@@ -124,6 +124,22 @@ class CurationSettings(BaseModel):
     turn_lookback_h: float = Field(default=24.0, description="How far before the interval to look for turns.")
 
 
+class LoopSettings(BaseModel):
+    """The continuous loop (Airflow DAGs and ``flywheel demo``): which recipes, how much data, where alerts go."""
+
+    reward_recipe: str = Field(default="reward-minilm.yaml", description="Recipe for reward-model retraining.")
+    policy_recipe: str = Field(default="policy-ppo-lora.yaml", description="Recipe for policy retraining.")
+    gate_recipe: str = Field(default="gate.yaml", description="Evaluation settings and gate thresholds.")
+    train_window_h: float = Field(default=168.0, gt=0, description="Reward model and policy train on this many "
+                                  "hours of curated feedback up to the interval end.")
+    min_new_pairs: int = Field(default=200, ge=0, description="Retrain the reward model only when the pairs "
+                               "curated since its training data end reach this many.")
+    policy_from_champion: bool = Field(default=True, description="PPO starts from the serving champion (else "
+                                       "from the recipe's base policy).")
+    webhook_url: str | None = Field(default=None, description="Failed tasks POST a JSON summary here.")
+    airflow_port: int = Field(default=8793, description="`flywheel airflow up`: the Airflow API server port.")
+
+
 class EmbeddedSettings(BaseModel):
     broker_port: int = 19092
 
@@ -138,6 +154,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     ingest: IngestSettings = IngestSettings()
     curation: CurationSettings = CurationSettings()
+    loop: LoopSettings = LoopSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
 
     @model_validator(mode="after")

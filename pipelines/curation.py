@@ -53,8 +53,9 @@ def render_prompt(messages: Any) -> str:
 def prepare_turns(turns: pd.DataFrame) -> pd.DataFrame:
     """Lake turns -> ``event_id, response_id, user_id, occurred_at, prompt, response, prompt_key, response_key``."""
     if turns.empty:
-        return pd.DataFrame(columns=["event_id", "response_id", "user_id", "occurred_at", "prompt", "response",
-                                     "prompt_key", "response_key", "model_version"])
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in (
+            "event_id", "response_id", "user_id", "occurred_at", "prompt", "response", "prompt_key", "response_key",
+            "model_version")}).astype({"occurred_at": "datetime64[us, UTC]"})
     out = turns[["event_id", "response_id", "user_id", "occurred_at", "response", "model_version"]].copy()
     out["prompt"] = [render_prompt(m) for m in turns["messages"]]
     keys: dict[str, str] = {}
@@ -184,6 +185,8 @@ def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterCo
 
     prompt_set = _mask(prompts, ["prompt"], pii).rename(columns={"prompt_key": "prompt_id"})[
         ["prompt_id", "prompt", "group_id", "split", "n_turns"]].astype({"n_turns": int})
+    if prompt_set.empty:  # an interval without turns: keep the string columns typed
+        prompt_set = prompt_set.astype({c: "str" for c in ("prompt_id", "prompt", "group_id", "split")})
 
     quarantine = filtered.quarantine.astype({"event_id": str, "reason": str, "type": str, "user_id": str})
     overall = agreement(items)

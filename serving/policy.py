@@ -30,11 +30,13 @@ def smollm2_gguf_path() -> Path:
 
 
 def load_causal_lm(model: str) -> tuple[Any, Any]:
-    """(model, tokenizer) for ``"smollm2"`` (the bundled GGUF), a local ``save_pretrained`` directory, or a
+    """(model, tokenizer) for ``"smollm2"`` (the bundled GGUF), a local ``save_pretrained`` directory, a
     directory holding a ``policy.json`` pointer (``{"base": "smollm2"}``: how the base policy is registered,
-    without copying its weights)."""
+    without copying its weights), or a registered version ``models:/flywheel-policy/<n>``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if model.startswith("models:/"):  # a registered version: models:/flywheel-policy/3 or @champion
+        return load_causal_lm(str(registered_policy_dir(model)))
     pointer = Path(model) / "policy.json" if model != "smollm2" else None
     if pointer is not None and pointer.is_file():
         return load_causal_lm(json.loads(pointer.read_text())["base"])

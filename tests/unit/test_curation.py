@@ -326,3 +326,13 @@ def test_an_interval_whose_feedback_is_all_held_back_still_publishes_valid_empty
     ds = build_dataset(raw_turns, feedback, FilterConfig(blocked_users=frozenset({"bad"})))
     assert ds.pairs.empty and ds.unpaired.empty and len(ds.prompts) == 1
     assert ds.quarantine["event_id"].tolist() == ["x"]
+
+
+def test_an_interval_with_no_events_at_all_publishes_valid_empty_tables():
+    """An hourly curation of a quiet hour (found by the first `airflow dags test` of the curation DAG)."""
+    from ingest.lake import SCHEMAS
+    from pipelines.curation import unify_feedback
+
+    ds = build_dataset(SCHEMAS["turn"].empty_table().to_pandas(), unify_feedback({}), FilterConfig())
+    assert ds.pairs.empty and ds.unpaired.empty and ds.prompts.empty and ds.quarantine.empty
+    assert ds.stats["feedback_read"] == 0 and ds.stats["prompts"] == 0
