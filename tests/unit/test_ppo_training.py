@@ -117,6 +117,24 @@ def test_scores_are_normalised_by_batch_or_by_the_reward_models_own_statistics(e
     assert torch.equal(norm(reward_norm="none"), torch.tensor([1.0, 3.0, 5.0, 5.0]))
 
 
+def test_the_kl_guard_stops_a_steps_epochs_once_the_policy_drifts_past_it(env):
+    from transformers import AutoModelForCausalLM
+
+    from training.policy.ppo import PPOTrainer
+
+    _settings, policy, reward, _uri = env
+    torch.manual_seed(0)
+    trainer = PPOTrainer(recipe(policy, reward, lr=5e-2, ppo_epochs=4, target_kl=1e-4, kl_guard=1.0, steps=4),
+                         AutoModelForCausalLM.from_pretrained(policy), tiny_tokenizer(), RewardModel.load(reward))
+    free = PPOTrainer(recipe(policy, reward, lr=5e-2, ppo_epochs=4, target_kl=1e-4, steps=4),
+                      AutoModelForCausalLM.from_pretrained(policy), tiny_tokenizer(), RewardModel.load(reward))
+    prompts = ["hello world", "what is the capital of france", "how are you", "why is the sky"]
+    guarded = [trainer.train_step(prompts)["ppo/kl_guard_epochs"] for _ in range(3)]
+    unguarded = [free.train_step(prompts)["ppo/kl_guard_epochs"] for _ in range(3)]
+    assert unguarded == [4.0, 4.0, 4.0]
+    assert guarded[0] < 4.0 or guarded[1] < 4.0, guarded  # the first update moves KL off 0, then the guard stops it
+
+
 def test_a_killed_ppo_run_resumes_from_its_checkpoint(env, tmp_path):
     settings, policy, reward, uri = env
     ckpt = tmp_path / "ckpt"

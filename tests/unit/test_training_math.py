@@ -72,6 +72,9 @@ def test_adaptive_kl_controller_update():
     assert c.update(3.0, 100) == pytest.approx(0.0998)  # error clipped to -0.2
     c = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
     assert c.update(6.6, 1000) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+    c = AdaptiveKLController(0.1, target=6.0, horizon=32, min_beta=0.1)
+    assert c.update(3.0, 8) == 0.1  # 0.1 x (1 - 0.2 x 8/32) = 0.095 is below the floor
+    assert c.update(9.0, 8) == pytest.approx(0.105)
 
 
 def test_reward_whitening():

@@ -11,7 +11,8 @@ Per token t of a sampled response (state = prompt + tokens so far, action = the 
 - Advantages by GAE: ``δ_t = r_t + γ V_{t+1} - V_t``, ``A_t = Σ (γλ)^k δ_{t+k}``, returns ``A_t + V_t``.
 - Policy loss: the clipped surrogate ``-min(ρ A, clip(ρ, 1-ε, 1+ε) A)`` with ``ρ = exp(log π - log π_old)``;
   value loss: ``½ max((V - R)², (clip(V, V_old ± ε_v) - R)²)``; an entropy bonus.
-- The adaptive KL controller (Ziegler et al.): ``β ← β (1 + clip(KL / target - 1, -0.2, 0.2) · n / horizon)``.
+- The adaptive KL controller (Ziegler et al.): ``β ← β (1 + clip(KL / target - 1, -0.2, 0.2) · n / horizon)``,
+  never below ``min_beta``.
 """
 
 from __future__ import annotations
@@ -87,12 +88,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 class AdaptiveKLController:
     """Ziegler et al. 2019: move β so that the measured KL tracks ``target``; ``horizon`` sets the speed."""
 
-    def __init__(self, init_beta: float, target: float, horizon: int):
-        self.beta, self.target, self.horizon = init_beta, target, horizon
+    def __init__(self, init_beta: float, target: float, horizon: int, min_beta: float = 0.0):
+        self.beta, self.target, self.horizon, self.min_beta = init_beta, target, horizon, min_beta
 
     def update(self, kl: float, n_steps: int) -> float:
         error = max(-0.2, min(0.2, kl / self.target - 1.0))
-        self.beta *= 1.0 + error * n_steps / self.horizon
+        self.beta = max(self.min_beta, self.beta * (1.0 + error * n_steps / self.horizon))
         return self.beta
 
 
