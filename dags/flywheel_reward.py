@@ -49,7 +49,9 @@ def flywheel_reward():
             raise AirflowSkipException("not promoted: " + "; ".join(decision["reasons"]))
         return decision
 
-    increment() >> gate(train())
+    trained = train()
+    increment() >> trained  # below the minimum, the short-circuit skips training and the gate
+    gate(trained)
 
 
 flywheel_reward()

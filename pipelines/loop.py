@@ -119,7 +119,7 @@ def train_reward_model(end: datetime | str, settings: Settings | None = None, *,
         log.info("reward model version %s was already trained on dataset %s with %s", existing.version,
                  data["dataset"], recipe.name)
         return {"dataset": data["dataset"], "version": str(existing.version), "reused": True,
-                "metrics": {k: float(v) for k, v in existing.tags.items() if k.startswith("eval_")}}
+                "metrics": {k: float(v) for k, v in existing.tags.items() if k.startswith("eval_") and k != "eval_run_id"}}
     if data["pairs"] == 0:
         raise ValueError(f"dataset {data['dataset']} ([{data['start']}, {data['end']})) has no pairs to train on")
     res = train_reward(settings, recipe, data["dataset"])

@@ -78,8 +78,8 @@ class PPORecipe:
     target_kl: float = 6.0  # per-sequence KL the adaptive controller aims for
     kl_horizon: int = 10_000  # in samples (Ziegler et al.): beta moves at most 0.2 x batch / horizon per step
     min_kl_coef: float = 0.0  # the adaptive controller never lowers beta below this
-    # > 0: stop a step's PPO epochs once the policy's KL to the reference on the step's samples exceeds
-    # kl_guard * target_kl and is above where the step started (updates that bring KL down still run)
+    # > 0: a minibatch whose KL to the reference (per response) is past kl_guard * target_kl is updated to
+    # reduce that KL instead of the PPO loss (a hard constraint; the controller alone reacts too slowly)
     kl_guard: float = 0.0
     # sequence scores before the KL term: "batch" whitens over each rollout batch (TRL, lm-human-prefs);
     # "reward_model" standardises with the mean/std the reward model measured on its training pairs, so

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,22 +118,26 @@ def test_scores_are_normalised_by_batch_or_by_the_reward_models_own_statistics(e
     assert torch.equal(norm(reward_norm="none"), torch.tensor([1.0, 3.0, 5.0, 5.0]))
 
 
-def test_the_kl_guard_stops_a_steps_epochs_once_the_policy_drifts_past_it(env):
+def test_past_the_kl_guard_updates_pull_the_policy_back_towards_the_reference(env):
     from transformers import AutoModelForCausalLM
 
     from training.policy.ppo import PPOTrainer
 
     _settings, policy, reward, _uri = env
-    torch.manual_seed(0)
-    trainer = PPOTrainer(recipe(policy, reward, lr=5e-2, ppo_epochs=4, target_kl=1e-4, kl_guard=1.0, steps=4),
-                         AutoModelForCausalLM.from_pretrained(policy), tiny_tokenizer(), RewardModel.load(reward))
-    free = PPOTrainer(recipe(policy, reward, lr=5e-2, ppo_epochs=4, target_kl=1e-4, steps=4),
-                      AutoModelForCausalLM.from_pretrained(policy), tiny_tokenizer(), RewardModel.load(reward))
     prompts = ["hello world", "what is the capital of france", "how are you", "why is the sky"]
-    guarded = [trainer.train_step(prompts)["ppo/kl_guard_epochs"] for _ in range(3)]
-    unguarded = [free.train_step(prompts)["ppo/kl_guard_epochs"] for _ in range(3)]
-    assert unguarded == [4.0, 4.0, 4.0]
-    assert guarded[0] < 4.0 or guarded[1] < 4.0, guarded  # the first update moves KL off 0, then the guard stops it
+
+    def kls(**kw):
+        torch.manual_seed(0)
+        trainer = PPOTrainer(recipe(policy, reward, lr=3e-2, ppo_epochs=4, target_kl=0.5, **kw),
+                             AutoModelForCausalLM.from_pretrained(policy), tiny_tokenizer(), RewardModel.load(reward))
+        steps = [trainer.train_step(prompts) for _ in range(6)]
+        return [s["ppo/kl"] for s in steps], [s["ppo/kl_pullback_share"] for s in steps]
+
+    free, free_pullbacks = kls()
+    guarded, pullbacks = kls(kl_guard=1.0)
+    assert set(free_pullbacks) == {0.0} and max(free[1:]) > 0.5  # unconstrained, the policy leaves the target
+    assert any(p > 0 for p in pullbacks), pullbacks  # the guard acted ...
+    assert np.mean(guarded[2:]) < np.mean(free[2:])  # ... and kept the policy closer to the reference
 
 
 def test_a_killed_ppo_run_resumes_from_its_checkpoint(env, tmp_path):

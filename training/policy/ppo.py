@@ -19,9 +19,10 @@ Deviations from the textbook, on purpose:
 - The KL penalty is in the reward (per token, estimator ``k1`` or ``k3`` from the recipe), not in the loss;
   ``target_kl`` is the per-sequence KL the adaptive controller steers β towards (β never below
   ``min_kl_coef``). The controller alone reacts too slowly at 8 samples a step (measured: KL 12 against a
-  target of 6), so ``kl_guard`` adds a hard stop: a step's PPO epochs end as soon as the policy's KL to the
-  reference on the step's own samples passes ``kl_guard · target_kl`` and is above where the step began
-  (updates that bring the KL down still run). ``ppo/kl_guard_epochs`` logs how many epochs ran.
+  target of 6; stopping a step's epochs at the limit still let each step's first update push it up), so
+  ``kl_guard`` adds a hard constraint: a minibatch whose KL to the reference (k3, on the step's samples,
+  summed per response) is past ``kl_guard · target_kl`` is updated to *reduce* that KL (its loss is the
+  per-token KL, plus the value loss) instead of the PPO loss. ``ppo/kl_pullback_share`` logs how often.
 - Sequence scores are normalised (``reward_norm``: whitened over the rollout batch, or standardised with the
   reward model's own training statistics, which keeps the KL lower late in training), then clipped to
   ±``reward_clip`` (raw scores are what we report); a response that never emits EOS within
@@ -239,8 +240,8 @@ class PPOTrainer:
         self.model.train()
         n = len(prompts)
         guard = r.kl_guard * r.target_kl if r.kl_guard > 0 else float("inf")
-        stopped_at = None
-        for epoch in range(r.ppo_epochs):
+        pullbacks = updates = 0
+        for _epoch in range(r.ppo_epochs):
             order = torch.randperm(n)
             for i in range(0, n, r.minibatch):
                 idx = order[i:i + r.minibatch]
@@ -248,24 +249,23 @@ class PPOTrainer:
                 logp = token_logprobs(logits, ro.input_ids[idx], ro.prompt_len)
                 values = values[:, ro.prompt_len - 1:-1]
                 m = mask[idx]
-                if guard < float("inf"):
-                    now_kl = float((self.kl(logp.detach(), ref_logp[idx]) * m).sum(1).mean())
-                    if now_kl > guard and now_kl > float(seq_kl[idx].mean()):
-                        stopped_at = epoch + i / n
-                        break
                 pl, pstats = policy_loss(logp, old_logp[idx], adv[idx], m, r.clip)
                 vl = value_loss(values, old_values[idx], returns[idx], m, r.value_clip)
                 ent = masked_mean(entropy_from_logits(logits[:, ro.prompt_len - 1:-1]), m)
                 loss = pl + r.value_coef * vl - r.entropy_coef * ent
+                if guard < float("inf"):
+                    seq = (kl_k3(logp, ref_logp[idx]) * m).sum(1).mean()
+                    if float(seq) > guard:  # past the guard: pull this minibatch back towards the reference
+                        loss = seq / m.sum(1).mean().clamp(min=1) + r.value_coef * vl
+                        pullbacks += 1
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.max_grad_norm)
                 self.opt.step()
+                updates += 1
                 for k, v in (("policy_loss", pl), ("value_loss", vl), ("entropy", ent),
                              ("clipfrac", pstats["clipfrac"]), ("approx_kl", pstats["approx_kl"])):
                     stats[k].append(float(v))
-            if stopped_at is not None:
-                break
         t4 = time.perf_counter()
         mean_kl = float(seq_kl.mean())
         beta = self.kl_ctl.beta
@@ -278,7 +278,7 @@ class PPOTrainer:
             "ppo/kl": mean_kl, "ppo/beta": beta, "ppo/response_length": float(mask.sum(1).mean()),
             "ppo/no_eos_share": float((~ro.finished).float().mean()),
             "ppo/tokens": float(mask.sum()),
-            "ppo/kl_guard_epochs": float(stopped_at if stopped_at is not None else r.ppo_epochs),
+            "ppo/kl_pullback_share": pullbacks / max(updates, 1),
             **{f"ppo/{k}": float(np.mean(v)) if v else float("nan") for k, v in stats.items()}, **timings,
         }
 
