@@ -137,7 +137,7 @@ class LoopSettings(BaseModel):
     policy_from_champion: bool = Field(default=True, description="PPO starts from the serving champion (else "
                                        "from the recipe's base policy).")
     webhook_url: str | None = Field(default=None, description="Failed tasks POST a JSON summary here.")
-    airflow_port: int = Field(default=8793, description="`flywheel airflow up`: the Airflow API server port.")
+    airflow_port: int = Field(default=8280, description="`flywheel airflow up`: the Airflow API server port.")
 
 
 class EmbeddedSettings(BaseModel):
