@@ -46,7 +46,10 @@ def load_causal_lm(model: str) -> tuple[Any, Any]:
         lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # the GGUF weights are dequantized to plain fp32 on load; drop the quantizer marker so that a trained
         # copy can be saved with save_pretrained (transformers refuses to serialize "gguf-quantized" models)
-        lm.hf_quantizer = None
+        # (the quantizer's own remove_quantization_config also clears is_quantized, which Trainer checks)
+        if getattr(lm, "hf_quantizer", None) is not None:
+            lm.hf_quantizer.remove_quantization_config(lm)
+        lm.hf_quantizer, lm.is_quantized = None, False
         if hasattr(lm.config, "quantization_config"):
             del lm.config.quantization_config
     else:
