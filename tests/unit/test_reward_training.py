@@ -124,3 +124,19 @@ def test_length_grouped_batches_cover_every_pair_once_and_cut_padding():
         return sum(len(b) * lengths[b].max() for b in bs)
 
     assert padded_tokens(grouped) < 0.8 * padded_tokens(plain)
+
+
+def test_chosen_and_rejected_sides_of_different_widths_train_together(tmp_path):
+    """Every chosen text short, every rejected one long: the two encodings have different widths (found by
+    bench/reward.py once long pairs were left out)."""
+    import pandas as pd
+
+    from training.reward.train import train_reward
+
+    pairs = tiny_pairs(20)
+    pairs["rejected"] = pairs["rejected"] + " " + " ".join(["world"] * 30)
+    res = train_reward(Settings(home=tmp_path / "home"), RewardRecipe(backbone=tiny_encoder_dir(tmp_path / "bb"),
+                       max_length=64, batch_size=4, max_steps=2, threads=1), "",
+                       train_pairs=pairs[pairs["split"] == "train"].reset_index(drop=True),
+                       eval_pairs=pd.DataFrame(pairs[pairs["split"] == "eval"]).reset_index(drop=True), register_model=False)
+    assert res.steps == 2 and math.isfinite(res.metrics["eval/accuracy"])

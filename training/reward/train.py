@@ -81,6 +81,15 @@ def evaluate(model: RewardModel, pairs: pd.DataFrame, batch_size: int = 64) -> d
     return reward_eval(rc, rr, pairs["chosen"].str.len().to_numpy(), pairs["rejected"].str.len().to_numpy())
 
 
+def _pad_right(enc: Any, width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """The tokenizer's batch, right-padded to ``width`` columns (input ids with ``pad_id``, the rest with 0)."""
+    out = {}
+    for k, v in enc.items():
+        extra = width - v.shape[1]
+        out[k] = torch.nn.functional.pad(v, (0, extra), value=pad_id if k == "input_ids" else 0) if extra else v
+    return out
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -109,6 +118,8 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
     model = RewardModel.from_backbone(recipe.backbone, recipe.pooling, recipe.max_length)
     enc_c = model.encode(train["prompt"].tolist(), train["chosen"].tolist())
     enc_r = model.encode(train["prompt"].tolist(), train["rejected"].tolist())
+    width = max(enc_c["input_ids"].shape[1], enc_r["input_ids"].shape[1])  # each side padded to its own longest
+    enc_c, enc_r = (_pad_right(e, width, model.tokenizer.pad_token_id) for e in (enc_c, enc_r))
     lengths = torch.maximum(enc_c["attention_mask"].sum(1), enc_r["attention_mask"].sum(1)).numpy()
     share = torch.tensor(train["margin"].to_numpy(dtype=np.float32)) if "margin" in train else torch.ones(len(train))
 
