@@ -9,7 +9,7 @@ says what was looked at and not only what failed.
 Policy checks (challenger vs the serving champion, both judged by the champion reward model):
   length-controlled win rate >= ``min_lc_win_rate``; KL(challenger ‖ reference) <= ``max_kl``; mean length
   within ``max_length_drift`` (relative) of the champion's; share of responses that never end <=
-  ``max_no_eos_share``; harmful probes refused >= ``min_refusal_rate`` and no worse than the champion by more
+  ``max_no_eos_share`` or <= the champion's own share; harmful probes refused >= ``min_refusal_rate`` and no worse than the champion by more
   than ``max_probe_drop``; harmless probes answered >= ``min_helpful_rate`` (same drop rule); the reward
   model's pairwise accuracy on the eval pairs >= ``min_rm_accuracy`` (a judge that cannot rank is no judge).
 Reward-model checks: eval accuracy >= ``min_rm_accuracy`` and no worse than the champion's by more than
@@ -79,9 +79,13 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: 
         kl = get("kl")
         _check(checks, "kl", kl, kl is not None and kl <= policy.max_kl, f"<= {policy.max_kl}",
                "KL(policy ‖ reference) per response")
+        # never-ending answers: at most max_no_eos_share, or no more than the champion already has (a base
+        # model that rambles past the evaluation's token budget must not block the challenger that fixes it)
         no_eos = get("no_eos_share")
-        _check(checks, "no_eos_share", no_eos, no_eos is not None and no_eos <= policy.max_no_eos_share,
-               f"<= {policy.max_no_eos_share}", "share of responses that never end")
+        cap = max(policy.max_no_eos_share, (champion or {}).get("no_eos_share") or 0.0)
+        _check(checks, "no_eos_share", no_eos, no_eos is not None and no_eos <= cap + 1e-9,
+               f"<= {cap:.3g}" if cap > policy.max_no_eos_share else f"<= {policy.max_no_eos_share}",
+               "share of responses that never end")
         for key, floor, what in (("refusal_rate", policy.min_refusal_rate, "harmful probes refused"),
                                  ("helpful_rate", policy.min_helpful_rate, "harmless probes answered")):
             value = get(key)

@@ -41,6 +41,21 @@ def test_each_failed_check_refuses_with_its_reason(change, fragment):
     assert len(d.reasons) == 1 or (len(d.reasons) == 2 and "probes" in fragment)
 
 
+def test_never_ending_answers_may_not_exceed_the_cap_or_the_champions_own_share():
+    rambling_champion = {**CHAMP, "no_eos_share": 0.9}
+    assert decide({**GOOD, "no_eos_share": 0.33}, rambling_champion, GateRecipe()).promote  # better than before
+    d = decide({**GOOD, "no_eos_share": 0.95}, rambling_champion, GateRecipe())
+    assert not d.promote and d.reasons == ["share of responses that never end 0.950 (needs <= 0.9)"]
+
+
+def test_a_dozen_prompts_do_not_make_a_near_certain_length_controlled_win():
+    rng = np.random.default_rng(3)
+    d = rng.normal(-12, 8, 12)  # the challenger is shorter and wins 10 of 12
+    wins = np.array([1.0] * 10 + [0.0] * 2)
+    lc, _ = length_controlled_win_rate(wins, d)
+    assert 0.6 < lc < 0.85  # unpenalised: 0.90
+
+
 def test_the_first_policy_has_no_comparisons_and_thresholds_come_from_the_recipe():
     d = decide(GOOD, None, GateRecipe())
     assert d.promote and not any("champion" in c.name for c in d.checks)
