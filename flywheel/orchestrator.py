@@ -52,4 +52,14 @@ def up(settings: Settings) -> int:
     env = prepare(settings)
     print(f"Airflow on http://localhost:{settings.loop.airflow_port} (AIRFLOW_HOME={env['AIRFLOW_HOME']}); the "
           f"admin password is in {env['AIRFLOW_HOME']}/simple_auth_manager_passwords.json.generated", flush=True)
-    return subprocess.run(["airflow", "standalone"], env=env).returncode
+    import signal
+
+    proc = subprocess.Popen(["airflow", "standalone"], env=env)
+    # SIGTERM (e.g. `timeout`, a service manager) must stop standalone too, or its scheduler and workers
+    # outlive us (seen once); standalone stops its own children when it is terminated
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait(60)
