@@ -15,11 +15,13 @@ decision against the same champion returns that decision.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flywheel.settings import Settings, get_settings
+from training.registry import registry_client
 from training.tracking import POLICY_MODEL, REWARD_MODEL
 
 log = logging.getLogger(__name__)
@@ -50,12 +52,6 @@ def curate_interval(start: datetime | str, end: datetime | str, settings: Settin
     return out
 
 
-def _client(settings: Settings) -> Any:
-    from training.registry import _client
-
-    return _client(settings)
-
-
 def _versions(client: Any, model: str) -> list[Any]:
     from mlflow.exceptions import MlflowException
 
@@ -83,7 +79,7 @@ def reward_increment(end: datetime | str, settings: Settings | None = None) -> d
 
     settings = settings or get_settings()
     end = _when(end)
-    client = _client(settings)
+    client = registry_client(settings)
     champion = alias_version(client, REWARD_MODEL, CHAMPION)
     trained_until = _dataset_end(settings, client.get_model_version(REWARD_MODEL, champion).tags.get("dataset_version")
                                  if champion else None)
@@ -131,7 +127,7 @@ def train_reward_model(end: datetime | str, settings: Settings | None = None, *,
 
 
 def _trained_on(settings: Settings, model: str, dataset: str, recipe: str, **tags: str) -> Any:
-    for mv in reversed(_versions(_client(settings), model)):
+    for mv in reversed(_versions(registry_client(settings), model)):
         t = mv.tags
         if t.get("dataset_version") == dataset and t.get("recipe") == recipe and all(t.get(k) == v for k, v in tags.items()):
             return mv
@@ -140,7 +136,7 @@ def _trained_on(settings: Settings, model: str, dataset: str, recipe: str, **tag
 
 def _tag(settings: Settings, model: str, version: str | None, tags: dict[str, str]) -> None:
     if version:
-        client = _client(settings)
+        client = registry_client(settings)
         for k, v in tags.items():
             client.set_model_version_tag(model, version, k, v)
 
@@ -152,7 +148,7 @@ def train_policy(dataset: str, settings: Settings | None = None, *, overrides: d
     from training.registry import CHALLENGER, CHAMPION, alias_version, bootstrap_policy
 
     settings = settings or get_settings()
-    client = _client(settings)
+    client = registry_client(settings)
     champion_policy = alias_version(client, POLICY_MODEL, CHAMPION) or bootstrap_policy(settings)
     rm = alias_version(client, REWARD_MODEL, CHAMPION) or alias_version(client, REWARD_MODEL, CHALLENGER)
     if rm is None:
@@ -161,9 +157,8 @@ def train_policy(dataset: str, settings: Settings | None = None, *, overrides: d
     if settings.loop.policy_from_champion:
         extra["policy"] = f"models:/{POLICY_MODEL}/{champion_policy}"
     recipe = load_recipe(settings.loop.policy_recipe, {**extra, **(overrides or {})})
-    if isinstance(recipe, PPORecipe):
-        recipe = load_recipe(settings.loop.policy_recipe, {**extra, "reward_model": f"models:/{REWARD_MODEL}/{rm}",
-                                                          **(overrides or {})})
+    if isinstance(recipe, PPORecipe) and "reward_model" not in (overrides or {}):
+        recipe = dataclasses.replace(recipe, reward_model=f"models:/{REWARD_MODEL}/{rm}")
     tags = {"reward_model_version": str(rm) if isinstance(recipe, PPORecipe) else "none",
             "start_policy": recipe.policy}
     existing = _trained_on(settings, POLICY_MODEL, dataset, recipe.name, **tags)
@@ -201,7 +196,7 @@ def evaluate_and_promote(model: str, version: str, settings: Settings | None = N
     gate = load_recipe(settings.loop.gate_recipe)
     if not isinstance(gate, GateRecipe):
         raise ValueError(f"{settings.loop.gate_recipe}: not a gate recipe")
-    client = _client(settings)
+    client = registry_client(settings)
     champion = alias_version(client, model, CHAMPION)
     for rec in reversed(AuditLog.from_settings(settings).history(model)):
         if rec.version == version and rec.action in ("promote", "refuse", "force") and \

@@ -46,9 +46,9 @@ class ChampionPolicy:
         return PolicyHandle(lm, tok, policy_version_label(self.model, version))
 
     def _alias(self, alias: str) -> str | None:
-        from training.registry import _client, alias_version
+        from training.registry import alias_version, registry_client
 
-        return alias_version(_client(self.settings), self.model, alias)
+        return alias_version(registry_client(self.settings), self.model, alias)
 
     def refresh(self) -> dict[str, str | None]:
         """Load whatever the aliases point to now, if it is not what is served; returns the served versions."""

@@ -175,12 +175,6 @@ def compare_reward_models(challenger: Any, champion: Any | None, eval_pairs: Any
             "champion": rm_evaluate(champion, eval_pairs) if champion is not None else None}
 
 
-def _eval_prompts(ds: Any, n: int, seed: int) -> list[str]:
-    from training.policy.ppo import _prompts
-
-    return _prompts(ds, "eval", n, seed)
-
-
 def evaluate_challenger(settings: Settings, model: str, challenger: str, *, dataset: str | None = None,
                         recipe: GateRecipe | None = None) -> dict[str, Any]:
     """Evaluate registered version ``challenger`` of ``model`` against its champion; log and tag the result."""
@@ -189,6 +183,7 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
 
     from serving.policy import load_causal_lm, registered_policy_dir
     from training.data import open_dataset
+    from training.policy.ppo import _prompts
     from training.registry import CHALLENGER, CHAMPION, alias_version
     from training.reward.train import load_registered_reward
 
@@ -222,7 +217,7 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
         cp = load_causal_lm(str(registered_policy_dir(f"models:/{model}/{champion}"))) if champion else ch
         reference = recipe.reference or mv.tags.get("reference") or "smollm2"
         ref = load_causal_lm(reference)
-        prompts = _eval_prompts(ds, recipe.eval_prompts, recipe.seed)
+        prompts = _prompts(ds, "eval", recipe.eval_prompts, recipe.seed)
         if not prompts:
             raise ValueError(f"dataset {ds.version} has no eval prompts")
         report |= {"judge": f"{REWARD_MODEL}/{judge_version}", "reference": reference,

@@ -69,7 +69,8 @@ class AuditLog:
         return sorted(records, key=lambda r: r.at)
 
 
-def _client(settings: Settings) -> Any:
+def registry_client(settings: Settings) -> Any:
+    """An MlflowClient on the settings' tracking store (and the fluent API pointed at it too)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -118,7 +119,7 @@ def evaluation_of(client: Any, model: str, version: str) -> dict[str, Any]:
 def promote(settings: Settings, model: str, version: str, *, gate: GateRecipe | None = None,
             actor: str | None = None, force: bool = False, note: str = "") -> AuditRecord:
     """Run the gate on the version's logged evaluation; move ``champion`` only if it passes (or ``force``)."""
-    client = _client(settings)
+    client = registry_client(settings)
     version = str(version)
     client.get_model_version(model, version)  # raises for an unknown version
     previous = alias_version(client, model, CHAMPION)
@@ -158,7 +159,7 @@ def promote(settings: Settings, model: str, version: str, *, gate: GateRecipe | 
 def rollback(settings: Settings, model: str, *, to: str | None = None, actor: str | None = None,
              note: str = "") -> AuditRecord:
     """Move ``champion`` to ``to`` or, by default, to the version the current champion replaced."""
-    client = _client(settings)
+    client = registry_client(settings)
     current = alias_version(client, model, CHAMPION)
     log = AuditLog.from_settings(settings)
     if to is None:
@@ -190,7 +191,7 @@ def bootstrap_policy(settings: Settings, base: str = "smollm2", *, version_label
     from training.policy.ppo import _policy_pyfunc
     from training.tracking import pip_requirements, register, use_tracking
 
-    client = _client(settings)
+    client = registry_client(settings)
     current = alias_version(client, POLICY_MODEL, CHAMPION)
     if current is not None:
         return current
