@@ -213,3 +213,26 @@ def test_readyz_is_503_while_the_broker_is_frozen(client, broker):
         assert r.status_code == 503 and r.json()["broker"] == "unreachable"
     finally:
         broker.resume()
+
+
+def test_admin_routes_answer_garbage_with_a_clear_422_and_change_nothing(settings, api_secret):
+    import secrets as _secrets
+
+    from flywheel.settings import ApiKey, hash_api_key
+    from training.registry import AuditLog
+
+    admin = _secrets.token_urlsafe(16)
+    settings.api.keys = [*settings.api.keys, ApiKey(name="ops", sha256=hash_api_key(admin), admin=True)]
+    with TestClient(create_app(settings)) as c:
+        h = {"Authorization": f"Bearer {admin}"}
+        r = c.post("/v1/admin/promote", headers=h, content=b"\xff\xfe not json")
+        assert r.status_code == 400, r.text
+        r = c.post("/v1/admin/promote", headers=h, json={"version": "three", "colour": "red"})
+        assert r.status_code == 422 and {f["field"] for f in r.json()["fields"]} == {"version", "colour"}
+        r = c.post("/v1/admin/rollback", headers=h, json={"model": "some-other-model"})
+        assert r.status_code == 422 and r.json()["fields"][0]["field"] == "model"
+        r = c.get("/v1/admin/history", headers=h, params={"model": "nope"})
+        assert r.status_code == 422 and "must be one of" in r.json()["message"]
+        r = c.post("/v1/admin/reload", headers=h)
+        assert r.status_code == 409 and "POLICY_FROM_REGISTRY" in r.json()["message"]
+    assert AuditLog.from_settings(settings).history() == []  # nothing was recorded
