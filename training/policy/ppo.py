@@ -255,7 +255,7 @@ class PPOTrainer:
                 loss = pl + r.value_coef * vl - r.entropy_coef * ent
                 if guard < float("inf"):
                     seq = (kl_k3(logp, ref_logp[idx]) * m).sum(1).mean()
-                    if float(seq) > guard:  # past the guard: pull this minibatch back towards the reference
+                    if float(seq.detach()) > guard:  # past the guard: pull this minibatch back towards the reference
                         loss = seq / m.sum(1).mean().clamp(min=1) + r.value_coef * vl
                         pullbacks += 1
                 self.opt.zero_grad(set_to_none=True)
@@ -265,7 +265,7 @@ class PPOTrainer:
                 updates += 1
                 for k, v in (("policy_loss", pl), ("value_loss", vl), ("entropy", ent),
                              ("clipfrac", pstats["clipfrac"]), ("approx_kl", pstats["approx_kl"])):
-                    stats[k].append(float(v))
+                    stats[k].append(float(v.detach()))
         t4 = time.perf_counter()
         mean_kl = float(seq_kl.mean())
         beta = self.kl_ctl.beta
