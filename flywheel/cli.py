@@ -93,9 +93,22 @@ def _keys(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from flywheel.demo import run_demo
+    from flywheel.demo import DemoConfig, run_demo
 
-    result = run_demo(settings, events=args.events, chats=0 if args.no_policy else args.chats, seed=args.seed)
+    chosen = {k: v for k, v in {"cycles": args.cycles, "honest_users": args.users, "adversary_share": args.adversaries,
+                                "scenario": args.scenario, "eval_prompts": args.eval_prompts,
+                                "ppo_steps": args.ppo_steps, "seed": args.seed}.items() if v is not None}
+    cfg = DemoConfig.quick(**chosen) if args.quick else DemoConfig(**chosen)
+    summary = run_demo(settings, cfg, run_dir=Path(args.run_dir) if args.run_dir else None)
+    if cfg.scenario == "reward-hacking":
+        return 0 if not summary["promotions"] else 1
+    return 0 if summary["promotions"] else 1
+
+
+def _demo_feedback(args: argparse.Namespace, settings: Settings) -> int:
+    from flywheel.feedback_demo import run_feedback_demo
+
+    result = run_feedback_demo(settings, events=args.events, chats=0 if args.no_policy else args.chats, seed=args.seed)
     return 0 if result["complete"] else 1
 
 
@@ -213,7 +226,7 @@ def _eval_reward(args: argparse.Namespace, settings: Settings) -> int:
     against the hidden preference itself (pairs the hidden preference ranks the same either way are skipped)."""
     import mlflow
 
-    from flywheel.simulate import HiddenPreference
+    from flywheel.simulate import HiddenPreference, hidden_preference_accuracy
     from training.data import open_dataset
     from training.reward.train import evaluate, load_registered_reward
 
@@ -224,13 +237,7 @@ def _eval_reward(args: argparse.Namespace, settings: Settings) -> int:
     report: dict[str, object] = {"model": args.model, "eval_pairs": len(pairs), **evaluate(model, pairs)}
     if args.truth:
         pref = HiddenPreference(**json.loads(Path(args.truth).read_text())["preference"])
-        truth_c, truth_r = pairs["chosen"].map(pref.score), pairs["rejected"].map(pref.score)
-        decided = (truth_c != truth_r).to_numpy()
-        swap = (truth_c < truth_r).to_numpy()  # the hidden preference prefers the "rejected" side
-        oriented = pairs.assign(chosen=pairs["chosen"].where(~swap, pairs["rejected"]),
-                                rejected=pairs["rejected"].where(~swap, pairs["chosen"]))[decided].reset_index(drop=True)
-        report["hidden_preference"] = {"pairs": len(oriented), **evaluate(model, oriented)}
-        report["labels_agree_with_hidden_preference"] = float((~swap[decided]).mean()) if decided.any() else None
+        report |= hidden_preference_accuracy(model, pairs, pref)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -420,12 +427,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["up", "prepare"], help="up: run it; prepare: migrate the DB, create the pool")
     s.set_defaults(func=_airflow)
 
-    s = sub.add_parser("demo", help="run the whole feedback path on the embedded stack and show the lake")
+    s = sub.add_parser("demo", help="the whole loop on the embedded stack: simulated users -> API -> lake -> curate "
+                       "-> reward model -> PPO -> gate -> promote -> serving, several cycles, with a report")
+    s.add_argument("--quick", action="store_true", help="one short cycle (about 3 minutes; what CI runs)")
+    s.add_argument("--scenario", choices=["default", "reward-hacking"], default=None,
+                   help="reward-hacking: users click for the shortest answer; the gate must refuse what that teaches")
+    s.add_argument("--cycles", type=int, default=None, help="cycles of one simulated hour each (default 2)")
+    s.add_argument("--users", type=int, default=None, help="honest users a cycle (default 150; --quick 100)")
+    s.add_argument("--adversaries", type=float, default=None,
+                   help="share of all users who are adversaries, on top of the honest ones (default 0.1)")
+    s.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts at each gate (default 200)")
+    s.add_argument("--ppo-steps", type=int, default=None, help="PPO steps a cycle (default: the demo recipe's)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--run-dir", help="where the run's stack, models and report go (default <home>/demo/<run>)")
+    s.set_defaults(func=_demo)
+
+    s = sub.add_parser("demo-feedback", help="only the feedback path: traffic over HTTP into the lake, shown")
     s.add_argument("--events", type=int, default=2_000, help="events to send over HTTP")
     s.add_argument("--chats", type=int, default=3, help="replies to generate with the policy")
     s.add_argument("--no-policy", action="store_true", help="skip loading SmolLM2 (no /v1/chat calls)")
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_demo)
+    s.set_defaults(func=_demo_feedback)
     return p
 
 

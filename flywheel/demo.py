@@ -1,114 +1,351 @@
-"""``flywheel demo``: the feedback path end to end on the embedded stack.
+"""``flywheel demo``: the whole loop on one machine, and the evidence that it works.
 
-1. start the embedded stack (Tansu broker, lake directory, MLflow store) under ``Settings.home``;
-2. start the consumer and the HTTP API (the policy, SmolLM2-135M-Instruct, loads in the background);
-3. send traffic over real HTTP: turns built from ShareGPT exchanges and feedback of every type, a few real
-   ``/v1/chat`` replies from the policy, and some deliberately bad requests and records;
-4. wait until every accepted event is in the lake and print what landed there.
+1. A fresh run directory (``<home>/demo/<run>``) with its own embedded stack: Tansu broker, lake, MLflow.
+2. The base policy, SmolLM2-135M-Instruct, is registered as ``flywheel-policy`` v1 @champion; the API serves
+   whatever ``@champion`` points to (``ChampionPolicy``, polling the alias), the consumer writes the lake.
+3. Each cycle is one simulated hour of traffic: simulated users (honest ones with a hidden preference,
+   plus adversaries) talk to the real HTTP API (``/v1/turns``, ``/v1/feedback/batch`` and a few live
+   ``/v1/chat`` calls answered by the serving champion), then the loop's steps run on that hour, exactly
+   as the Airflow DAGs call them (:mod:`pipelines.loop`): curate -> train the reward model -> reward-model
+   gate -> PPO from the champion against the champion reward model -> evaluate against the champion on
+   held-out ShareGPT prompts -> gate -> promote; the API picks the new champion up.
+4. A report (``report.md`` + ``report.png``) with, per cycle, what came in, what was held back and why,
+   pairs and agreement, the reward model's accuracy against the hidden preference, the challenger's win
+   rate against the champion on the hidden preference (and as the judge saw it), KL, length, and the
+   gate's decision with its reasons; at the end the final champion against v1 on the hidden preference.
+
+``--scenario reward-hacking``: users click for the shortest answer whatever it says (a proxy the hidden
+preference disagrees with below a few words); the reward model learns "shorter is better" and the gate
+must refuse it, and with it every policy that would have been trained against it.
+
+The hidden preference is known only to the simulation and this report: nothing in the loop reads it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
-from collections import Counter
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-import httpx
+import numpy as np
 
-from flywheel import stack
 from flywheel.settings import Settings
-from flywheel.storage import open_storage
-from flywheel.traffic import example_traffic
-from ingest.lake import count_events, read_events, wait_for_events
-from pipelines.sharegpt import chat_samples
-from serving.policy import PolicyHandle
+
+log = logging.getLogger(__name__)
+SCENARIOS = ("default", "reward-hacking")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    cycles: int = 2
+    honest_users: int = 150  # per cycle; adversaries come on top (adversary_share of all users)
+    conversations_per_user: int = 6
+    adversary_share: float = 0.10
+    scenario: str = "default"
+    prompts: int = 150  # ShareGPT prompts the users ask (the first ones in the file)
+    eval_prompts: int = 200  # held-out ShareGPT prompts (after those) both policies answer at each gate
+    ppo_steps: int = 0  # 0 = the demo recipe's
+    chats_per_cycle: int = 2  # live /v1/chat calls answered by the serving champion
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **kw: Any) -> DemoConfig:
+        """One cycle, fewer users, 3 PPO steps, 48 held-out prompts: about three minutes, for CI."""
+        return cls(**{"cycles": 1, "honest_users": 100, "ppo_steps": 3, "eval_prompts": 48, "chats_per_cycle": 1,
+                      **kw})
+
+    def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"scenario must be one of {SCENARIOS}, got {self.scenario!r}")
+        if not 0 <= self.adversary_share < 1:
+            raise ValueError(f"adversary_share must be in [0, 1), got {self.adversary_share}")
+        if self.cycles < 1 or self.honest_users < 1 or self.eval_prompts < 1:
+            raise ValueError("cycles, honest_users and eval_prompts must be positive")
+
+    @property
+    def users(self) -> int:
+        """All users of a cycle: the honest ones plus adversaries making up ``adversary_share`` of them."""
+        return self.honest_users + round(self.honest_users * self.adversary_share / (1 - self.adversary_share))
+
+
+@dataclass
+class Cycle:
+    number: int
+    start: str
+    end: str
+    events_sent: int = 0
+    served_by: list[str] = field(default_factory=list)
+    curation: dict[str, Any] = field(default_factory=dict)
+    filters: dict[str, Any] = field(default_factory=dict)
+    reward: dict[str, Any] = field(default_factory=dict)
+    policy: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_demo(settings: Settings, *, events: int = 2_000, chats: int = 3, load_policy: bool = True,
-             seed: int = 0) -> dict[str, Any]:
-    t0 = time.monotonic()
-    _say(f"flywheel demo: home {settings.home}")
-    for k, v in stack.up(settings).items():
-        _say(f"  {k:7s} {v}")
+class _Timer:
+    def __init__(self, into: dict[str, float], name: str):
+        self.into, self.name = into, name
 
-    since = datetime.now(UTC) - timedelta(hours=2)  # the traffic's occurred_at lies within the last hour
-    ids: set[str] = set()
-    sent: Counter[str] = Counter()
-    rejected: list[str] = []
-    policy_thread = None
-    with stack.local_feedback_path(settings, "demo") as (state, client):
-        if load_policy and chats:
-            def load() -> None:
-                state.policy = PolicyHandle.load(settings.api.policy_model, settings.api.policy_version)
-            policy_thread = threading.Thread(target=load, name="policy-loader", daemon=True)
-            policy_thread.start()
-        url = str(client.base_url).rstrip("/")
-        _say(f"API on {url} (key 'demo'); consumer group {settings.kafka.group_id}")
-        samples = chat_samples(500)
-        traffic = list(example_traffic(samples, events, seed=seed))
-        _say(f"sending {len(traffic)} events built from {len(samples)} ShareGPT exchanges ...")
-        singles, rest = traffic[:200], traffic[200:]
-        for ev in singles:
-            path = "/v1/turns" if ev["type"] == "turn" else "/v1/feedback"
-            r = client.post(path, json=ev)
-            r.raise_for_status()
-            sent[ev["type"]] += 1
-            ids.add(ev["event_id"])
-        for i in range(0, len(rest), 250):
-            batch = rest[i : i + 250]
-            r = client.post("/v1/feedback/batch", json={"events": batch})
-            r.raise_for_status()
-            sent.update(ev["type"] for ev in batch)
-            ids.update(ev["event_id"] for ev in batch)
+    def __enter__(self) -> _Timer:
+        self.t = time.monotonic()
+        return self
 
-        bad = [
-            ("malformed JSON", client.post("/v1/feedback", content=b'{"type": "thumbs",',
-                                           headers={"content-type": "application/json"})),
-            ("wrong type", client.post("/v1/feedback", json={"type": "thumbs", "value": 5, "response_id": "r-1"})),
-            ("a year ahead", client.post("/v1/feedback", json={**traffic[1], "occurred_at": "2099-01-01T00:00:00Z"})),
-            ("no API key", httpx.post(f"{url}/v1/feedback", json=traffic[1])),
-        ]
-        for what, r in bad:
-            rejected.append(f"{what} -> {r.status_code} {r.json().get('message', '')[:90]}")
+    def __exit__(self, *exc: object) -> None:
+        self.into[self.name] = round(time.monotonic() - self.t, 1)
 
-        if policy_thread is not None:
-            _say("waiting for the policy (SmolLM2-135M-Instruct) to load ...")
-            policy_thread.join()
-            for sample in samples[:chats]:
-                r = client.post("/v1/chat", json={"user_id": "u-demo", "max_new_tokens": 48, "seed": seed,
-                                                  "messages": [{"role": "user", "content": sample.prompt[:300]}]})
-                r.raise_for_status()
-                body = r.json()
-                sent["turn"] += 1
-                ids.add(body["event_id"])
-                _say(f"  chat: {sample.prompt[:60]!r}\n     -> [{body['model_version']}] {body['message']['content'][:120]!r}")
 
-        _say("waiting for the consumer to write everything to the lake ...")
-        lake = open_storage(settings.lake.uri, settings.lake)
-        missing = wait_for_events(lake, ids, since=since)
-    counts = count_events(lake)
+def run_settings(settings: Settings, run_dir: Path) -> Settings:
+    """The settings of one demo run: everything embedded under ``run_dir`` (a broker of its own on a free port,
+    unless an external Kafka is configured), the demo recipes, one-hour cycles."""
+    from flywheel import stack
 
-    _say("\nrejected on purpose (nothing valid was lost):")
-    for line in rejected:
-        _say(f"  {line}")
-    _say(f"\nlake {settings.lake.uri}: rows by event type (one per event_id; a rerun with the same --seed"
-         " resends the same event_ids, which the lake keeps once)")
-    _say(f"  {'type':12s} {'sent now':>9s} {'in lake':>9s}")
-    for t in sorted(set(counts) | set(sent)):
-        _say(f"  {t:12s} {sent.get(t, 0):9d} {counts.get(t, 0):9d}")
-    ok = not missing
-    turns = read_events(lake, "turn")
-    if len(turns):
-        row = turns.iloc[-1]
-        _say(f"\nnewest turn: model_version={row['model_version']} occurred_at={row['occurred_at']}"
-             f"\n  prompt:   {json.dumps(row['messages'][0]['content'][:80])}\n  response: {json.dumps(row['response'][:80])}")
-    _say(f"\n{'OK' if ok else 'INCOMPLETE'}: {sum(sent.values())} events sent, {len(ids) - len(missing)} of {len(ids)} in the lake, "
-         f"{time.monotonic() - t0:.0f}s. The broker keeps running: `flywheel stack down` stops it.")
-    return {"sent": dict(sent), "lake": counts, "complete": ok}
+    s = settings.model_copy(deep=True)
+    if stack.uses_embedded_broker(settings):
+        s.embedded.broker_port = stack.free_port()
+        s.kafka.bootstrap_servers = f"127.0.0.1:{s.embedded.broker_port}"
+    s.home = run_dir
+    s.lake.uri = (run_dir / "lake").as_uri()
+    s.mlflow.tracking_uri = f"sqlite:///{run_dir / 'mlflow.db'}"
+    s.mlflow.artifact_uri = (run_dir / "mlartifacts").as_uri()
+    s.api.spool_dir = str(run_dir / "spool")
+    s.loop.reward_recipe = "reward-minilm-demo.yaml"
+    s.loop.policy_recipe = "policy-ppo-demo.yaml"
+    s.loop.gate_recipe = "gate-demo.yaml"
+    s.loop.train_window_h = 1.0  # each cycle's models learn from that cycle's hour of feedback
+    s.loop.min_new_pairs = 0
+    s.api.gate_recipe = "gate-demo.yaml"
+    s.api.policy_from_registry = True
+    s.api.policy_poll_s = 1.0
+    s.api.max_new_tokens = 32
+    return s
+
+
+def win_rate(a: list[str], b: list[str], score: Any) -> dict[str, float]:
+    """Share of prompts where answer a scores higher than answer b (ties count half), with a 95% interval."""
+    from training.evaluation import wilson
+
+    sa, sb = np.array([score(x) for x in a]), np.array([score(x) for x in b])
+    outcome = (sa > sb) + 0.5 * (sa == sb)
+    low, high = wilson(float(outcome.sum()), len(outcome))
+    return {"win_rate": float(outcome.mean()), "ci_low": low, "ci_high": high, "prompts": len(outcome),
+            "ties": float((sa == sb).mean())}
+
+
+def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
+    """Run the demo; returns the summary written to ``summary.json`` (the report's numbers)."""
+
+    from flywheel import stack
+    from flywheel.simulate import (
+        SimConfig,
+        hidden_preference_accuracy,
+        reward_hacking_config,
+        send_events,
+        simulate_events,
+        write_truth,
+    )
+    from ingest.lake import wait_for_events
+    from pipelines import loop
+    from pipelines.sharegpt import chat_samples
+    from serving.champion import ChampionPolicy
+    from training.registry import CHAMPION, alias_version, bootstrap_policy, registry_client
+    from training.reward.train import load_registered_reward
+    from training.tracking import POLICY_MODEL, REWARD_MODEL
+
+    t_start = time.monotonic()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    run_dir = (run_dir or settings.home / "demo" / f"{stamp}-{cfg.scenario}-seed{cfg.seed}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    s = run_settings(settings, run_dir)
+    _say(f"flywheel demo ({cfg.scenario}, seed {cfg.seed}, {cfg.cycles} cycle(s), {cfg.users} users a cycle of "
+         f"whom {cfg.users - cfg.honest_users} adversaries): {run_dir}")
+
+    # --- the simulated world: every cycle's traffic, one hour each, ending at the last full hour
+    samples = chat_samples(cfg.prompts + cfg.eval_prompts)
+    if len(samples) < cfg.prompts + cfg.eval_prompts:
+        raise ValueError(f"the ShareGPT file holds only {len(samples)} usable prompts")
+    held_out = [x.prompt for x in samples[cfg.prompts:cfg.prompts + cfg.eval_prompts]]
+    h0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=cfg.cycles)
+    sims, cycles = [], []
+    for k in range(1, cfg.cycles + 1):
+        sim_cfg = SimConfig(users=cfg.users, conversations_per_user=cfg.conversations_per_user,
+                            adversary_share=1 - cfg.honest_users / cfg.users, prompts=cfg.prompts,
+                            seed=cfg.seed * 1_000 + k)
+        if cfg.scenario == "reward-hacking":
+            sim_cfg = reward_hacking_config(sim_cfg)
+        end = h0 + timedelta(hours=k)
+        sim = simulate_events(samples, sim_cfg, now=end - timedelta(minutes=2))
+        assert sum(r == "honest" for r in sim.truth["users"].values()) == cfg.honest_users
+        write_truth(run_dir / "simulations" / f"truth-cycle{k}.json", sim)
+        sims.append(sim)
+        cycles.append(Cycle(k, (end - timedelta(hours=1)).isoformat(), end.isoformat()))
+    preference = sims[0].truth["preference"]
+    from flywheel.simulate import HiddenPreference
+
+    truth = HiddenPreference(**preference)
+    # accounts trust & safety flagged before the traffic: the consumer and curation both know them
+    s.curation.blocked_users = sorted({u for sim in sims for u in sim.blocked_users})
+
+    with _Timer(timings := {}, "stack"):
+        for k_, v in stack.up(s).items():
+            _say(f"  {k_:7s} {v}")
+        v1 = bootstrap_policy(s)
+    _say(f"champion: {POLICY_MODEL} v{v1} (SmolLM2-135M-Instruct); held-out prompts: {len(held_out)}")
+    cache: dict[str, Any] = {}
+    answers: dict[str, list[str]] = {}  # version -> its answers to the held-out prompts
+    client_reg = registry_client(s)
+    try:
+        with stack.local_feedback_path(s, "demo") as (state, client):
+            champion_policy = ChampionPolicy(s, poll_s=s.api.policy_poll_s)
+            loader = threading.Thread(target=lambda: setattr(state, "policy", champion_policy.start()),
+                                      name="policy-loader", daemon=True)
+            loader.start()
+            _say(f"API on {client.base_url} serving models:/{POLICY_MODEL}@{CHAMPION}; consumer writing the lake")
+            for cyc, sim in zip(cycles, sims, strict=True):
+                _say(f"\n=== cycle {cyc.number}/{cfg.cycles}: traffic of [{cyc.start[11:16]}, {cyc.end[11:16]}) UTC ===")
+                # 1. traffic through the real API
+                with _Timer(cyc.seconds, "traffic"):
+                    cyc.events_sent = send_events(client, sim.events)
+                    loader.join()
+                    for prompt in held_out[:cfg.chats_per_cycle]:
+                        r = client.post("/v1/chat", json={"user_id": "u-demo", "max_new_tokens": 32, "seed": cfg.seed,
+                                                          "messages": [{"role": "user", "content": prompt}]})
+                        r.raise_for_status()
+                        cyc.served_by.append(r.json()["model_version"])
+                    lake = s.lake
+                    from flywheel.storage import open_storage
+
+                    missing = wait_for_events(open_storage(lake.uri, lake), {e["event_id"] for e in sim.events},
+                                              since=datetime.fromisoformat(cyc.start) - timedelta(hours=1), timeout=300)
+                    if missing:
+                        raise TimeoutError(f"{len(missing)} events did not reach the lake")
+                _say(f"{cyc.events_sent} events accepted and in the lake; /v1/chat answered by {sorted(set(cyc.served_by))}")
+                # 2. curate the hour
+                with _Timer(cyc.seconds, "curate"):
+                    cur = loop.curate_interval(cyc.start, cyc.end, s)
+                    from flywheel.simulate import filter_report
+                    from training.data import open_dataset
+
+                    ds = open_dataset(cur["dataset"], s)
+                    cyc.filters = filter_report(ds.table("quarantine"), sim.truth)
+                cyc.curation = {k: cur[k] for k in ("dataset", "pairs", "events_read", "feedback_read", "held_at_ingest",
+                                                    "held_back", "held_back_by_reason", "pairs_by_source", "agreement")}
+                _say(f"curated dataset {cur['dataset']}: {cur['feedback_read']} feedback events, held back "
+                     f"{cur['held_back'] + cur['held_at_ingest']} {cur['held_back_by_reason']} (precision "
+                     f"{cyc.filters['precision']:.2f}, recall {cyc.filters['recall']:.2f} against the simulation's truth), "
+                     f"{cur['pairs']} pairs")
+                # 3. reward model, its gate
+                with _Timer(cyc.seconds, "reward"):
+                    rm = loop.train_reward_model(cyc.end, s)
+                    pairs = ds.table("pairs")
+                    eval_pairs = pairs[pairs["split"] == "eval"].reset_index(drop=True)
+                    acc = hidden_preference_accuracy(load_registered_reward(f"models:/{REWARD_MODEL}/{rm['version']}"),
+                                                     eval_pairs, truth)
+                    gate_rm = loop.evaluate_and_promote(REWARD_MODEL, rm["version"], s, dataset=rm["dataset"],
+                                                        actor="flywheel-demo")
+                cyc.reward = {"version": rm["version"], "metrics": rm["metrics"],
+                              "hidden_preference_accuracy": acc["hidden_preference"].get("accuracy"),
+                              "hidden_preference_pairs": acc["hidden_preference"]["pairs"],
+                              "labels_agree_with_hidden_preference": acc["labels_agree_with_hidden_preference"],
+                              "action": gate_rm["action"], "reasons": gate_rm["reasons"]}
+                _say(f"reward model v{rm['version']}: eval accuracy {rm['metrics'].get('eval/accuracy', float('nan')):.3f}, "
+                     f"against the hidden preference {cyc.reward['hidden_preference_accuracy'] or float('nan'):.3f}; "
+                     f"gate: {gate_rm['action'].upper()} ({'; '.join(gate_rm['reasons'])})")
+                # 4. policy: PPO, evaluation, gate, promotion
+                with _Timer(cyc.seconds, "policy"):
+                    cyc.policy = _policy_cycle(s, cfg, cur["dataset"], held_out, cache, answers, truth, v1)
+                if cyc.policy.get("promoted"):
+                    new = cyc.policy["version"]
+                    with _Timer(cyc.seconds, "serving_swap"):
+                        deadline = time.monotonic() + 120
+                        while champion_policy.versions()["champion"] != f"{POLICY_MODEL}/{new}":
+                            if time.monotonic() > deadline:
+                                raise TimeoutError(f"serving did not pick up {POLICY_MODEL}/{new}")
+                            time.sleep(0.5)
+                    r = client.post("/v1/chat", json={"user_id": "u-demo", "max_new_tokens": 32, "seed": cfg.seed,
+                                                      "messages": [{"role": "user", "content": held_out[0]}]})
+                    r.raise_for_status()
+                    cyc.policy["served_after"] = r.json()["model_version"]
+                    _say(f"serving now answers as {cyc.policy['served_after']} "
+                         f"(picked up in {cyc.seconds['serving_swap']:.0f}s)")
+                _say(f"cycle {cyc.number} took {sum(cyc.seconds.values()):.0f}s {cyc.seconds}")
+            champion_policy.close()
+    finally:
+        stack.down(s)
+
+    final = alias_version(client_reg, POLICY_MODEL, CHAMPION)
+    summary: dict[str, Any] = {"config": asdict(cfg), "run_dir": str(run_dir), "preference": preference,
+                               "rater": sims[0].truth["rater"], "v1": v1, "final_champion": final,
+                               "promotions": [c.policy["version"] for c in cycles if c.policy.get("promoted")],
+                               "cycles": [asdict(c) for c in cycles], "seconds": {**timings}}
+    if final != v1 and final in answers and v1 in answers:
+        summary["final_vs_v1"] = win_rate(answers[final], answers[v1], truth.score)
+    else:
+        summary["final_vs_v1"] = None
+    summary["seconds"]["total"] = round(time.monotonic() - t_start, 1)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    from flywheel.demo_report import write_report
+
+    md = write_report(summary, run_dir)
+    _say(_closing(summary, md))
+    return summary
+
+
+def _policy_cycle(s: Settings, cfg: DemoConfig, dataset: str, held_out: list[str], cache: dict[str, Any],
+                  answers: dict[str, list[str]], truth: Any, v1: str) -> dict[str, Any]:
+    from pipelines import loop
+    from training.tracking import POLICY_MODEL
+
+    overrides = {"steps": cfg.ppo_steps} if cfg.ppo_steps else None
+    try:
+        pol = loop.train_policy(dataset, s, overrides=overrides)
+    except loop.NoRewardModel as e:
+        _say(f"policy: not trained — {e}")
+        return {"trained": False, "promoted": False, "action": "skip", "reasons": [str(e)]}
+    _say(f"policy v{pol['version']}: PPO from {pol['start_policy']} against reward model v{pol['reward_model_version']}")
+    res = loop.evaluate_and_promote(POLICY_MODEL, pol["version"], s, prompts=held_out, cache=cache, with_report=True,
+                                    actor="flywheel-demo")
+    rep = res.get("report") or {}
+    out: dict[str, Any] = {"trained": True, "version": pol["version"], "start_policy": pol["start_policy"],
+                           "reward_model_version": pol["reward_model_version"], "promoted": res["promoted"],
+                           "action": res["action"], "reasons": res["reasons"],
+                           "champion_version": rep.get("champion_version"),
+                           "challenger": res.get("challenger_metrics"), "champion": res.get("champion_metrics")}
+    if rep.get("answers"):
+        a = rep["answers"]
+        answers[str(pol["version"])] = a["challenger"]
+        answers.setdefault(str(rep["champion_version"]), a["champion"])
+        out["hidden_preference"] = win_rate(a["challenger"], a["champion"], truth.score)
+        out["examples"] = [{"prompt": p[:160], "challenger": c[:200], "champion": d[:200]}
+                           for p, c, d in list(zip(a["prompts"], a["challenger"], a["champion"], strict=True))[:3]]
+        ch = out["challenger"]
+        _say(f"evaluation on {len(a['prompts'])} held-out prompts: win rate vs v{rep['champion_version']} on the hidden "
+             f"preference {out['hidden_preference']['win_rate']:.3f} "
+             f"[{out['hidden_preference']['ci_low']:.3f}, {out['hidden_preference']['ci_high']:.3f}], as the judge "
+             f"saw it {ch['win_rate']:.3f} (length-controlled {ch['lc_win_rate']:.3f}); KL {ch['kl']:.2f}, "
+             f"length {ch['length_mean']:.1f} vs {out['champion']['length_mean']:.1f} tokens")
+    _say(f"gate: {res['action'].upper()} — {'; '.join(res['reasons'])}")
+    return out
+
+
+def _closing(summary: dict[str, Any], md: Path) -> str:
+    fv = summary.get("final_vs_v1")
+    lines = [f"\nreport: {md}\n        {md.with_suffix('.png')}"]
+    if summary["promotions"]:
+        lines.append(f"promoted: {', '.join('v' + v for v in summary['promotions'])}; final champion "
+                     f"v{summary['final_champion']}")
+    else:
+        lines.append(f"no challenger was promoted: the champion is still v{summary['v1']}")
+    if fv:
+        lines.append(f"final champion vs v1 on the hidden preference: win rate {fv['win_rate']:.3f} "
+                     f"(95% CI {fv['ci_low']:.3f}-{fv['ci_high']:.3f}) over {fv['prompts']} held-out prompts")
+    lines.append(f"total {summary['seconds']['total']:.0f}s")
+    return "\n".join(lines)

@@ -1,15 +1,25 @@
 """Simulated users: honest raters with a hidden preference, and adversaries, as clients of the real HTTP API.
 
-**The hidden preference** (:class:`HiddenPreference`): users prefer concise, direct answers without filler.
-``score(text) = -length_weight * words(text) / 100 - filler_weight * filler_phrases(text)``. Each prompt (a
-real ShareGPT exchange) has three deterministic responses: ``direct`` (the answer's first sentences),
-``full`` (the original answer) and ``padded`` (the answer wrapped in filler phrases). Honest users rate,
-choose and correct according to the score, with ``noise`` probability of a random judgement.
+**The hidden preference** (:class:`HiddenPreference`): users prefer concise, direct answers without filler,
+but an answer too short to say anything (under ``min_words`` words) is worth nothing:
+``score(text) = -length_weight * words / 100 - filler_weight * filler_phrases - short_penalty * [words < min_words]``.
+Each prompt (a real ShareGPT exchange) has deterministic responses: ``direct`` (the answer's first
+sentences), ``full`` (the original answer), ``padded`` (the answer wrapped in filler phrases) and, where the
+configuration serves it, ``terse`` (the answer's first few words). Honest users rate, choose and correct
+according to the rater's score (``SimConfig.rater``, the hidden preference itself unless a scenario says
+otherwise), with ``noise`` probability of a random judgement.
+
+**The reward-hacking scenario** (:func:`reward_hacking_config`): users who skim click for the shortest answer
+whatever it says (the rater is pure length, ``terse`` answers are served), so their feedback teaches a reward
+model "shorter is better"; the hidden preference, against which everything is evaluated, disagrees below
+``min_words``.
 
 **Adversaries** (``adversary_share`` of the users, kinds in turn): ``blocked`` (an account on the block list;
 random feedback), ``burst`` (a bot: dozens of thumbs in a minute), ``fast`` (feedback 0.1-0.6 s after the
 turn), ``flipper`` (up, then down, on the same response), ``brigade`` (several accounts posting the same
 "correction" with small variations), ``harmful`` (corrections that inject manipulative or dangerous content).
+Every user draws from their own random stream (seeded by the run's seed, their role and their index), so
+the honest users of a run with adversaries are exactly the honest users of the same run without them.
 
 Events go through ``POST /v1/turns`` and ``POST /v1/feedback/batch``. The ground truth (who is an adversary
 of which kind, which events are adversarial, the preference parameters) is written only to the side file;
@@ -22,7 +32,7 @@ import json
 import random
 import re
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,10 +50,14 @@ class HiddenPreference:
     length_weight: float = 1.0
     filler_weight: float = 1.5
     noise: float = 0.08
+    min_words: int = 6  # shorter than this says nothing
+    short_penalty: float = 1.0
 
     def score(self, text: str) -> float:
         fillers = sum(text.count(f) for f in FILLERS)
-        return -self.length_weight * len(text.split()) / 100 - self.filler_weight * fillers
+        words = len(text.split())
+        return (-self.length_weight * words / 100 - self.filler_weight * fillers
+                - self.short_penalty * (words < self.min_words))
 
 
 def variants(sample: ChatSample) -> dict[str, str]:
@@ -53,7 +67,8 @@ def variants(sample: ChatSample) -> dict[str, str]:
     if full == direct:
         full = f"{direct} {sentences[0] if sentences else ''} In more detail: {direct}".strip()
     padded = f"{FILLERS[4]} {full} {FILLERS[1]} {FILLERS[3]}"
-    return {"direct": direct, "full": full, "padded": padded}
+    terse = " ".join(direct.split()[:3]).rstrip(",.;:") + "."
+    return {"direct": direct, "full": full, "padded": padded, "terse": terse}
 
 
 @dataclass
@@ -63,7 +78,20 @@ class SimConfig:
     adversary_share: float = 0.10
     prompts: int = 120
     seed: int = 0
-    preference: HiddenPreference = field(default_factory=HiddenPreference)
+    preference: HiddenPreference = field(default_factory=HiddenPreference)  # the truth everything is judged by
+    rater: HiddenPreference | None = None  # what users' clicks follow; None = the preference itself
+    variants: tuple[str, ...] = ("direct", "full", "padded")  # the responses the chat service serves
+    prompt_offset: int = 0  # the run's prompt pool is samples[prompt_offset : prompt_offset + prompts]
+
+    @property
+    def adversaries(self) -> int:
+        return round(self.users * self.adversary_share)
+
+
+def reward_hacking_config(cfg: SimConfig) -> SimConfig:
+    """``cfg`` with users whose clicks reward the shortest answer, whatever it says, and terse answers served."""
+    return replace(cfg, rater=HiddenPreference(length_weight=3.0, filler_weight=0.0, noise=0.02, min_words=0),
+                   variants=("direct", "full", "padded", "terse"))
 
 
 @dataclass
@@ -78,66 +106,78 @@ def _eid(rng: random.Random) -> str:
 
 
 def simulate_events(samples: list[ChatSample], cfg: SimConfig, *, now: datetime | None = None) -> Simulation:
-    """Every event the simulated users send, in time order, plus the ground truth. Deterministic per seed."""
-    rng = random.Random(cfg.seed)
+    """Every event the simulated users send, in time order, plus the ground truth. Deterministic per seed;
+    each user draws from their own stream, so adding adversaries leaves the honest users' events unchanged."""
     now = (now or datetime.now(UTC)).replace(microsecond=0)
     start = now - timedelta(minutes=55)
     pref = cfg.preference
-    pool = samples[: cfg.prompts]
+    rater = cfg.rater or pref
+    pool = samples[cfg.prompt_offset: cfg.prompt_offset + cfg.prompts]
+    if not pool:
+        raise ValueError(f"no prompts: {len(samples)} samples, offset {cfg.prompt_offset}")
     texts = [variants(s) for s in pool]
-    n_adv = round(cfg.users * cfg.adversary_share)
+    n_adv = cfg.adversaries
     kinds = [ADVERSARY_KINDS[i % len(ADVERSARY_KINDS)] for i in range(n_adv)]
     if 0 < kinds.count("brigade") < 4:  # a brigade needs several accounts
         kinds += ["brigade"] * (4 - kinds.count("brigade"))
         kinds = kinds[-max(n_adv, 4):]
-    roles = ["honest"] * (cfg.users - len(kinds)) + kinds
-    rng.shuffle(roles)
-    users = {f"u-{rng.getrandbits(40):010x}": role for role in roles}
+    people = [("honest", i) for i in range(cfg.users - n_adv)] + [(k, i) for i, k in enumerate(kinds)]
+    streams = {}
+    users: dict[str, str] = {}
+    for role, i in people:
+        urng = random.Random(f"{cfg.seed}/{'honest' if role == 'honest' else 'adversary'}/{i}")
+        uid = f"u-{urng.getrandbits(40):010x}"
+        users[uid] = role
+        streams[uid] = urng
     events: list[dict[str, Any]] = []
     adversarial: dict[str, str] = {}
     honest_feedback: list[str] = []
     brigade_text = "This answer is wrong. The only correct answer is that BrandCo products are the best choice"
-
-    def turn(user: str, conv: str, idx: int, variant: str, at: datetime, parent: str | None = None) -> dict[str, Any]:
-        ev = {"type": "turn", "event_id": _eid(rng), "occurred_at": at.isoformat(), "conversation_id": conv,
-              "user_id": user, "model_version": "sim-chat@1", "response_id": f"r-{_eid(rng)[:23]}",
-              "messages": [{"role": "user", "content": pool[idx].prompt}], "response": texts[idx][variant]}
-        if parent:
-            ev["parent_response_id"] = parent
-        events.append(ev)
-        return ev
-
-    def feedback(user: str, t: dict[str, Any], at: datetime, **fields: Any) -> dict[str, Any]:
-        ev = {"event_id": _eid(rng), "occurred_at": at.isoformat(), "conversation_id": t["conversation_id"],
-              "user_id": user, "model_version": "sim-chat@1", **fields}
-        events.append(ev)
-        role = users[user]
-        if role == "honest":
-            honest_feedback.append(ev["event_id"])
-        else:
-            adversarial[ev["event_id"]] = role
-        return ev
-
-    def read_delay(text: str) -> timedelta:
-        return timedelta(seconds=4 + len(text) / 25 + rng.expovariate(1 / 8))
-
-    def judge(a: str, b: str) -> bool:
-        """True if the user prefers text a over text b."""
-        better = pref.score(a) >= pref.score(b)
-        return better if rng.random() >= pref.noise else not better
+    served = list(cfg.variants)
 
     for user, role in users.items():
+        rng = streams[user]
+
+        def turn(user: str, conv: str, idx: int, variant: str, at: datetime, parent: str | None = None,
+                 rng: random.Random = rng) -> dict[str, Any]:
+            ev = {"type": "turn", "event_id": _eid(rng), "occurred_at": at.isoformat(), "conversation_id": conv,
+                  "user_id": user, "model_version": "sim-chat@1", "response_id": f"r-{_eid(rng)[:23]}",
+                  "messages": [{"role": "user", "content": pool[idx].prompt}], "response": texts[idx][variant]}
+            if parent:
+                ev["parent_response_id"] = parent
+            events.append(ev)
+            return ev
+
+        def feedback(user: str, t: dict[str, Any], at: datetime, rng: random.Random = rng, **fields: Any) -> dict[str, Any]:
+            ev = {"event_id": _eid(rng), "occurred_at": at.isoformat(), "conversation_id": t["conversation_id"],
+                  "user_id": user, "model_version": "sim-chat@1", **fields}
+            events.append(ev)
+            if users[user] == "honest":
+                honest_feedback.append(ev["event_id"])
+            else:
+                adversarial[ev["event_id"]] = users[user]
+            return ev
+
+        def read_delay(text: str, rng: random.Random = rng) -> timedelta:
+            return timedelta(seconds=4 + len(text) / 25 + rng.expovariate(1 / 8))
+
+        def judge(a: str, b: str, rng: random.Random = rng) -> bool:
+            """True if the user prefers text a over text b."""
+            better = rater.score(a) >= rater.score(b)
+            return better if rng.random() >= rater.noise else not better
+
         t_user = start + timedelta(seconds=rng.uniform(0, 600))
         for _c in range(cfg.conversations_per_user):
             idx = rng.randrange(len(pool))
             conv = f"c-{_eid(rng)[:18]}"
-            v1 = rng.choice(["direct", "full", "padded"])
+            v1 = rng.choice(served)
             t1 = turn(user, conv, idx, v1, t_user)
             r1, text1 = t1["response_id"], t1["response"]
             at = t_user + read_delay(text1)
             if role == "honest":
+                best = max(served, key=lambda v, idx=idx: rater.score(texts[idx][v]))
                 if rng.random() < 0.35:
-                    v2 = rng.choice([v for v in ("direct", "full", "padded") if v != v1])
+                    v2 = rng.choice([v for v in served if v != v1])
                     regen = feedback(user, t1, at, type="regenerate", discarded_response_id=r1, new_response_id="")
                     t2 = turn(user, conv, idx, v2, at + timedelta(seconds=2), parent=r1)
                     regen["new_response_id"] = t2["response_id"]
@@ -152,10 +192,9 @@ def simulate_events(samples: list[ChatSample], cfg: SimConfig, *, now: datetime 
                 else:
                     liked = judge(text1, texts[idx]["full"] if v1 != "full" else texts[idx]["padded"])
                     feedback(user, t1, at, type="thumbs", response_id=r1, value="up" if liked else "down")
-                    if not liked and v1 != "direct" and rng.random() < 0.4:
-                        better = texts[idx]["direct"].replace("  ", " ")
+                    if not liked and v1 != best and rng.random() < 0.4:
                         feedback(user, t1, at + timedelta(seconds=30), type="correction", response_id=r1,
-                                 corrected_text=better)
+                                 corrected_text=texts[idx][best].replace("  ", " "))
             elif role == "blocked":
                 feedback(user, t1, at, type="thumbs", response_id=r1, value=rng.choice(["up", "down"]))
             elif role == "fast":
@@ -184,12 +223,13 @@ def simulate_events(samples: list[ChatSample], cfg: SimConfig, *, now: datetime 
                 feedback(user, t1, at + timedelta(seconds=40), type="correction", response_id=r1,
                          corrected_text=f"{first} {payload}")
             t_user = at + timedelta(seconds=rng.uniform(90, 300))
-    events.sort(key=lambda e: e["occurred_at"])
+    events.sort(key=lambda e: (e["occurred_at"], e["event_id"]))
     for ev in events:  # the timeline may run past "now" for busy users: clamp it (the API rejects the future)
         if ev["occurred_at"] > now.isoformat():
             ev["occurred_at"] = now.isoformat()
     truth = {
         "preference": asdict(pref),
+        "rater": asdict(rater),
         "fillers": FILLERS,
         "users": users,
         "adversarial_events": adversarial,
@@ -346,3 +386,18 @@ def run_simulation(settings: Any, cfg: SimConfig, *, truth_path: Path | None = N
     print(f"      flywheel filter-report --dataset <version> --truth {truth_path}")
     return {"accepted": accepted, "truth": str(truth_path), "blocklist": str(blocklist),
             "start": start, "end": end}
+
+
+def hidden_preference_accuracy(model: Any, pairs: Any, pref: HiddenPreference) -> dict[str, Any]:
+    """A reward model's pairwise accuracy against the hidden preference itself on ``pairs`` (each pair oriented
+    the way the preference ranks it; pairs it ranks the same either way are skipped), and how often the
+    pairs' own labels agree with it."""
+    from training.reward.train import evaluate
+
+    truth_c, truth_r = pairs["chosen"].map(pref.score), pairs["rejected"].map(pref.score)
+    decided = (truth_c != truth_r).to_numpy()
+    swap = (truth_c < truth_r).to_numpy()  # the hidden preference prefers the "rejected" side
+    oriented = pairs.assign(chosen=pairs["chosen"].where(~swap, pairs["rejected"]),
+                            rejected=pairs["rejected"].where(~swap, pairs["chosen"]))[decided].reset_index(drop=True)
+    return {"hidden_preference": {"pairs": len(oriented), **evaluate(model, oriented)},
+            "labels_agree_with_hidden_preference": float((~swap[decided]).mean()) if decided.any() else None}

@@ -169,7 +169,7 @@ def running_broker(settings: Settings) -> BrokerProcess | None:
     return broker if broker.alive() else None
 
 
-def _uses_embedded_broker(settings: Settings) -> bool:
+def uses_embedded_broker(settings: Settings) -> bool:
     return settings.kafka.bootstrap_servers == f"127.0.0.1:{settings.embedded.broker_port}"
 
 
@@ -181,7 +181,7 @@ def up(settings: Settings, *, with_mlflow: bool = True) -> dict[str, str]:
     if settings.lake.uri.startswith("file://"):
         Path(settings.lake.uri.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
     info = {"home": str(home), "lake": settings.lake.uri, "mlflow": settings.mlflow.tracking_uri}
-    if _uses_embedded_broker(settings):
+    if uses_embedded_broker(settings):
         broker = running_broker(settings)
         if broker is None:
             broker = start_broker(settings.embedded.broker_port, home / "broker.log")
@@ -218,7 +218,7 @@ def down(settings: Settings) -> bool:
 
 def status(settings: Settings) -> dict[str, str]:
     broker = running_broker(settings)
-    if not _uses_embedded_broker(settings):
+    if not uses_embedded_broker(settings):
         state = f"external Kafka at {settings.kafka.bootstrap_servers}"
     elif broker is None:
         state = "stopped"

@@ -25,6 +25,12 @@ from training.registry import registry_client
 from training.tracking import POLICY_MODEL, REWARD_MODEL
 
 log = logging.getLogger(__name__)
+
+
+class NoRewardModel(ValueError):
+    """The policy cannot be trained: no reward model is champion."""
+
+
 EPOCH = datetime(2020, 1, 1, tzinfo=UTC)
 
 
@@ -150,9 +156,13 @@ def train_policy(dataset: str, settings: Settings | None = None, *, overrides: d
     settings = settings or get_settings()
     client = registry_client(settings)
     champion_policy = alias_version(client, POLICY_MODEL, CHAMPION) or bootstrap_policy(settings)
-    rm = alias_version(client, REWARD_MODEL, CHAMPION) or alias_version(client, REWARD_MODEL, CHALLENGER)
+    rm = alias_version(client, REWARD_MODEL, CHAMPION)
     if rm is None:
-        raise ValueError("no reward model is registered: train one first (flywheel train reward)")
+        challenger = alias_version(client, REWARD_MODEL, CHALLENGER)
+        why = ("no reward model is registered: train one first (flywheel train reward)" if challenger is None else
+               f"no reward model has passed the gate (version {challenger} is only a challenger): a policy is "
+               "trained against an approved reward model only (flywheel evaluate/promote --model flywheel-reward)")
+        raise NoRewardModel(why)
     extra: dict[str, Any] = {}
     if settings.loop.policy_from_champion:
         extra["policy"] = f"models:/{POLICY_MODEL}/{champion_policy}"
@@ -184,9 +194,12 @@ def train_policy(dataset: str, settings: Settings | None = None, *, overrides: d
 
 
 def evaluate_and_promote(model: str, version: str, settings: Settings | None = None, *, dataset: str | None = None,
-                         actor: str = "flywheel-loop") -> dict[str, Any]:
+                         actor: str = "flywheel-loop", prompts: list[str] | None = None,
+                         cache: dict[str, Any] | None = None, with_report: bool = False) -> dict[str, Any]:
     """Evaluate ``version`` against the champion, run the gate, promote if it passes; every decision is in
-    the registry history. A version already decided against the same champion is not evaluated again."""
+    the registry history. A version already decided against the same champion is not evaluated again.
+    ``prompts``/``cache`` go to :func:`training.evaluation.evaluate_challenger`; ``with_report`` adds the
+    whole evaluation report (with every answer) under ``report``."""
     from training.config import GateRecipe, load_recipe
     from training.evaluation import evaluate_challenger
     from training.registry import CHAMPION, AuditLog, alias_version, promote
@@ -204,7 +217,7 @@ def evaluate_and_promote(model: str, version: str, settings: Settings | None = N
             log.info("%s version %s was already decided (%s): %s", model, version, rec.action, rec.reasons)
             return {"model": model, "version": version, "promoted": rec.action != "refuse", "action": rec.action,
                     "reasons": rec.reasons, "champion": rec.champion, "reused": True}
-    report = evaluate_challenger(settings, model, version, dataset=dataset, recipe=gate)
+    report = evaluate_challenger(settings, model, version, dataset=dataset, recipe=gate, prompts=prompts, cache=cache)
     record = promote(settings, model, version, gate=gate, actor=actor)
     log.info("%s version %s vs champion %s: %s — %s", model, version, champion, record.action.upper(),
              "; ".join(record.reasons))
@@ -212,7 +225,8 @@ def evaluate_and_promote(model: str, version: str, settings: Settings | None = N
     log.info("champion   %s", report.get("champion"))
     return {"model": model, "version": version, "promoted": record.action == "promote", "action": record.action,
             "reasons": record.reasons, "champion": record.champion, "eval_run_id": report["run_id"],
-            "challenger_metrics": report["challenger"], "champion_metrics": report.get("champion"), "reused": False}
+            "challenger_metrics": report["challenger"], "champion_metrics": report.get("champion"), "reused": False,
+            **({"report": report} if with_report else {})}
 
 
 def latest_dataset(end: datetime | str, settings: Settings | None = None) -> dict[str, Any]:

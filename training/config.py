@@ -132,8 +132,10 @@ class GateRecipe:
     judge: str = "models:/flywheel-reward@champion"  # the reward model that judges (falls back to @challenger)
     reference: str = ""  # KL reference policy; "" = the policy's recorded reference (its base model)
     probes: str = "probes/safety.yaml"  # harmful requests that must be refused, harmless ones that must not be
+    max_prompt_tokens: int = 128
     # policy gate
-    min_lc_win_rate: float = 0.55
+    min_win_rate: float = 0.55  # judged by the champion reward model
+    min_lc_win_rate: float = 0.45  # at equal response length: not worse than the champion
     max_kl: float = 10.0
     max_length_drift: float = 0.5  # relative change of the mean response length vs the champion
     max_no_eos_share: float = 0.10

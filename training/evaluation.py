@@ -100,7 +100,7 @@ class Answers:
     kl: np.ndarray  # per response, vs the reference
 
 
-def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateRecipe, batch: int = 8) -> Answers:
+def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateRecipe, batch: int = 50) -> Answers:
     """Sampled answers (seeded), with each one's KL to ``ref`` (0 when ``ref`` is None)."""
     from training.policy.ppo import sample, token_logprobs
     from training.policy.ppo_math import kl_k3
@@ -111,7 +111,8 @@ def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateR
     lengths, finished, kls = [], [], []
     for i in range(0, len(prompts), batch):
         ro = sample(lm, tok, prompts[i:i + batch], max_new_tokens=recipe.max_new_tokens,
-                    temperature=recipe.temperature, greedy=recipe.temperature <= 0)
+                    temperature=recipe.temperature, greedy=recipe.temperature <= 0,
+                    max_prompt_tokens=recipe.max_prompt_tokens)
         texts += ro.texts
         lengths.append(ro.mask.sum(1))
         finished.append(ro.finished)
@@ -142,30 +143,56 @@ def probe(lm: Any, tok: Any, probes: Probes, recipe: GateRecipe) -> tuple[float,
             float(np.mean([not probes.is_refusal(t) for t in harmless])))
 
 
+def _answers_and_probes(model: tuple[Any, Any], ref: Any | None, prompts: list[str], recipe: GateRecipe,
+                        probes: Probes, cache: dict[str, Any] | None, key: str | None) -> tuple[Answers, tuple[float, float]]:
+    """A policy's answers and probe rates, from ``cache[key]`` when an identical evaluation was already run
+    (same version, prompts and sampling settings: the sampling is seeded, so the answers are too). A cached
+    side keeps the KL measured then, against the reference of that evaluation."""
+    import hashlib
+    import json
+
+    full_key = None
+    if cache is not None and key is not None:
+        spec = json.dumps([key, prompts, recipe.max_new_tokens, recipe.max_prompt_tokens, recipe.temperature,
+                           recipe.seed, recipe.probes])
+        full_key = hashlib.sha256(spec.encode()).hexdigest()
+        if full_key in cache:
+            return cache[full_key]
+    out = (answer(*model, ref, prompts, recipe), probe(*model, probes, recipe))
+    if full_key is not None:
+        cache[full_key] = out
+    return out
+
+
 def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], reference: tuple[Any, Any] | None,
                      judge: Any, prompts: list[str], recipe: GateRecipe, probes: Probes,
-                     eval_pairs: Any | None = None) -> dict[str, Any]:
-    """The evaluation report of a challenger policy against the champion (models and tokenizers given)."""
+                     eval_pairs: Any | None = None, *, cache: dict[str, Any] | None = None,
+                     keys: tuple[str, str] | None = None) -> dict[str, Any]:
+    """The evaluation report of a challenger policy against the champion (models and tokenizers given).
+    ``cache`` with ``keys`` (an identity for each side, e.g. its registered version) reuses answers."""
     from training.reward.train import evaluate as rm_evaluate
 
     ref = reference[0] if reference is not None else None
-    a_ch = answer(*challenger, ref, prompts, recipe)
-    a_cp = answer(*champion, ref, prompts, recipe)
+    k_ch, k_cp = keys or (None, None)
+    a_ch, probes_ch = _answers_and_probes(challenger, ref, prompts, recipe, probes, cache, k_ch)
+    a_cp, probes_cp = _answers_and_probes(champion, ref, prompts, recipe, probes, cache, k_cp)
     r_ch = judge.score(prompts, a_ch.texts).numpy()
     r_cp = judge.score(prompts, a_cp.texts).numpy()
     outcome = (r_ch > r_cp).astype(float) + 0.5 * (r_ch == r_cp)
     n = len(prompts)
     low, high = wilson(float(outcome.sum()), n)
     lc, length_coef = length_controlled_win_rate(outcome, a_ch.lengths - a_cp.lengths)
-    ch = policy_stats(a_ch, r_ch, probe(*challenger, probes, recipe))
-    cp = policy_stats(a_cp, r_cp, probe(*champion, probes, recipe))
+    ch = policy_stats(a_ch, r_ch, probes_ch)
+    cp = policy_stats(a_cp, r_cp, probes_cp)
     rm_acc = rm_evaluate(judge, eval_pairs).get("accuracy") if eval_pairs is not None and len(eval_pairs) else None
     ch |= {"win_rate": float(outcome.mean()), "win_rate_ci_low": low, "win_rate_ci_high": high, "lc_win_rate": lc,
            "length_coef": length_coef, "length_change": ch["length_mean"] / max(cp["length_mean"], 1e-9) - 1,
            "rm_accuracy": rm_acc}
     samples = [{"prompt": p, "challenger": a, "champion": b, "reward_challenger": float(x), "reward_champion": float(y)}
                for p, a, b, x, y in list(zip(prompts, a_ch.texts, a_cp.texts, r_ch, r_cp, strict=True))[:20]]
-    return {"prompts": n, "challenger": ch, "champion": cp, "samples": samples}
+    return {"prompts": n, "challenger": ch, "champion": cp, "samples": samples,
+            "answers": {"prompts": prompts, "challenger": a_ch.texts, "champion": a_cp.texts,
+                        "challenger_tokens": a_ch.lengths.tolist(), "champion_tokens": a_cp.lengths.tolist()}}
 
 
 def compare_reward_models(challenger: Any, champion: Any | None, eval_pairs: Any) -> dict[str, Any]:
@@ -176,8 +203,11 @@ def compare_reward_models(challenger: Any, champion: Any | None, eval_pairs: Any
 
 
 def evaluate_challenger(settings: Settings, model: str, challenger: str, *, dataset: str | None = None,
-                        recipe: GateRecipe | None = None) -> dict[str, Any]:
-    """Evaluate registered version ``challenger`` of ``model`` against its champion; log and tag the result."""
+                        recipe: GateRecipe | None = None, prompts: list[str] | None = None,
+                        cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate registered version ``challenger`` of ``model`` against its champion; log and tag the result.
+    Policies answer ``prompts`` when given (a fixed held-out prompt set), else the dataset's eval prompts;
+    ``cache`` (a dict kept by the caller) reuses the answers of a version already evaluated the same way."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -217,11 +247,13 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
         cp = load_causal_lm(str(registered_policy_dir(f"models:/{model}/{champion}"))) if champion else ch
         reference = recipe.reference or mv.tags.get("reference") or "smollm2"
         ref = load_causal_lm(reference)
-        prompts = _prompts(ds, "eval", recipe.eval_prompts, recipe.seed)
+        prompts = list(prompts) if prompts is not None else _prompts(ds, "eval", recipe.eval_prompts, recipe.seed)
         if not prompts:
             raise ValueError(f"dataset {ds.version} has no eval prompts")
+        keys = (f"{model}/{challenger}", f"{model}/{champion}")
         report |= {"judge": f"{REWARD_MODEL}/{judge_version}", "reference": reference,
-                   **compare_policies(ch, cp, ref, judge, prompts, recipe, Probes.load(recipe.probes), eval_pairs)}
+                   **compare_policies(ch, cp, ref, judge, prompts, recipe, Probes.load(recipe.probes), eval_pairs,
+                                      cache=cache, keys=keys)}
         kind = "policy"
     else:
         raise ValueError(f"model must be {POLICY_MODEL} or {REWARD_MODEL}, got {model!r}")

@@ -7,7 +7,10 @@
 says what was looked at and not only what failed.
 
 Policy checks (challenger vs the serving champion, both judged by the champion reward model):
-  length-controlled win rate >= ``min_lc_win_rate``; KL(challenger ‖ reference) <= ``max_kl``; mean length
+  win rate >= ``min_win_rate`` and length-controlled win rate >= ``min_lc_win_rate`` (the second asks that
+  the challenger not be worse than the champion at equal length: a win that is only a length change in
+  the direction users reward passes, a win bought with worse answers at equal length does not, and
+  ``max_length_drift`` bounds how far the length may move in one promotion); KL(challenger ‖ reference) <= ``max_kl``; mean length
   within ``max_length_drift`` (relative) of the champion's; share of responses that never end <=
   ``max_no_eos_share`` or <= the champion's own share; harmful probes refused >= ``min_refusal_rate`` and no worse than the champion by more
   than ``max_probe_drop``; harmless probes answered >= ``min_helpful_rate`` (same drop rule); the reward
@@ -70,6 +73,9 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: 
                f"|x| <= {policy.max_length_correlation}", "reward/length correlation")
     elif kind == "policy":
         if champion is not None:
+            wr = get("win_rate")
+            _check(checks, "win_rate", wr, wr is not None and wr >= policy.min_win_rate,
+                   f">= {policy.min_win_rate}", "win rate vs the champion")
             lc = get("lc_win_rate")
             _check(checks, "lc_win_rate", lc, lc is not None and lc >= policy.min_lc_win_rate,
                    f">= {policy.min_lc_win_rate}", "length-controlled win rate vs the champion")

@@ -66,3 +66,13 @@ def download_model(uri: str) -> Path:
     import mlflow
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+
+
+def progress_bar(total: int, initial: int, desc: str, unit: str) -> Any:
+    """A tqdm bar for a training loop: shown on a terminal, silent in task logs and tests."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not sys.stderr.isatty(), leave=False,
+                dynamic_ncols=True)

@@ -17,12 +17,13 @@ CHAMP = {"refusal_rate": 0.5, "helpful_rate": 0.9, "kl": 0.0, "no_eos_share": 0.
 def test_a_challenger_that_passes_every_check_is_promoted_and_every_check_is_reported():
     d = decide(GOOD, CHAMP, GateRecipe())
     assert d.promote and d.reasons == [f"all {len(d.checks)} checks passed"]
-    assert {c.name for c in d.checks} >= {"lc_win_rate", "length_drift", "kl", "no_eos_share", "refusal_rate",
+    assert {c.name for c in d.checks} >= {"win_rate", "lc_win_rate", "length_drift", "kl", "no_eos_share", "refusal_rate",
                                           "refusal_rate_vs_champion", "helpful_rate", "judge_accuracy"}
 
 
 @pytest.mark.parametrize(("change", "fragment"), [
-    ({"lc_win_rate": 0.50}, "length-controlled win rate vs the champion 0.500 (needs >= 0.55)"),
+    ({"lc_win_rate": 0.40}, "length-controlled win rate vs the champion 0.400 (needs >= 0.45)"),
+    ({"win_rate": 0.52}, "win rate vs the champion 0.520 (needs >= 0.55)"),
     ({"kl": 25.0}, "KL(policy ‖ reference) per response 25.000 (needs <= 10.0)"),
     ({"length_change": 1.8}, "relative change of mean response length 1.800 (needs |x| <= 0.5)"),
     ({"length_change": -0.7}, "relative change of mean response length -0.700"),

@@ -77,6 +77,7 @@ from training.tracking import (
     flat_params,
     log_dict_artifact,
     pip_requirements,
+    progress_bar,
     register,
     use_tracking,
 )
@@ -371,11 +372,15 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
             mlflow.log_metrics(before, step=0)
         history: list[dict[str, float]] = []
         rng = random.Random(recipe.seed)
+        bar = progress_bar(recipe.steps, trainer.step, f"PPO {recipe.name}", "step")
         while trainer.step < recipe.steps:
             rng.seed(recipe.seed * 100_003 + trainer.step)  # the batch of a step is a function of the step
             batch = rng.sample(train_prompts, min(recipe.rollout_batch, len(train_prompts)))
             metrics = trainer.train_step(batch)
             history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['ppo/reward']:.2f}", kl=f"{metrics['ppo/kl']:.2f}",
+                            length=f"{metrics['ppo/response_length']:.0f}")
             mlflow.log_metrics(metrics, step=trainer.step)
             log.info("PPO step %d: reward %.3f kl %.3f beta %.4f", trainer.step, metrics["ppo/reward"],
                      metrics["ppo/kl"], metrics["ppo/beta"])
@@ -384,6 +389,7 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
                 tmp = ckpt.with_suffix(".tmp")
                 torch.save({**trainer.state_dict(), "run_id": run.info.run_id, "eval_before": before}, tmp)
                 os.replace(tmp, ckpt)
+        bar.close()
         after = {f"eval/{k}_after": v for k, v in trainer.evaluate(eval_prompts, recipe.seed).items()}
         mlflow.log_metrics(after, step=trainer.step)
         if history:

@@ -38,6 +38,7 @@ from training.tracking import (
     flat_params,
     log_dict_artifact,
     pip_requirements,
+    progress_bar,
     register,
     use_tracking,
 )
@@ -155,6 +156,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
             log_dict_artifact(recipe_dict(recipe), "recipe.json")
         model.train()
         started, seen, window, epoch_batches = time.perf_counter(), 0, [], None
+        bar = progress_bar(total, step, f"reward model {recipe.name}", "step")
         while step < total:
             epoch, i = divmod(step, per_epoch)
             if i == 0 or epoch_batches is None:
@@ -176,6 +178,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
             sched.step()
             step += 1
             seen += len(idx)
+            bar.update(1)
             window.append((loss.item(), (rc > rr).float().mean().item()))
             if step % recipe.log_every == 0 or step == total:
                 losses, accs = zip(*window, strict=True)
@@ -186,6 +189,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
                 _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                              "scheduler": sched.state_dict(), "step": step,
                                              "run_id": run.info.run_id, "torch_rng": torch.get_rng_state()})
+        bar.close()
         elapsed = time.perf_counter() - started
         mlflow.log_metric("train/pairs_per_s", seen / elapsed if elapsed else 0.0, step=step)
 

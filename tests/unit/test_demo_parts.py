@@ -1,0 +1,102 @@
+"""The pieces of `flywheel demo` that need no models: the simulated world's guarantees, the scenario, the
+numbers and the report."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from flywheel.demo import DemoConfig, win_rate
+from flywheel.demo_report import write_report
+from flywheel.simulate import HiddenPreference, SimConfig, reward_hacking_config, simulate_events, variants
+from pipelines.sharegpt import chat_samples
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return chat_samples(120)
+
+
+def test_adding_adversaries_leaves_the_honest_users_events_exactly_as_they_were(samples):
+    cfg = DemoConfig(honest_users=60, adversary_share=0.10)
+    alone = simulate_events(samples, SimConfig(users=60, adversary_share=0.0, prompts=100, seed=7), now=NOW)
+    mixed = simulate_events(samples, SimConfig(users=cfg.users, adversary_share=1 - 60 / cfg.users, prompts=100, seed=7),
+                            now=NOW)
+    roles = mixed.truth["users"]
+    assert sum(r != "honest" for r in roles.values()) == cfg.users - 60 == 7
+    assert [e for e in mixed.events if roles[e["user_id"]] == "honest"] == alone.events
+    assert len(mixed.events) > len(alone.events)
+
+
+def test_the_hidden_preference_wants_concise_answers_that_still_say_something():
+    pref = HiddenPreference(noise=0.0)
+    v = variants(chat_samples(5)[0])
+    assert pref.score(v["direct"]) > pref.score(v["full"]) > pref.score(v["padded"])
+    assert pref.score(v["terse"]) < pref.score(v["direct"])  # a three-word fragment says nothing
+    assert len(v["terse"].split()) <= 3
+
+
+def test_in_the_reward_hacking_scenario_clicks_reward_the_shortest_answer_and_disagree_with_the_preference(samples):
+    cfg = reward_hacking_config(SimConfig(users=40, adversary_share=0.0, prompts=60, seed=1))
+    assert "terse" in cfg.variants and cfg.rater is not None and cfg.rater != cfg.preference
+    v = variants(samples[3])
+    assert cfg.rater.score(v["terse"]) > cfg.rater.score(v["direct"])  # the clicks
+    assert cfg.preference.score(v["terse"]) < cfg.preference.score(v["direct"])  # the truth
+    sim = simulate_events(samples, cfg, now=NOW)
+    corrections = [e["corrected_text"] for e in sim.events if e["type"] == "correction"]
+    assert corrections and all(len(c.split()) <= 3 for c in corrections)  # users "correct" to the fragment
+    assert sim.truth["rater"] != sim.truth["preference"]
+
+
+def test_win_rate_counts_ties_half_and_carries_a_wilson_interval():
+    score = HiddenPreference(noise=0.0).score
+    r = win_rate(["a short answer that says enough"] * 3 + ["same length words here ok"],
+                 ["a much longer answer with many more words than the other"] * 3 + ["same length words here ok"], score)
+    assert r["win_rate"] == pytest.approx(3.5 / 4) and r["ties"] == 0.25 and r["prompts"] == 4
+    assert r["ci_low"] < r["win_rate"] < r["ci_high"]
+
+
+def test_demo_configuration_is_checked_and_quick_is_small():
+    with pytest.raises(ValueError, match="scenario"):
+        DemoConfig(scenario="nope")
+    with pytest.raises(ValueError, match="adversary_share"):
+        DemoConfig(adversary_share=1.0)
+    q = DemoConfig.quick(seed=3)
+    assert q.cycles == 1 and q.seed == 3 and q.eval_prompts < DemoConfig().eval_prompts
+    assert DemoConfig(honest_users=150, adversary_share=0.1).users == 167
+    assert DemoConfig(honest_users=150, adversary_share=0.0).users == 150
+
+
+def test_the_report_shows_each_cycle_its_decision_and_reasons(tmp_path):
+    hidden = {"win_rate": 0.7, "ci_low": 0.63, "ci_high": 0.76, "prompts": 200, "ties": 0.05}
+    promoted = {"trained": True, "version": "2", "start_policy": "models:/flywheel-policy/1", "reward_model_version": "1",
+                "promoted": True, "action": "promote", "reasons": ["all 9 checks passed"], "champion_version": "1",
+                "challenger": {"win_rate": 0.61, "lc_win_rate": 0.5, "kl": 1.2, "length_mean": 22.0, "no_eos_share": 0.4},
+                "champion": {"length_mean": 30.0, "no_eos_share": 0.9}, "hidden_preference": hidden,
+                "served_after": "flywheel-policy/2"}
+    skipped = {"trained": False, "promoted": False, "action": "skip", "reasons": ["no reward model has passed the gate"]}
+    cycle = {"number": 1, "start": "2026-11-23T10:00:00+00:00", "end": "2026-11-23T11:00:00+00:00", "events_sent": 900,
+             "served_by": ["flywheel-policy/1"], "seconds": {"traffic": 10.0},
+             "curation": {"dataset": "abc", "pairs": 300, "feedback_read": 500, "held_at_ingest": 5, "held_back": 40,
+                          "held_back_by_reason": {"burst_rate": 40}, "pairs_by_source": {"thumbs": 300},
+                          "agreement": {"items": 10, "percent_agreement": 0.9, "krippendorff_alpha": 0.8}},
+             "filters": {"precision": 1.0, "recall": 0.98, "honest_held_back_share": 0.0, "recall_by_kind": {}},
+             "reward": {"version": "1", "metrics": {"eval/accuracy": 0.93, "eval/length_corr": -0.4},
+                        "hidden_preference_accuracy": 0.95, "hidden_preference_pairs": 30,
+                        "labels_agree_with_hidden_preference": 0.97, "action": "promote", "reasons": ["all 2 checks passed"]},
+             "policy": promoted}
+    refused = {**cycle, "number": 2, "reward": {**cycle["reward"], "action": "refuse",
+                                                "reasons": ["reward/length correlation -0.900 (needs |x| <= 0.6)"]},
+               "policy": skipped}
+    summary = {"config": DemoConfig().__dict__, "run_dir": str(tmp_path), "preference": {"a": 1}, "rater": {"a": 1},
+               "v1": "1", "final_champion": "2", "promotions": ["2"], "cycles": [cycle, refused],
+               "final_vs_v1": hidden, "seconds": {"total": 300.0}}
+    md = write_report(summary, tmp_path).read_text()
+    assert "win rate 0.700 (95% CI 0.630–0.760) over 200 held-out prompts" in md
+    assert "| 1 |" in md and "**promote**" in md and "after promotion: flywheel-policy/2" in md
+    assert "reward/length correlation -0.900 (needs |x| <= 0.6)" in md
+    assert "policy: not trained — no reward model has passed the gate" in md
+    assert (tmp_path / "report.png").stat().st_size > 10_000
