@@ -152,7 +152,7 @@ def _assert_settings_read(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) 
 
 def test_every_setting_the_compose_file_passes_is_read_by_settings(compose, monkeypatch):
     seen: set[str] = set()
-    for name, svc in compose["services"].items():
+    for svc in compose["services"].values():
         env = _settings_keys(svc.get("environment") or {})
         if env:
             _assert_settings_read({k: str(v) for k, v in env.items()}, monkeypatch)
