@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scenario", choices=["default", "reward-hacking"], default=None,
                    help="reward-hacking: users click for the shortest answer; the gate must refuse what that teaches")
     s.add_argument("--cycles", type=int, default=None, help="cycles of one simulated hour each (default 2)")
-    s.add_argument("--users", type=int, default=None, help="honest users a cycle (default 150; --quick 100)")
+    s.add_argument("--users", type=int, default=None, help="honest users a cycle (default 120; --quick 100)")
     s.add_argument("--adversaries", type=float, default=None,
                    help="share of all users who are adversaries, on top of the honest ones (default 0.1)")
     s.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts at each gate (default 200)")

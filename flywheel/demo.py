@@ -43,7 +43,7 @@ SCENARIOS = ("default", "reward-hacking")
 @dataclass(frozen=True)
 class DemoConfig:
     cycles: int = 2
-    honest_users: int = 150  # per cycle; adversaries come on top (adversary_share of all users)
+    honest_users: int = 120  # per cycle; adversaries come on top (adversary_share of all users)
     conversations_per_user: int = 6
     adversary_share: float = 0.10
     scenario: str = "default"

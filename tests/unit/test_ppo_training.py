@@ -177,3 +177,16 @@ def test_dpo_and_kto_recipes_train_through_trl_and_register(env, tmp_path, kind)
     client = MlflowClient(settings.mlflow.tracking_uri)
     assert client.get_run(res["run_id"]).data.tags["flywheel.kind"] == kind
     assert client.get_model_version_by_alias("flywheel-policy", "challenger").run_id == res["run_id"]
+
+
+def test_long_prompts_are_cut_in_the_users_text_so_the_assistant_turn_survives():
+    from tests.tiny import tiny_tokenizer
+    from training.policy.ppo import _format_prompt, fit_prompts
+
+    tok = tiny_tokenizer()
+    long = " ".join(["hello"] * 200)
+    (cut,) = fit_prompts(tok, [long], 32)
+    formatted = _format_prompt(tok, cut)
+    assert len(tok(formatted, add_special_tokens=False)["input_ids"]) <= 32
+    assert formatted.rstrip().endswith("assistant:")  # the answer prompt is still there
+    assert fit_prompts(tok, ["hello there"], 32) == ["hello there"]

@@ -116,6 +116,19 @@ def _format_prompt(tok: Any, prompt: str) -> str:
     return f"user: {prompt}\nassistant:"
 
 
+def fit_prompts(tok: Any, prompts: list[str], max_prompt_tokens: int) -> list[str]:
+    """Prompts cut (at the end of the user's text) so that the chat-formatted prompt fits ``max_prompt_tokens``.
+    Truncating the formatted string instead would cut off the template's assistant turn, and the model would
+    continue the user's text rather than answer it."""
+    overhead = len(tok(_format_prompt(tok, ""), add_special_tokens=False)["input_ids"])
+    budget = max(max_prompt_tokens - overhead, 1)
+    out = []
+    for p in prompts:
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        out.append(p if len(ids) <= budget else tok.decode(ids[:budget]))
+    return out
+
+
 @torch.no_grad()
 def sample(lm: nn.Module, tok: Any, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
            top_k: int = 0, max_prompt_tokens: int = 128, greedy: bool = False) -> Rollout:
@@ -124,8 +137,8 @@ def sample(lm: nn.Module, tok: Any, prompts: list[str], *, max_new_tokens: int, 
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    enc = tok([_format_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True, truncation=True,
-              max_length=max_prompt_tokens, add_special_tokens=False)
+    enc = tok([_format_prompt(tok, p) for p in fit_prompts(tok, prompts, max_prompt_tokens)], return_tensors="pt",
+              padding=True, truncation=True, max_length=max_prompt_tokens, add_special_tokens=False)
     lm.eval()
     out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
                       temperature=temperature if not greedy else None, top_k=top_k or None, top_p=None,

@@ -1,0 +1,44 @@
+"""`flywheel demo --quick` end to end on real models (SmolLM2-135M, MiniLM): simulated users over the real API,
+the consumer, curation, reward model, PPO, evaluation, gate, and serving following the champion; and the
+reward-hacking scenario, which must end with no promotion and the reasons in the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flywheel.demo import DemoConfig, run_demo
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_quick_demo_runs_a_whole_cycle_and_reports_it(settings, tmp_path):
+    summary = run_demo(settings, DemoConfig.quick(eval_prompts=24, honest_users=60), run_dir=tmp_path / "run")
+    (cycle,) = summary["cycles"]
+    cur, rm, pol = cycle["curation"], cycle["reward"], cycle["policy"]
+    assert cycle["events_sent"] > 500 and cycle["served_by"] == ["flywheel-policy/1"]
+    assert cur["pairs"] > 100 and cur["held_back"] > 0 and cycle["filters"]["recall"] > 0.9
+    assert rm["action"] == "promote" and rm["hidden_preference_accuracy"] > 0.8
+    assert pol["trained"] and pol["version"] == "2" and pol["action"] in ("promote", "refuse") and pol["reasons"]
+    assert pol["hidden_preference"]["prompts"] == 24
+    if pol["promoted"]:  # serving picked the new champion up
+        assert pol["served_after"] == "flywheel-policy/2" and summary["final_vs_v1"]["prompts"] == 24
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| 1 |" in report and pol["reasons"][0] in report
+    assert (tmp_path / "run" / "report.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["cycles"][0]["policy"]["version"] == "2"
+
+
+def test_the_reward_hacking_scenario_is_refused_with_its_reason(settings, tmp_path):
+    summary = run_demo(settings, DemoConfig.quick(scenario="reward-hacking", honest_users=60, eval_prompts=8),
+                       run_dir=tmp_path / "run")
+    (cycle,) = summary["cycles"]
+    assert summary["promotions"] == [] and summary["final_champion"] == summary["v1"]
+    assert cycle["reward"]["action"] == "refuse"
+    assert any("reward/length correlation" in r for r in cycle["reward"]["reasons"])
+    # what users clicked disagrees with what they want: the labels side against the hidden preference
+    assert cycle["reward"]["labels_agree_with_hidden_preference"] < 0.9
+    assert not cycle["policy"]["trained"] and "no reward model has passed the gate" in cycle["policy"]["reasons"][0]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "reward/length correlation" in report and "No challenger was promoted" in report
