@@ -50,7 +50,7 @@ class HiddenPreference:
     length_weight: float = 1.0
     filler_weight: float = 1.5
     noise: float = 0.08
-    min_words: int = 6  # shorter than this says nothing
+    min_words: int = 0  # shorter than this says nothing (0: off, as in truth files written before it existed)
     short_penalty: float = 1.0
 
     def score(self, text: str) -> float:
@@ -78,7 +78,8 @@ class SimConfig:
     adversary_share: float = 0.10
     prompts: int = 120
     seed: int = 0
-    preference: HiddenPreference = field(default_factory=HiddenPreference)  # the truth everything is judged by
+    # the truth everything is judged by
+    preference: HiddenPreference = field(default_factory=lambda: HiddenPreference(min_words=6))
     rater: HiddenPreference | None = None  # what users' clicks follow; None = the preference itself
     variants: tuple[str, ...] = ("direct", "full", "padded")  # the responses the chat service serves
     prompt_offset: int = 0  # the run's prompt pool is samples[prompt_offset : prompt_offset + prompts]

@@ -32,7 +32,7 @@ def test_adding_adversaries_leaves_the_honest_users_events_exactly_as_they_were(
 
 
 def test_the_hidden_preference_wants_concise_answers_that_still_say_something():
-    pref = HiddenPreference(noise=0.0)
+    pref = SimConfig().preference
     v = variants(chat_samples(5)[0])
     assert pref.score(v["direct"]) > pref.score(v["full"]) > pref.score(v["padded"])
     assert pref.score(v["terse"]) < pref.score(v["direct"])  # a three-word fragment says nothing

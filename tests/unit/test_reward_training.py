@@ -93,7 +93,8 @@ def test_eval_reward_reports_accuracy_against_labels_and_the_hidden_preference(t
 
     def run(length_weight: float) -> dict:
         truth = tmp_path / "truth.json"
-        truth.write_text(json.dumps({"preference": {"length_weight": length_weight, "filler_weight": 0.0, "noise": 0.0}}))
+        truth.write_text(json.dumps({"preference": {"length_weight": length_weight, "filler_weight": 0.0, "noise": 0.0,
+                                                    "min_words": 0}}))
         assert cli.main(["eval-reward", "--model", str(model_dir), "--dataset", uri, "--truth", str(truth)]) == 0
         return json.loads(capsys.readouterr().out)
 
