@@ -141,3 +141,15 @@ def test_chosen_and_rejected_sides_of_different_widths_train_together(tmp_path):
                        train_pairs=pairs[pairs["split"] == "train"].reset_index(drop=True),
                        eval_pairs=pd.DataFrame(pairs[pairs["split"] == "eval"]).reset_index(drop=True), register_model=False)
     assert res.steps == 2 and math.isfinite(res.metrics["eval/accuracy"])
+
+
+def test_a_long_conversation_keeps_its_last_turn_and_the_reply(tmp_path):
+    rm = RewardModel.from_backbone(tiny_encoder_dir(tmp_path / "backbone"), max_length=32)
+    prompt = " ".join(["hello world the a is of to and"] * 10) + " what is the capital of france"
+    reply = "paris is the capital of france " + " ".join(["yes"] * 60)
+    enc = rm.encode([prompt], [reply])
+    text = rm.tokenizer.decode(enc["input_ids"][0][enc["attention_mask"][0].bool()])
+    assert len(enc["input_ids"][0]) <= 32
+    assert "what is the capital of france" in text  # the last turn survives
+    assert "paris is the capital" in text  # the reply's beginning too
+    assert rm.fit("short prompt", "short reply") == ("short prompt", "short reply")

@@ -57,11 +57,29 @@ class RewardModel(nn.Module):
         backbone = AutoModel.from_pretrained(path, **kw)
         return cls(backbone, tok, pooling, max_length)
 
+    def fit(self, prompt: str, response: str) -> tuple[str, str]:
+        """(prompt, response) cut to fit ``max_length`` together: the response keeps its beginning and at least
+        three quarters of the budget, the prompt keeps its **end** (the last turn of a conversation is the one the
+        response answers; cutting a pair "longest first" would drop exactly that turn of a long conversation)."""
+        tok = self.tokenizer
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tok(response, add_special_tokens=False)["input_ids"]
+        budget = self.max_length - 3  # [CLS] prompt [SEP] response [SEP]
+        if len(p_ids) + len(r_ids) <= budget:
+            return prompt, response
+        r_keep = min(len(r_ids), max(budget - len(p_ids), 3 * budget // 4))
+        p_keep = min(len(p_ids), budget - r_keep)
+        cut_p = tok.decode(p_ids[len(p_ids) - p_keep:]) if p_keep < len(p_ids) else prompt
+        cut_r = tok.decode(r_ids[:r_keep]) if r_keep < len(r_ids) else response
+        return cut_p, cut_r
+
     def encode(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
-        # right padding; prompt and response as a text pair, the longer one cut first
+        # right padding; prompt and response as a text pair, cut by `fit` (and "longest first" as a safety net
+        # for the few tokens a decode/encode round trip may add)
         self.tokenizer.padding_side = "right"
-        return self.tokenizer(prompts, responses, truncation="longest_first", max_length=self.max_length,
-                              padding=True, return_tensors="pt")
+        pairs = [self.fit(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return self.tokenizer([p for p, _ in pairs], [r for _, r in pairs], truncation="longest_first",
+                              max_length=self.max_length, padding=True, return_tensors="pt")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
