@@ -8,7 +8,8 @@ Scheduled by the `flywheel://models/flywheel-reward/champion` Asset **or** daily
 2. **train** (pool `flywheel_training`) — the policy recipe (`FLYWHEEL_LOOP__POLICY_RECIPE`: PPO with LoRA by
    default; DPO/KTO by recipe) starting from the serving champion, rewarded by the champion reward model;
    registered as `flywheel-policy@challenger`. Emits `flywheel://models/flywheel-policy/challenger`, which
-   schedules `flywheel_promote`.
+   schedules `flywheel_promote`. Skipped (with the reason in the log) while no reward model has passed its gate:
+   a policy is never trained against a reward model the gate refused.
 
 Task logs: dataset version and pairs, reward model version, start policy, held-out reward and KL before and
 after, the registered version.
@@ -41,9 +42,14 @@ def flywheel_policy():
 
     @task(pool=TRAINING_POOL, outlets=[POLICY_CHALLENGER])
     def train(data: dict, outlet_events=None) -> dict:
-        from pipelines.loop import train_policy
+        from airflow.sdk.exceptions import AirflowSkipException
 
-        result = train_policy(data["dataset"])
+        from pipelines.loop import NoRewardModel, train_policy
+
+        try:
+            result = train_policy(data["dataset"])
+        except NoRewardModel as e:  # nothing to retry: wait for a reward model to pass its gate
+            raise AirflowSkipException(str(e)) from e
         outlet_events[POLICY_CHALLENGER].extra = {"version": result["version"], "dataset": data["dataset"]}
         return result
 
