@@ -202,9 +202,9 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
     cache: dict[str, Any] = {}
     answers: dict[str, list[str]] = {}  # version -> its answers to the held-out prompts
     client_reg = registry_client(s)
+    champion_policy = ChampionPolicy(s, poll_s=s.api.policy_poll_s)
     try:
         with stack.local_feedback_path(s, "demo") as (state, client):
-            champion_policy = ChampionPolicy(s, poll_s=s.api.policy_poll_s)
             loader = threading.Thread(target=lambda: setattr(state, "policy", champion_policy.start()),
                                       name="policy-loader", daemon=True)
             loader.start()
@@ -277,8 +277,8 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
                     _say(f"serving now answers as {cyc.policy['served_after']} "
                          f"(picked up in {cyc.seconds['serving_swap']:.0f}s)")
                 _say(f"cycle {cyc.number} took {sum(cyc.seconds.values()):.0f}s {cyc.seconds}")
-            champion_policy.close()
     finally:
+        champion_policy.close()  # stop polling the registry even when a step failed
         stack.down(s)
 
     final = alias_version(client_reg, POLICY_MODEL, CHAMPION)
