@@ -2,7 +2,7 @@
 the Settings object really reads.
 
 The validators are installed by ``.ci/run`` into ``.ci-tools/`` (hadolint, kubernetes-validate, helm, the
-Compose specification's JSON schema); without them (a developer machine) those checks skip, and under CI
+Docker Compose v2 CLI plugin, the Compose specification's JSON schema); without them (a developer machine) those checks skip, and under CI
 (``FLYWHEEL_CI=1``) a missing tool is a failure.
 """
 
@@ -93,14 +93,42 @@ def test_the_compose_stack_has_every_part_with_health_checks(compose):
             assert src.startswith(".") or src in compose["volumes"], f"{name}: volume {src} is not declared"
 
 
-def test_the_compose_file_matches_the_compose_specification(compose):
-    """``docker compose config`` where the Compose plugin exists; the Compose specification's JSON schema always
-    (this machine's docker client has no compose plugin and no engine)."""
+def _docker_compose() -> tuple[list[str], dict[str, str]]:
+    """``docker compose`` with the plugin .ci/run installs (DOCKER_CONFIG=.ci-tools/docker) or one of this
+    machine's own; skips (fails under CI) where neither exists. No engine is needed for ``config``."""
     docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        r = subprocess.run([docker, "compose", "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), "config", "-q"],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+    env = dict(os.environ)
+    if (TOOLS / "docker" / "cli-plugins" / "docker-compose").exists():
+        env["DOCKER_CONFIG"] = str(TOOLS / "docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True, env=env).returncode == 0:
+        return [docker, "compose", "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE)], env
+    _tool("docker-compose-plugin")
+    raise AssertionError("unreachable")
+
+
+def test_docker_compose_config_accepts_the_stack(tmp_path):
+    cmd, env = _docker_compose()
+    r = subprocess.run([*cmd, "config", "--format", "json"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    resolved = json.loads(r.stdout)
+    services = resolved["services"]
+    assert {"kafka-1", "kafka-2", "kafka-3", "postgres", "minio", "mlflow", "redis", "api", "proxy"} <= set(services)
+    assert services["api"]["deploy"]["replicas"] == 2
+    # What compose resolves from .env.example is what our own reading of the file (the fixture) sees.
+    env_file = _env_example()
+    assert services["mlflow"]["environment"]["AWS_ACCESS_KEY_ID"] == env_file["MINIO_ROOT_USER"]
+    # A broken file is refused: the check can fail.
+    broken = yaml.safe_load(COMPOSE.read_text())
+    broken["services"]["api"]["depends_on"] = {"no-such-service": {"condition": "service_healthy"}}
+    bad = tmp_path / "compose.yaml"
+    bad.write_text(yaml.safe_dump(broken))
+    r = subprocess.run([cmd[0], "compose", "-f", str(bad), "--project-directory", str(COMPOSE.parent),
+                        "--env-file", str(ENV_EXAMPLE), "config", "-q"], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "no-such-service" in r.stderr, r.stderr
+
+
+def test_the_compose_file_matches_the_compose_specification(compose):
+    """The Compose specification's JSON schema, checked by jsonschema (a second, independent reading)."""
     schema_path = TOOLS / "compose_spec.json"
     if not schema_path.exists():
         _tool("compose_spec.json")
