@@ -183,31 +183,39 @@ def _overrides(pairs: list[str] | None) -> dict[str, object]:
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
+    """Also the entry point of each process under ``torchrun --no-python flywheel train ...`` (data-parallel
+    reward model and PPO, see training/distributed.py): only rank 0 tracks, registers and prints."""
     from training.config import PPORecipe, PreferenceOptRecipe, RewardRecipe, load_recipe
+    from training.distributed import teardown
 
     default = {"reward": "reward-minilm.yaml", "policy": "policy-ppo-lora.yaml"}[args.what]
     recipe = load_recipe(args.recipe or default, _overrides(args.set))
-    if args.what == "reward":
-        if not isinstance(recipe, RewardRecipe):
-            raise SystemExit(f"{args.recipe}: not a reward recipe (kind: reward)")
-        from training.reward.train import train_reward
+    try:
+        if args.what == "reward":
+            if not isinstance(recipe, RewardRecipe):
+                raise SystemExit(f"{args.recipe}: not a reward recipe (kind: reward)")
+            from training.reward.train import train_reward
 
-        r = train_reward(settings, recipe, args.dataset, checkpoint_dir=args.checkpoint_dir)
-        print(json.dumps({"run_id": r.run_id, "model": "flywheel-reward", "version": r.model_version,
-                          "steps": r.steps, **r.metrics}, indent=2))
+            r = train_reward(settings, recipe, args.dataset, checkpoint_dir=args.checkpoint_dir)
+            if r.run_id is not None:
+                print(json.dumps({"run_id": r.run_id, "model": "flywheel-reward", "version": r.model_version,
+                                  "steps": r.steps, **r.metrics}, indent=2))
+            return 0
+        if isinstance(recipe, PPORecipe):
+            from training.policy.ppo import train_ppo
+
+            res = train_ppo(settings, recipe, args.dataset, checkpoint_dir=args.checkpoint_dir)
+        elif isinstance(recipe, PreferenceOptRecipe):
+            from training.policy.prefopt import train_preference_opt
+
+            res = train_preference_opt(settings, recipe, args.dataset)
+        else:
+            raise SystemExit(f"{args.recipe}: not a policy recipe (kind: ppo, dpo or kto)")
+        if res.get("run_id") is not None:
+            print(json.dumps(res, indent=2, default=str))
         return 0
-    if isinstance(recipe, PPORecipe):
-        from training.policy.ppo import train_ppo
-
-        res = train_ppo(settings, recipe, args.dataset, checkpoint_dir=args.checkpoint_dir)
-    elif isinstance(recipe, PreferenceOptRecipe):
-        from training.policy.prefopt import train_preference_opt
-
-        res = train_preference_opt(settings, recipe, args.dataset)
-    else:
-        raise SystemExit(f"{args.recipe}: not a policy recipe (kind: ppo, dpo or kto)")
-    print(json.dumps(res, indent=2, default=str))
-    return 0
+    finally:
+        teardown()
 
 
 def _eval_hh(args: argparse.Namespace, settings: Settings) -> int:

@@ -29,15 +29,16 @@ def tiny_causal_lm(vocab_size: int, seed: int = 0) -> Any:
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_encoder_dir(path: Any, seed: int = 0) -> str:
-    """A tiny random BERT and its tokenizer saved as a local backbone directory (for reward-model tests)."""
+def tiny_encoder_dir(path: Any, seed: int = 0, **config: Any) -> str:
+    """A tiny random BERT and its tokenizer saved as a local backbone directory (for reward-model tests);
+    ``config`` overrides BertConfig fields (dropout probabilities, say)."""
     import torch
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
-    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=64, max_position_embeddings=128, pad_token_id=0))
+    model = BertModel(BertConfig(**{**dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=64, max_position_embeddings=128, pad_token_id=0), **config}))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

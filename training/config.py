@@ -41,6 +41,7 @@ class RewardRecipe:
     checkpoint_every: int = 50
     seed: int = 0
     threads: int = 0  # torch threads; 0 = leave torch's default
+    device: str = "auto"  # "auto" (this rank's GPU when CUDA is available, else CPU), "cpu" or "cuda"
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class PPORecipe:
     checkpoint_every: int = 5
     seed: int = 0
     threads: int = 0
+    device: str = "auto"  # "auto" (this rank's GPU when CUDA is available, else CPU), "cpu" or "cuda"
 
     def __post_init__(self) -> None:
         for name, allowed in (("kl_estimator", ("k1", "k3")), ("kl_controller", ("adaptive", "fixed")),

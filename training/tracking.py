@@ -68,11 +68,11 @@ def download_model(uri: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
 
 
-def progress_bar(total: int, initial: int, desc: str, unit: str) -> Any:
-    """A tqdm bar for a training loop: shown on a terminal, silent in task logs and tests."""
+def progress_bar(total: int, initial: int, desc: str, unit: str, disable: bool = False) -> Any:
+    """A tqdm bar for a training loop: shown on a terminal, silent in task logs and tests (and on ranks > 0)."""
     import sys
 
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not sys.stderr.isatty(), leave=False,
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable or not sys.stderr.isatty(), leave=False,
                 dynamic_ncols=True)

@@ -32,6 +32,12 @@ Deviations from the textbook, on purpose:
 - With ``lora: true`` only LoRA adapters (peft) and the value head train, and the reference model is the
   same network with the adapters disabled, so no second copy of the weights is kept.
 - Prompts are left-padded; response tokens after the first EOS are masked out of every loss.
+
+On a GPU when the recipe's ``device`` allows one; data-parallel under ``torchrun`` (:mod:`training.distributed`):
+every rank generates, scores and updates on its slice of each step's ``rollout_batch`` (minibatches are cut
+the same way), DistributedDataParallel averages the gradients, and the statistics that steer the update are
+global: reward whitening over the whole batch, advantage whitening over all ranks' response tokens, the KL
+the controller sees, the KL guard's decision. Rank 0 evaluates, logs, checkpoints and registers.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +64,8 @@ from flywheel.settings import Settings
 from serving.policy import load_causal_lm
 from training.config import PPORecipe, recipe_dict
 from training.data import open_dataset
+from training.distributed import Dist, check_divisible
+from training.distributed import setup as setup_distributed
 from training.policy.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -139,6 +147,8 @@ def sample(lm: nn.Module, tok: Any, prompts: list[str], *, max_new_tokens: int, 
         tok.pad_token = tok.eos_token
     enc = tok([_format_prompt(tok, p) for p in fit_prompts(tok, prompts, max_prompt_tokens)], return_tensors="pt",
               padding=True, truncation=True, max_length=max_prompt_tokens, add_special_tokens=False)
+    device = next(lm.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
     lm.eval()
     out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
                       temperature=temperature if not greedy else None, top_k=top_k or None, top_p=None,
@@ -168,8 +178,14 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 class PPOTrainer:
-    def __init__(self, recipe: PPORecipe, policy: nn.Module, tokenizer: Any, reward: RewardModel):
+    def __init__(self, recipe: PPORecipe, policy: nn.Module, tokenizer: Any, reward: RewardModel,
+                 dist: Dist | None = None):
         self.r, self.tok, self.reward = recipe, tokenizer, reward
+        self.dist = dist or Dist()
+        check_divisible("rollout_batch", recipe.rollout_batch, self.dist.world)
+        check_divisible("minibatch", recipe.minibatch, self.dist.world)
+        policy.to(self.dist.device)
+        reward.to(self.dist.device)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         if recipe.lora:
@@ -181,7 +197,8 @@ class PPOTrainer:
             self.ref = None  # the same weights with the adapters disabled
         else:
             self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
-        self.model = PolicyWithValue(policy)
+        self.model = PolicyWithValue(policy).to(self.dist.device)
+        self.net = self.dist.wrap(self.model)  # the update's forward: DistributedDataParallel under torchrun
         self.reward.eval().requires_grad_(False)
         params = [{"params": [p for p in self.model.lm.parameters() if p.requires_grad], "lr": recipe.lr},
                   {"params": self.model.value_head.parameters(), "lr": recipe.value_lr}]
@@ -207,7 +224,7 @@ class PPOTrainer:
     @torch.no_grad()
     def score(self, prompts: list[str], ro: Rollout) -> torch.Tensor:
         """Raw reward-model scores, with the no-EOS penalty."""
-        scores = self.reward.score(prompts, ro.texts).float()
+        scores = self.reward.score(prompts, ro.texts).float().to(ro.finished.device)
         return scores + (~ro.finished).float() * self.r.no_eos_penalty
 
     @torch.no_grad()
@@ -221,7 +238,9 @@ class PPOTrainer:
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         """Sequence scores as the policy sees them (``reward_norm``), clipped to ±``reward_clip``."""
-        if self.r.reward_norm == "batch" and len(raw) > 1:
+        if self.r.reward_norm == "batch" and self.dist.active:  # whitened over every rank's slice of the batch
+            raw = self.dist.shard(whiten(self.dist.gather(raw)))
+        elif self.r.reward_norm == "batch" and len(raw) > 1:
             raw = whiten(raw)
         elif self.r.reward_norm == "reward_model":
             stats = getattr(self.reward, "stats", None) or {"mean": 0.0, "std": 1.0}
@@ -234,7 +253,6 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------------- update
     def train_step(self, prompts: list[str]) -> dict[str, float]:
         r = self.r
-        timings: dict[str, float] = {}
         t0 = time.perf_counter()
         ro = self.generate(prompts)
         t1 = time.perf_counter()
@@ -247,19 +265,20 @@ class PPOTrainer:
         score = self.normalise(raw)
         rewards = token_rewards(score, kl, mask, self.kl_ctl.beta)
         adv, returns = gae(rewards, old_values, mask, r.gamma, r.lam)
-        adv = whiten(adv, mask) * mask
+        adv = self._whiten_tokens(adv, mask) * mask
         t3 = time.perf_counter()
 
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")}
         self.model.train()
         n = len(prompts)
+        minibatch = r.minibatch // self.dist.world  # this rank's share of a minibatch
         guard = r.kl_guard * r.target_kl if r.kl_guard > 0 else float("inf")
         pullbacks = updates = 0
         for _epoch in range(r.ppo_epochs):
-            order = torch.randperm(n)
-            for i in range(0, n, r.minibatch):
-                idx = order[i:i + r.minibatch]
-                logits, values = self.model(ro.input_ids[idx], ro.attention_mask[idx])
+            order = torch.randperm(n, device=mask.device)
+            for i in range(0, n, minibatch):
+                idx = order[i:i + minibatch]
+                logits, values = self.net(ro.input_ids[idx], ro.attention_mask[idx])
                 logp = token_logprobs(logits, ro.input_ids[idx], ro.prompt_len)
                 values = values[:, ro.prompt_len - 1:-1]
                 m = mask[idx]
@@ -269,7 +288,7 @@ class PPOTrainer:
                 loss = pl + r.value_coef * vl - r.entropy_coef * ent
                 if guard < float("inf"):
                     seq = (kl_k3(logp, ref_logp[idx]) * m).sum(1).mean()
-                    if float(seq.detach()) > guard:  # past the guard: pull this minibatch back towards the reference
+                    if float(self.dist.mean(seq.detach())) > guard:  # every rank takes the same branch  # past the guard: pull this minibatch back towards the reference
                         loss = seq / m.sum(1).mean().clamp(min=1) + r.value_coef * vl
                         pullbacks += 1
                 self.opt.zero_grad(set_to_none=True)
@@ -281,20 +300,32 @@ class PPOTrainer:
                              ("clipfrac", pstats["clipfrac"]), ("approx_kl", pstats["approx_kl"])):
                     stats[k].append(float(v.detach()))
         t4 = time.perf_counter()
-        mean_kl = float(seq_kl.mean())
+        mean_kl = float(self.dist.mean(seq_kl.mean()))
         beta = self.kl_ctl.beta
-        self.kl_ctl.update(mean_kl, n)
+        self.kl_ctl.update(mean_kl, n * self.dist.world)
         self.step += 1
-        timings = {"time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/prepare_s": t3 - t2,
-                   "time/update_s": t4 - t3}
+        all_raw = self.dist.gather(raw)
+        local = {"ppo/response_length": float(mask.sum(1).mean()),
+                 "ppo/no_eos_share": float((~ro.finished).float().mean()),
+                 "ppo/kl_pullback_share": pullbacks / max(updates, 1),
+                 **{f"ppo/{k}": float(np.mean(v)) if v else float("nan") for k, v in stats.items()},
+                 "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/prepare_s": t3 - t2,
+                 "time/update_s": t4 - t3}
+        means = self.dist.mean(torch.tensor(list(local.values()), dtype=torch.float64)).tolist()
         return {
-            "ppo/reward": float(raw.mean()), "ppo/reward_std": float(raw.std()) if n > 1 else 0.0,
-            "ppo/kl": mean_kl, "ppo/beta": beta, "ppo/response_length": float(mask.sum(1).mean()),
-            "ppo/no_eos_share": float((~ro.finished).float().mean()),
-            "ppo/tokens": float(mask.sum()),
-            "ppo/kl_pullback_share": pullbacks / max(updates, 1),
-            **{f"ppo/{k}": float(np.mean(v)) if v else float("nan") for k, v in stats.items()}, **timings,
+            "ppo/reward": float(all_raw.mean()), "ppo/reward_std": float(all_raw.std()) if len(all_raw) > 1 else 0.0,
+            "ppo/kl": mean_kl, "ppo/beta": beta, "ppo/tokens": float(self.dist.sum(mask.sum())),
+            **dict(zip(local, means, strict=True)),
         }
+
+    def _whiten_tokens(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``whiten(x, mask)`` with the mean and (unbiased) variance of every rank's masked tokens."""
+        if not self.dist.active:
+            return whiten(x, mask)
+        n, total, squares = self.dist.sum(torch.stack([mask.sum(), (x * mask).sum(), (x * x * mask).sum()]).double())
+        mean = total / n
+        var = (squares - n * mean * mean) / (n - 1).clamp(min=1)
+        return ((x - mean) * torch.rsqrt(var + 1e-8)).to(x.dtype)
 
     @torch.no_grad()
     def evaluate(self, prompts: list[str], seed: int) -> dict[str, float]:
@@ -325,6 +356,10 @@ class PPOTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"], strict=not self.r.lora)
         self.opt.load_state_dict(state["optimizer"])
+        for moments in self.opt.state.values():  # follow the model to its device
+            for k, v in moments.items():
+                if torch.is_tensor(v) and k != "step":
+                    moments[k] = v.to(self.dist.device)
         self.kl_ctl.beta, self.step = state["beta"], state["step"]
         torch.set_rng_state(state["torch_rng"])
 
@@ -351,29 +386,37 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
 
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
-    torch.manual_seed(recipe.seed)
+    dist = setup_distributed(recipe.device)
+    torch.manual_seed(recipe.seed + dist.rank)  # ranks sample independently (DDP starts them from rank 0's weights)
     ds = open_dataset(dataset_ref, settings)
     train_prompts = _prompts(ds, "train", recipe.prompts, recipe.seed)
     eval_prompts = _prompts(ds, "eval", recipe.eval_prompts, recipe.seed)
     if not train_prompts:
         raise ValueError(f"dataset {dataset_ref}: no training prompts")
-    use_tracking(settings, experiment)  # before resolving models:/ URIs of the reward model
+    if dist.main:
+        use_tracking(settings, experiment)  # before resolving models:/ URIs of the reward model
+    dist.barrier()  # rank 0 has created (migrated) the tracking store; the others only read from it
+    if not dist.main:
+        mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
     lm, tok = load_causal_lm(recipe.policy)
     reward = load_registered_reward(recipe.reward_model)
     reward_version = _reward_version(recipe.reward_model)
-    trainer = PPOTrainer(recipe, lm, tok, reward)
+    trainer = PPOTrainer(recipe, lm, tok, reward, dist)
 
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     run_id = None
     before: dict[str, float] = {}
     if ckpt and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")
         trainer.load_state_dict(state)
         run_id, before = state["run_id"], state.get("eval_before", {})
+        if dist.active:
+            torch.manual_seed(recipe.seed * 100_003 + trainer.step * dist.world + dist.rank)
         log.info("resuming PPO %s at step %d (MLflow run %s)", recipe.name, trainer.step, run_id)
 
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else recipe.name) as run:
-        if not run_id:
+    tracked = mlflow.start_run(run_id=run_id, run_name=None if run_id else recipe.name) if dist.main else nullcontext()
+    with tracked as run:
+        if dist.main and not run_id:
             mlflow.log_params(flat_params("recipe.", recipe_dict(recipe)))
             mlflow.set_tags({"flywheel.kind": "ppo", "flywheel.recipe": recipe.name,
                              "flywheel.dataset_version": ds.version, "flywheel.dataset_uri": ds.uri,
@@ -385,24 +428,30 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
             mlflow.log_metrics(before, step=0)
         history: list[dict[str, float]] = []
         rng = random.Random(recipe.seed)
-        bar = progress_bar(recipe.steps, trainer.step, f"PPO {recipe.name}", "step")
+        bar = progress_bar(recipe.steps, trainer.step, f"PPO {recipe.name}", "step", disable=not dist.main)
         while trainer.step < recipe.steps:
             rng.seed(recipe.seed * 100_003 + trainer.step)  # the batch of a step is a function of the step
             batch = rng.sample(train_prompts, min(recipe.rollout_batch, len(train_prompts)))
-            metrics = trainer.train_step(batch)
+            metrics = trainer.train_step(dist.shard(batch))
             history.append(metrics)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['ppo/reward']:.2f}", kl=f"{metrics['ppo/kl']:.2f}",
                             length=f"{metrics['ppo/response_length']:.0f}")
-            mlflow.log_metrics(metrics, step=trainer.step)
-            log.info("PPO step %d: reward %.3f kl %.3f beta %.4f", trainer.step, metrics["ppo/reward"],
-                     metrics["ppo/kl"], metrics["ppo/beta"])
-            if ckpt and (trainer.step % recipe.checkpoint_every == 0 or trainer.step == recipe.steps):
+            if dist.main:
+                mlflow.log_metrics(metrics, step=trainer.step)
+                log.info("PPO step %d: reward %.3f kl %.3f beta %.4f", trainer.step, metrics["ppo/reward"],
+                         metrics["ppo/kl"], metrics["ppo/beta"])
+            if dist.main and ckpt and (trainer.step % recipe.checkpoint_every == 0 or trainer.step == recipe.steps):
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 tmp = ckpt.with_suffix(".tmp")
                 torch.save({**trainer.state_dict(), "run_id": run.info.run_id, "eval_before": before}, tmp)
                 os.replace(tmp, ckpt)
         bar.close()
+        if not dist.main:  # rank 0 evaluates, saves and registers; the others are done
+            dist.barrier()
+            return {"run_id": None, "steps": trainer.step}
+        if dist.active:
+            mlflow.log_params({"distributed.world_size": dist.world, "distributed.device": dist.device.type})
         after = {f"eval/{k}_after": v for k, v in trainer.evaluate(eval_prompts, recipe.seed).items()}
         mlflow.log_metrics(after, step=trainer.step)
         if history:
@@ -410,6 +459,7 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
         out_dir = trainer.save_policy(Path(tempfile.mkdtemp(prefix="policy-")) / "policy")
         version = log_and_register_policy(out_dir, run.info.run_id, ds.version, reward_version,
                                           {**before, **after}, reference=recipe.policy) if register_model else None
+        dist.barrier()
         return {"run_id": run.info.run_id, "model": POLICY_MODEL, "version": version, "steps": trainer.step,
                 **before, **after, "policy_dir": str(out_dir)}
 

@@ -96,9 +96,10 @@ class RewardModel(nn.Module):
         """Rewards of (prompt, response) pairs, in eval mode, batch by batch."""
         was_training = self.training
         self.eval()
-        out = []
+        out, device = [], self.head.weight.device
         for i in range(0, len(prompts), batch_size):
-            out.append(self(**self.encode(prompts[i:i + batch_size], responses[i:i + batch_size])))
+            enc = self.encode(prompts[i:i + batch_size], responses[i:i + batch_size])
+            out.append(self(**{k: v.to(device) for k, v in enc.items()}).float().cpu())
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)
 

@@ -9,6 +9,9 @@
 A killed run started again with the same recipe, dataset and checkpoint directory continues from its last
 checkpoint in the same MLflow run and ends at the same step count (the batch order is a function of the
 seed and the epoch, so the remaining batches are the ones the first run would have seen).
+
+On a GPU when the recipe's ``device`` allows one; data-parallel under ``torchrun`` (:mod:`training.distributed`):
+each rank takes its slice of every batch, gradients are averaged, rank 0 logs, checkpoints and registers.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import random
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ import torch
 from flywheel.settings import Settings
 from training.config import RewardRecipe, recipe_dict
 from training.data import open_dataset
+from training.distributed import setup as setup_distributed
 from training.reward.losses import bt_loss, margin_from_share, reward_eval
 from training.reward.model import RewardModel
 from training.tracking import (
@@ -48,7 +53,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RewardResult:
-    run_id: str
+    run_id: str | None  # None on the ranks > 0 of a distributed run (only rank 0 tracks)
     model_version: str | None
     steps: int
     metrics: dict[str, float]
@@ -107,6 +112,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
 
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
+    dist = setup_distributed(recipe.device)
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
     ds = open_dataset(dataset_ref, settings) if dataset_ref else None
@@ -117,6 +123,8 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
         raise ValueError(f"dataset {dataset_ref}: no training pairs")
 
     model = RewardModel.from_backbone(recipe.backbone, recipe.pooling, recipe.max_length)
+    if dist.active and len(train) < recipe.batch_size:
+        raise ValueError(f"{len(train)} training pairs: fewer than one batch of {recipe.batch_size} to share out")
     enc_c = model.encode(train["prompt"].tolist(), train["chosen"].tolist())
     enc_r = model.encode(train["prompt"].tolist(), train["rejected"].tolist())
     width = max(enc_c["input_ids"].shape[1], enc_r["input_ids"].shape[1])  # each side padded to its own longest
@@ -135,7 +143,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     step, run_id = 0, None
     if ckpt_path and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -143,9 +151,18 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
         torch.set_rng_state(state["torch_rng"])
         log.info("resuming %s from step %d (MLflow run %s)", recipe.name, step, run_id)
 
-    use_tracking(settings, experiment)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else recipe.name) as run:
-        if not run_id:
+    model.to(dist.device)
+    for state in opt.state.values():  # a resumed optimizer's moments follow the model to its device
+        for k, v in state.items():
+            if torch.is_tensor(v) and k != "step":
+                state[k] = v.to(dist.device)
+    net = dist.wrap(model, find_unused_parameters=True)  # what the update step calls: DistributedDataParallel under torchrun
+
+    if dist.main:
+        use_tracking(settings, experiment)
+    tracked = mlflow.start_run(run_id=run_id, run_name=None if run_id else recipe.name) if dist.main else nullcontext()
+    with tracked as run:
+        if dist.main and not run_id:
             mlflow.log_params(flat_params("recipe.", recipe_dict(recipe)))
             mlflow.log_params({"train_pairs": len(train), "eval_pairs": len(evalp), "total_steps": total})
             tags = {"flywheel.kind": "reward", "flywheel.recipe": recipe.name}
@@ -156,20 +173,23 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
             log_dict_artifact(recipe_dict(recipe), "recipe.json")
         model.train()
         started, seen, window, epoch_batches = time.perf_counter(), 0, [], None
-        bar = progress_bar(total, step, f"reward model {recipe.name}", "step")
+        bar = progress_bar(total, step, f"reward model {recipe.name}", "step", disable=not dist.main)
         while step < total:
             epoch, i = divmod(step, per_epoch)
             if i == 0 or epoch_batches is None:
                 epoch_batches = batches(len(train), recipe.batch_size, recipe.seed, epoch, lengths, recipe.group_by_length)
-            idx = torch.as_tensor(epoch_batches[i])
+            full = torch.as_tensor(epoch_batches[i])
+            idx = dist.shard(full)
+            if len(idx) == 0:  # a last batch smaller than the world: this rank repeats one pair (weight 1/world)
+                idx = full[:1]
             batch = {k: torch.cat([enc_c[k][idx], enc_r[k][idx]]) for k in ("input_ids", "attention_mask")}
             width = int(batch["attention_mask"].sum(1).max())  # trim the padding this batch does not need
             batch = {k: v[:, :width] for k, v in batch.items()}
             if "token_type_ids" in enc_c:
                 batch["token_type_ids"] = torch.cat([enc_c["token_type_ids"][idx], enc_r["token_type_ids"][idx]])[:, :width]
-            rewards = model(**batch)
+            rewards = net(**{k: v.to(dist.device) for k, v in batch.items()})
             rc, rr = rewards[: len(idx)], rewards[len(idx):]
-            margin = margin_from_share(share[idx], recipe.margin_scale) if recipe.margin_scale else None
+            margin = margin_from_share(share[idx], recipe.margin_scale).to(dist.device) if recipe.margin_scale else None
             loss = bt_loss(rc, rr, margin, recipe.centering)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -177,21 +197,27 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
             opt.step()
             sched.step()
             step += 1
-            seen += len(idx)
+            seen += len(full)
             bar.update(1)
-            window.append((loss.item(), (rc > rr).float().mean().item()))
+            window.append((loss.detach(), (rc > rr).float().mean().detach()))
             if step % recipe.log_every == 0 or step == total:
-                losses, accs = zip(*window, strict=True)
-                mlflow.log_metrics({"train/loss": float(np.mean(losses)), "train/accuracy": float(np.mean(accs)),
-                                    "train/lr": sched.get_last_lr()[0]}, step=step)
+                means = dist.mean(torch.stack([torch.stack(w) for w in window]).float().mean(0))
+                if dist.main:
+                    mlflow.log_metrics({"train/loss": float(means[0]), "train/accuracy": float(means[1]),
+                                        "train/lr": sched.get_last_lr()[0]}, step=step)
                 window.clear()
-            if ckpt_path and (step % recipe.checkpoint_every == 0 or step == total):
+            if dist.main and ckpt_path and (step % recipe.checkpoint_every == 0 or step == total):
                 _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                              "scheduler": sched.state_dict(), "step": step,
                                              "run_id": run.info.run_id, "torch_rng": torch.get_rng_state()})
         bar.close()
         elapsed = time.perf_counter() - started
+        if not dist.main:  # rank 0 evaluates, saves and registers; the others are done
+            dist.barrier()
+            return RewardResult(None, None, step, {}, Path())
         mlflow.log_metric("train/pairs_per_s", seen / elapsed if elapsed else 0.0, step=step)
+        if dist.active:
+            mlflow.log_params({"distributed.world_size": dist.world, "distributed.device": dist.device.type})
 
         # reward statistics on the training pairs: PPO whitens with them
         sample = train.iloc[: min(len(train), 512)]
@@ -206,6 +232,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
         if register_model:
             version = log_and_register(model_dir, run.info.run_id, ds.version if ds else "", metrics)
         log.info("reward model %s: %d steps, %s, registered version %s", recipe.name, step, metrics, version)
+        dist.barrier()
         return RewardResult(run.info.run_id, version, step, metrics, model_dir)
 
 
