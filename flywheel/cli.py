@@ -97,7 +97,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
     chosen = {k: v for k, v in {"cycles": args.cycles, "honest_users": args.users, "adversary_share": args.adversaries,
                                 "scenario": args.scenario, "eval_prompts": args.eval_prompts,
-                                "ppo_steps": args.ppo_steps, "seed": args.seed}.items() if v is not None}
+                                "ppo_steps": args.ppo_steps, "model_samples": args.model_samples,
+                                "seed": args.seed}.items() if v is not None}
     cfg = DemoConfig.quick(**chosen) if args.quick else DemoConfig(**chosen)
     summary = run_demo(settings, cfg, run_dir=Path(args.run_dir) if args.run_dir else None)
     if cfg.scenario == "reward-hacking":
@@ -446,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of all users who are adversaries, on top of the honest ones (default 0.1)")
     s.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts at each gate (default 200)")
     s.add_argument("--ppo-steps", type=int, default=None, help="PPO steps a cycle (default: the demo recipe's)")
+    s.add_argument("--model-samples", type=int, default=None,
+                   help="the champion's answers to each user prompt that users rate (default 4; 0: ShareGPT answers only)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--run-dir", help="where the run's stack, models and report go (default <home>/demo/<run>)")
     s.set_defaults(func=_demo)

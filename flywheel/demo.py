@@ -3,8 +3,10 @@
 1. A fresh run directory (``<home>/demo/<run>``) with its own embedded stack: Tansu broker, lake, MLflow.
 2. The base policy, SmolLM2-135M-Instruct, is registered as ``flywheel-policy`` v1 @champion; the API serves
    whatever ``@champion`` points to (``ChampionPolicy``, polling the alias), the consumer writes the lake.
-3. Each cycle is one simulated hour of traffic: simulated users (honest ones with a hidden preference,
-   plus adversaries) talk to the real HTTP API (``/v1/turns``, ``/v1/feedback/batch`` and a few live
+3. Each cycle is one simulated hour of traffic. The chat service answers the users' prompts with the serving
+   champion (``model_samples`` sampled answers a prompt, generated in batches), beside a few fixed answer
+   styles from ShareGPT; simulated users (honest ones with a hidden preference, plus adversaries) rate them
+   and talk to the real HTTP API (``/v1/turns``, ``/v1/feedback/batch`` and a few live
    ``/v1/chat`` calls answered by the serving champion), then the loop's steps run on that hour, exactly
    as the Airflow DAGs call them (:mod:`pipelines.loop`): curate -> train the reward model -> reward-model
    gate -> PPO from the champion against the champion reward model -> evaluate against the champion on
@@ -51,6 +53,9 @@ class DemoConfig:
     eval_prompts: int = 200  # held-out ShareGPT prompts (after those) both policies answer at each gate
     ppo_steps: int = 0  # 0 = the demo recipe's
     chats_per_cycle: int = 2  # live /v1/chat calls answered by the serving champion
+    # answers of the serving champion to each prompt, served beside the ShareGPT styles: feedback then ranks the
+    # champion's own answers, which is what the reward model must judge at the next gate (0 = ShareGPT only)
+    model_samples: int = 4
     seed: int = 0
 
     @classmethod
@@ -79,6 +84,7 @@ class Cycle:
     start: str
     end: str
     events_sent: int = 0
+    answered_by: str = ""  # the champion whose answers the users rated ("" = ShareGPT answers only)
     served_by: list[str] = field(default_factory=list)
     curation: dict[str, Any] = field(default_factory=dict)
     filters: dict[str, Any] = field(default_factory=dict)
@@ -174,7 +180,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
         raise ValueError(f"the ShareGPT file holds only {len(samples)} usable prompts")
     held_out = [x.prompt for x in samples[cfg.prompts:cfg.prompts + cfg.eval_prompts]]
     h0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=cfg.cycles)
-    sims, cycles = [], []
+    sim_cfgs, sims, cycles = [], [], []
     for k in range(1, cfg.cycles + 1):
         sim_cfg = SimConfig(users=cfg.users, conversations_per_user=cfg.conversations_per_user,
                             adversary_share=1 - cfg.honest_users / cfg.users, prompts=cfg.prompts,
@@ -182,9 +188,11 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
         if cfg.scenario == "reward-hacking":
             sim_cfg = reward_hacking_config(sim_cfg)
         end = h0 + timedelta(hours=k)
+        # who the users are (and which accounts are blocked) does not depend on the answers they will get: the
+        # cycle's traffic is simulated again once the champion of that cycle has answered (_traffic)
         sim = simulate_events(samples, sim_cfg, now=end - timedelta(minutes=2))
         assert sum(r == "honest" for r in sim.truth["users"].values()) == cfg.honest_users
-        write_truth(run_dir / "simulations" / f"truth-cycle{k}.json", sim)
+        sim_cfgs.append(sim_cfg)
         sims.append(sim)
         cycles.append(Cycle(k, (end - timedelta(hours=1)).isoformat(), end.isoformat()))
     preference = sims[0].truth["preference"]
@@ -209,12 +217,16 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
                                       name="policy-loader", daemon=True)
             loader.start()
             _say(f"API on {client.base_url} serving models:/{POLICY_MODEL}@{CHAMPION}; consumer writing the lake")
-            for cyc, sim in zip(cycles, sims, strict=True):
+            for cyc, sim_cfg in zip(cycles, sim_cfgs, strict=True):
                 _say(f"\n=== cycle {cyc.number}/{cfg.cycles}: traffic of [{cyc.start[11:16]}, {cyc.end[11:16]}) UTC ===")
+                # 0. the chat service answers the users' prompts with the serving champion
+                with _Timer(cyc.seconds, "chat_service"):
+                    loader.join()
+                    sim, cyc.answered_by = _traffic(champion_policy, samples, sim_cfg, cfg, cyc)
+                    write_truth(run_dir / "simulations" / f"truth-cycle{cyc.number}.json", sim)
                 # 1. traffic through the real API
                 with _Timer(cyc.seconds, "traffic"):
                     cyc.events_sent = send_events(client, sim.events)
-                    loader.join()
                     for prompt in held_out[:cfg.chats_per_cycle]:
                         r = client.post("/v1/chat", json={"user_id": "u-demo", "max_new_tokens": 32, "seed": cfg.seed,
                                                           "messages": [{"role": "user", "content": prompt}]})
@@ -297,6 +309,25 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
     md = write_report(summary, run_dir)
     _say(_closing(summary, md))
     return summary
+
+
+def _traffic(champion: Any, samples: list[Any], sim_cfg: Any, cfg: DemoConfig, cyc: Cycle) -> tuple[Any, str]:
+    """The cycle's simulated traffic, with the serving champion's answers to the users' prompts served beside
+    the ShareGPT styles; returns the simulation and the version that answered."""
+    from flywheel.simulate import simulate_events
+
+    now = datetime.fromisoformat(cyc.end) - timedelta(minutes=2)
+    if cfg.model_samples <= 0:
+        return simulate_events(samples, sim_cfg, now=now), ""
+    handle = champion.pick()
+    pool = samples[sim_cfg.prompt_offset: sim_cfg.prompt_offset + sim_cfg.prompts]
+    t = time.monotonic()
+    replies = handle.generate_many([x.prompt for x in pool], 32, samples=cfg.model_samples,
+                                   seed=cfg.seed * 1_000 + cyc.number, max_prompt_tokens=64)
+    answers = [[r.text for r in rs] for rs in replies]
+    _say(f"chat service: {handle.version} answered the users' {len(pool)} prompts {cfg.model_samples} times each "
+         f"in {time.monotonic() - t:.0f}s")
+    return simulate_events(samples, sim_cfg, now=now, model_answers=answers, model_version=handle.version), handle.version
 
 
 def _policy_cycle(s: Settings, cfg: DemoConfig, dataset: str, held_out: list[str], cache: dict[str, Any],

@@ -64,6 +64,8 @@ def write_report(summary: dict[str, Any], run_dir: Path) -> Path:
         md += [f"### Cycle {c['number']} — [{c['start']}, {c['end']})", "",
                f"- served by: {', '.join(sorted(set(c['served_by']))) or '—'}"
                + (f"; after promotion: {pol['served_after']}" if pol.get("served_after") else ""),
+               f"- answers the users rated: {c.get('answered_by') or '—'} ({cfg.get('model_samples', 0)} sampled answers "
+               f"a prompt) beside ShareGPT's answer styles",
                f"- dataset `{cur.get('dataset')}`: {cur.get('feedback_read')} feedback events read, "
                f"{cur.get('held_at_ingest')} held at ingest, {cur.get('held_back')} held back by curation: "
                f"{cur.get('held_back_by_reason')}; pairs by source {cur.get('pairs_by_source')}; agreement "

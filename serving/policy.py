@@ -126,3 +126,27 @@ class PolicyHandle:
             finished = eos is not None and bool((new == eos).any())
             text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
             return Reply(text, self.version, finished)
+
+    def generate_many(self, prompts: list[str], max_new_tokens: int, *, samples: int = 1, seed: int = 0,
+                      batch: int = 48, max_prompt_tokens: int = 64) -> list[list[Reply]]:
+        """``samples`` answers to each single-turn prompt, generated in left-padded batches (a chat service's
+        batch path: many conversations at once, not one request at a time); seeded, so the same prompts give the
+        same answers. Returns one list of replies per prompt."""
+        import torch
+
+        from training.policy.ppo import sample
+
+        flat = [p for p in prompts for _ in range(samples)]
+        replies: list[Reply] = []
+        with self._lock:
+            state = torch.get_rng_state()
+            torch.manual_seed(seed)
+            try:
+                for i in range(0, len(flat), batch):
+                    ro = sample(self.model, self.tokenizer, flat[i:i + batch], max_new_tokens=max_new_tokens,
+                                temperature=self.temperature, greedy=self.temperature <= 0,
+                                max_prompt_tokens=max_prompt_tokens)
+                    replies += [Reply(t.strip(), self.version, bool(f)) for t, f in zip(ro.texts, ro.finished, strict=True)]
+            finally:
+                torch.set_rng_state(state)
+        return [replies[i:i + samples] for i in range(0, len(replies), samples)]

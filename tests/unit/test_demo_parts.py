@@ -100,3 +100,37 @@ def test_the_report_shows_each_cycle_its_decision_and_reasons(tmp_path):
     assert "reward/length correlation -0.900 (needs |x| <= 0.6)" in md
     assert "policy: not trained — no reward model has passed the gate" in md
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_the_champions_own_answers_are_served_rated_against_each_other_and_carry_its_version(samples):
+    n = 60
+    # answers of 6..11 words: the hidden preference ranks them by length (none under min_words, no filler)
+    answers = [[" ".join(["word"] * (6 + (i + 2 * j) % 6)) for j in range(3)] for i in range(n)]
+    cfg = SimConfig(users=100, adversary_share=0.0, prompts=n, seed=2)
+    sim = simulate_events(samples, cfg, now=NOW, model_answers=answers, model_version="flywheel-policy/3")
+    own = {a for row in answers for a in row}
+    turns = {e["response_id"]: e for e in sim.events if e["type"] == "turn"}
+    by_model = [t for t in turns.values() if t["model_version"] == "flywheel-policy/3"]
+    assert by_model and all(t["response"] in own for t in by_model)
+    assert all(t["response"] not in own for t in turns.values() if t["model_version"] == "sim-chat@1")
+    feedback = [e for e in sim.events if e["type"] != "turn"]
+    assert all(e["model_version"] == turns[e.get("response_id") or e.get("response_b_id")
+                                            or e["discarded_response_id"]]["model_version"]
+               for e in feedback if e["type"] in ("thumbs", "pairwise", "regenerate"))
+    # thumbs on a model answer compare it with another answer of the same model: shorter ones are liked more
+    thumbs = [(len(turns[e["response_id"]]["response"].split()), e["value"]) for e in feedback
+              if e["type"] == "thumbs" and e["response_id"] in {t["response_id"] for t in by_model}]
+    up_short = [v == "up" for w, v in thumbs if w <= 7]
+    up_long = [v == "up" for w, v in thumbs if w >= 10]
+    assert len(up_short) > 10 and len(up_long) > 10
+    assert sum(up_short) / len(up_short) > 0.8 > 0.3 > sum(up_long) / len(up_long)
+    # pairwise choices between two of the model's own answers exist: the comparisons the next gate's judge needs
+    both_model = [e for e in feedback if e["type"] == "pairwise"
+                  and turns[e["response_a_id"]]["response"] in own and turns[e["response_b_id"]]["response"] in own]
+    assert len(both_model) >= 5
+    # adversaries still leave the honest users' events as they were
+    mixed = simulate_events(samples, SimConfig(users=111, adversary_share=1 - 100 / 111, prompts=n, seed=2), now=NOW,
+                            model_answers=answers, model_version="flywheel-policy/3")
+    assert [e for e in mixed.events if mixed.truth["users"][e["user_id"]] == "honest"] == sim.events
+    with pytest.raises(ValueError, match="one non-empty list per prompt"):
+        simulate_events(samples, cfg, now=NOW, model_answers=answers[:-1])
