@@ -60,9 +60,9 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **kw: Any) -> DemoConfig:
-        """One cycle, fewer users, 3 PPO steps, 48 held-out prompts: about three minutes, for CI."""
+        """One cycle, fewer users, 3 PPO steps, 48 held-out prompts, one champion answer a prompt: for CI."""
         return cls(**{"cycles": 1, "honest_users": 100, "ppo_steps": 3, "eval_prompts": 48, "chats_per_cycle": 1,
-                      **kw})
+                      "model_samples": 1, **kw})
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
