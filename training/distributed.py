@@ -110,6 +110,15 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank, world, local_rank, dev)
 
 
+def optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Move an optimizer's state (a resumed checkpoint's moments, loaded on the CPU) to the model's device;
+    step counters stay where they are (Adam keeps them on the CPU)."""
+    for state in opt.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and k != "step":
+                state[k] = v.to(device)
+
+
 def teardown() -> None:
     """Leave the process group (at the end of a command run under torchrun)."""
     if tdist.is_available() and tdist.is_initialized():

@@ -4,7 +4,7 @@
   recipe (each rank takes half of every batch and DDP averages the gradients): data parallelism changes the
   speed, not the result. Only rank 0 tracks: one MLflow run, one registered version.
 - PPO under two processes trains, logs one run and registers one challenger.
-- The reductions the PPO update relies on (gather in global-batch order, token whitening over all ranks)
+- The reductions the PPO update relies on (gather in global-batch order, whitening over all ranks)
   equal the single-process computation on the concatenated batch.
 """
 
@@ -112,6 +112,7 @@ def _reductions_worker(rank: int, world: int, port: int, out: str) -> None:
     from training.config import PPORecipe
     from training.distributed import Dist
     from training.policy.ppo import PPOTrainer
+    from training.policy.ppo_math import whiten
 
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     dist = Dist(rank, world, rank, torch.device("cpu"))
@@ -122,7 +123,7 @@ def _reductions_worker(rank: int, world: int, port: int, out: str) -> None:
     trainer.r = PPORecipe(reward_norm="batch", reward_clip=100.0)
     result = {
         "gathered": dist.gather(torch.arange(8.0)[rank::world]).tolist(),
-        "whitened_tokens": trainer._whiten_tokens(dist.shard(x), dist.shard(mask)).tolist(),
+        "whitened_tokens": whiten(dist.shard(x), dist.shard(mask), all_sum=dist.sum).tolist(),
         "normalised": trainer.normalise(dist.shard(x[:, 0])).tolist(),
         "mean": float(dist.mean(torch.tensor(float(rank)))),
     }

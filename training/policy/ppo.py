@@ -64,7 +64,7 @@ from flywheel.settings import Settings
 from serving.policy import load_causal_lm
 from training.config import PPORecipe, recipe_dict
 from training.data import open_dataset
-from training.distributed import Dist, check_divisible
+from training.distributed import Dist, check_divisible, optimizer_to
 from training.distributed import setup as setup_distributed
 from training.policy.ppo_math import (
     AdaptiveKLController,
@@ -238,10 +238,8 @@ class PPOTrainer:
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         """Sequence scores as the policy sees them (``reward_norm``), clipped to ±``reward_clip``."""
-        if self.r.reward_norm == "batch" and self.dist.active:  # whitened over every rank's slice of the batch
-            raw = self.dist.shard(whiten(self.dist.gather(raw)))
-        elif self.r.reward_norm == "batch" and len(raw) > 1:
-            raw = whiten(raw)
+        if self.r.reward_norm == "batch" and len(raw) * self.dist.world > 1:  # over every rank's slice of the batch
+            raw = whiten(raw, all_sum=self.dist.sum)
         elif self.r.reward_norm == "reward_model":
             stats = getattr(self.reward, "stats", None) or {"mean": 0.0, "std": 1.0}
             raw = (raw - stats["mean"]) / max(stats["std"], 1e-6)
@@ -265,7 +263,7 @@ class PPOTrainer:
         score = self.normalise(raw)
         rewards = token_rewards(score, kl, mask, self.kl_ctl.beta)
         adv, returns = gae(rewards, old_values, mask, r.gamma, r.lam)
-        adv = self._whiten_tokens(adv, mask) * mask
+        adv = whiten(adv, mask, all_sum=self.dist.sum) * mask  # over every rank's response tokens
         t3 = time.perf_counter()
 
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")}
@@ -288,7 +286,9 @@ class PPOTrainer:
                 loss = pl + r.value_coef * vl - r.entropy_coef * ent
                 if guard < float("inf"):
                     seq = (kl_k3(logp, ref_logp[idx]) * m).sum(1).mean()
-                    if float(self.dist.mean(seq.detach())) > guard:  # every rank takes the same branch  # past the guard: pull this minibatch back towards the reference
+                    # past the guard (on all ranks' mean, so every rank takes the same branch): pull this
+                    # minibatch back towards the reference
+                    if float(self.dist.mean(seq.detach())) > guard:
                         loss = seq / m.sum(1).mean().clamp(min=1) + r.value_coef * vl
                         pullbacks += 1
                 self.opt.zero_grad(set_to_none=True)
@@ -317,15 +317,6 @@ class PPOTrainer:
             "ppo/kl": mean_kl, "ppo/beta": beta, "ppo/tokens": float(self.dist.sum(mask.sum())),
             **dict(zip(local, means, strict=True)),
         }
-
-    def _whiten_tokens(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``whiten(x, mask)`` with the mean and (unbiased) variance of every rank's masked tokens."""
-        if not self.dist.active:
-            return whiten(x, mask)
-        n, total, squares = self.dist.sum(torch.stack([mask.sum(), (x * mask).sum(), (x * x * mask).sum()]).double())
-        mean = total / n
-        var = (squares - n * mean * mean) / (n - 1).clamp(min=1)
-        return ((x - mean) * torch.rsqrt(var + 1e-8)).to(x.dtype)
 
     @torch.no_grad()
     def evaluate(self, prompts: list[str], seed: int) -> dict[str, float]:
@@ -356,10 +347,7 @@ class PPOTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"], strict=not self.r.lora)
         self.opt.load_state_dict(state["optimizer"])
-        for moments in self.opt.state.values():  # follow the model to its device
-            for k, v in moments.items():
-                if torch.is_tensor(v) and k != "step":
-                    moments[k] = v.to(self.dist.device)
+        optimizer_to(self.opt, self.dist.device)
         self.kl_ctl.beta, self.step = state["beta"], state["step"]
         torch.set_rng_state(state["torch_rng"])
 

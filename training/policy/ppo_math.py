@@ -17,6 +17,8 @@ Per token t of a sampled response (state = prompt + tokens so far, action = the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -35,14 +37,18 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.expm1(-d) + d
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
+           all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(x - mean) / std over the (masked) elements; ``shift_mean=False`` keeps the mean (used for advantages'
-    scale only where the sign must survive). Uses the unbiased variance, like TRL and OpenAI's lm-human-prefs."""
+    scale only where the sign must survive). Uses the unbiased variance, like TRL and OpenAI's lm-human-prefs.
+    ``all_sum`` turns each local sum into the sum over every process (data-parallel training), so the mean and
+    variance are those of the whole batch."""
+    total = all_sum or (lambda t: t)
     if mask is None:
         mask = torch.ones_like(x)
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) ** 2) * mask).sum() / (n - 1).clamp(min=1)
+    n = total(mask.sum())
+    mean = total((x * mask).sum()) / n
+    var = total((((x - mean) ** 2) * mask).sum()) / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)
     return out if shift_mean else out + mean
 

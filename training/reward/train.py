@@ -34,6 +34,7 @@ import torch
 from flywheel.settings import Settings
 from training.config import RewardRecipe, recipe_dict
 from training.data import open_dataset
+from training.distributed import optimizer_to
 from training.distributed import setup as setup_distributed
 from training.reward.losses import bt_loss, margin_from_share, reward_eval
 from training.reward.model import RewardModel
@@ -152,10 +153,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
         log.info("resuming %s from step %d (MLflow run %s)", recipe.name, step, run_id)
 
     model.to(dist.device)
-    for state in opt.state.values():  # a resumed optimizer's moments follow the model to its device
-        for k, v in state.items():
-            if torch.is_tensor(v) and k != "step":
-                state[k] = v.to(dist.device)
+    optimizer_to(opt, dist.device)  # a resumed optimizer's moments follow the model
     net = dist.wrap(model, find_unused_parameters=True)  # what the update step calls: DistributedDataParallel under torchrun
 
     if dist.main:
