@@ -17,6 +17,8 @@ import yaml
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
+DEVICES = ("auto", "cpu", "cuda")  # the recipes' ``device``: see training/distributed.py
+
 
 @dataclass(frozen=True)
 class RewardRecipe:
@@ -42,6 +44,10 @@ class RewardRecipe:
     seed: int = 0
     threads: int = 0  # torch threads; 0 = leave torch's default
     device: str = "auto"  # "auto" (this rank's GPU when CUDA is available, else CPU), "cpu" or "cuda"
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"recipe {self.name}: device must be one of {DEVICES}, got {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ class PPORecipe:
 
     def __post_init__(self) -> None:
         for name, allowed in (("kl_estimator", ("k1", "k3")), ("kl_controller", ("adaptive", "fixed")),
-                              ("reward_norm", ("batch", "reward_model", "none"))):
+                              ("reward_norm", ("batch", "reward_model", "none")), ("device", DEVICES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"recipe {self.name}: {name} must be one of {allowed}, got {getattr(self, name)!r}")
 

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from training.config import DEVICES
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -87,8 +89,8 @@ class Dist:
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     """``auto``: this rank's GPU when CUDA is available, else the CPU; ``cpu`` / ``cuda`` force one."""
-    if preference not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {preference!r}")
+    if preference not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {preference!r}")
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("the recipe asks for device: cuda, but torch sees no CUDA device")
     if preference == "cpu" or not torch.cuda.is_available():

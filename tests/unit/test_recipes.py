@@ -63,3 +63,6 @@ def test_choice_fields_name_what_they_accept():
         parse_recipe({"kind": "ppo", "reward_norm": "whiten"})
     with pytest.raises(ValueError, match="kl_estimator must be one of"):
         parse_recipe({"kind": "ppo", "kl_estimator": "k2"})
+    for kind in ("reward", "ppo"):  # a device typo fails when the recipe is read, before any model is loaded
+        with pytest.raises(ValueError, match="device must be one of \\('auto', 'cpu', 'cuda'\\), got 'gpu'"):
+            parse_recipe({"kind": kind, "device": "gpu"})
