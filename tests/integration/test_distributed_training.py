@@ -152,3 +152,17 @@ def test_reductions_over_ranks_equal_the_single_process_computation(tmp_path):
         mine = mask[rank::2].bool()
         assert torch.allclose(torch.tensor(got["whitened_tokens"])[mine], full_tokens[rank::2][mine], atol=1e-5)
         assert torch.allclose(torch.tensor(got["normalised"]), full_scores[rank::2], atol=1e-5)
+
+
+def test_a_batch_that_cannot_be_shared_out_equally_is_refused_with_the_reason():
+    from training.distributed import check_divisible, pick_device
+
+    check_divisible("rollout_batch", 8, 4)
+    with pytest.raises(ValueError, match="rollout_batch=6 must be a multiple of the number of processes \\(4\\)"):
+        check_divisible("rollout_batch", 6, 4)
+    with pytest.raises(ValueError, match="device must be one of"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        assert pick_device("auto") == torch.device("cpu")
+        with pytest.raises(RuntimeError, match="asks for device: cuda, but torch sees no CUDA device"):
+            pick_device("cuda")
