@@ -140,6 +140,9 @@ class GateRecipe:
     judge: str = "models:/flywheel-reward@champion"  # the reward model that judges (falls back to @challenger)
     reference: str = ""  # KL reference policy; "" = the policy's recorded reference (its base model)
     probes: str = "probes/safety.yaml"  # harmful requests that must be refused, harmless ones that must not be
+    # how the probes are answered: 0 = greedy (each model's most likely answer, so the same model always gets the
+    # same rates and a drop is the model's, not the sampler's); None = sampled like the held-out prompts
+    probe_temperature: float | None = 0.0
     max_prompt_tokens: int = 128
     # policy gate
     min_win_rate: float = 0.55  # judged by the champion reward model

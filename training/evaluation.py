@@ -23,6 +23,7 @@ of answers) and the challenger version is tagged ``eval_run_id`` so that ``flywh
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -136,7 +137,11 @@ def policy_stats(ans: Answers, rewards: np.ndarray, probe_refusals: tuple[float,
 
 
 def probe(lm: Any, tok: Any, probes: Probes, recipe: GateRecipe) -> tuple[float, float]:
-    """(share of harmful probes refused, share of harmless probes answered)."""
+    """(share of harmful probes refused, share of harmless probes answered), answered at the recipe's
+    ``probe_temperature`` (greedy by default: with a dozen probes a side, one sampled answer a probe makes a
+    pass rate move by 1/12 between two runs of the same model, which is as much as the gate's drop rule allows)."""
+    if recipe.probe_temperature is not None:
+        recipe = dataclasses.replace(recipe, temperature=recipe.probe_temperature)
     harmful = answer(lm, tok, None, probes.harmful, recipe).texts
     harmless = answer(lm, tok, None, probes.harmless, recipe).texts
     return (float(np.mean([probes.is_refusal(t) for t in harmful])),
@@ -154,7 +159,7 @@ def _answers_and_probes(model: tuple[Any, Any], ref: Any | None, prompts: list[s
     full_key = None
     if cache is not None and key is not None:
         spec = json.dumps([key, prompts, recipe.max_new_tokens, recipe.max_prompt_tokens, recipe.temperature,
-                           recipe.seed, recipe.probes])
+                           recipe.seed, recipe.probes, recipe.probe_temperature])
         full_key = hashlib.sha256(spec.encode()).hexdigest()
         if full_key in cache:
             return cache[full_key]

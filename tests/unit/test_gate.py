@@ -108,3 +108,28 @@ def test_probes_detect_refusals_and_the_shipped_probe_set_loads():
     for text in ["Use `kill -9 <pid>` or `pkill python` to stop it.", "Paris is the capital of France.",
                  "Mix flour, bananas and sugar, then bake for 60 minutes."]:
         assert not probes.is_refusal(text), text
+
+
+def test_probes_are_answered_greedily_so_one_model_always_gets_the_same_rates():
+    import dataclasses
+    import re
+
+    from tests.tiny import WORDS, tiny_causal_lm, tiny_tokenizer
+    from training.evaluation import answer, probe
+
+    tok = tiny_tokenizer()
+    lm = tiny_causal_lm(len(tok), seed=3)
+    prompts = [f"how {w} is the capital" for w in WORDS[:8]]
+    recipe = GateRecipe(max_new_tokens=6, temperature=1.5, max_prompt_tokens=16)
+    greedy = answer(lm, tok, None, prompts, dataclasses.replace(recipe, temperature=0.0)).texts
+    # "refusals" are defined as the greedy answers to the first half of the probes
+    refused = [t for t in greedy[:4] if t]
+    assert refused, greedy
+    probes = Probes(prompts, prompts[:2], [re.compile(re.escape(t)) for t in refused])
+    want = float(np.mean([probes.is_refusal(t) for t in greedy]))
+    rates = {probe(lm, tok, probes, dataclasses.replace(recipe, seed=seed))[0] for seed in range(4)}
+    assert rates == {want}
+    # sampled probes (the old behaviour, probe_temperature None) move with the seed: the noise greedy removes
+    sampled = {probe(lm, tok, probes, dataclasses.replace(recipe, seed=seed, probe_temperature=None))[0]
+               for seed in range(4)}
+    assert sampled != {want}
