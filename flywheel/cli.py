@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_eval_reward)
 
     s = sub.add_parser("eval-hh", help="train the reward recipe on 80%% of HH-RLHF, report accuracy per subset")
-    s.add_argument("--recipe", default="reward-minilm.yaml")
+    s.add_argument("--recipe", default="reward-minilm-hh.yaml")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field (repeatable)")
     s.add_argument("--data", help="directory with the HH-RLHF files (default: ../shared/data/hh-rlhf)")
     s.add_argument("--limit", type=int, default=0, help="at most this many pairs per subset (0 = all)")

@@ -1,7 +1,7 @@
 """The reward-model recipe on real human preferences: Anthropic HH-RLHF (helpful-base and harmless-base test
 splits, read from ``../shared/data/hh-rlhf/``; never copied into the repository).
 
-    flywheel eval-hh --recipe reward-minilm.yaml [--data DIR] [--limit N]
+    flywheel eval-hh [--recipe reward-minilm-hh.yaml] [--data DIR] [--limit N]
 
 Each line holds two full conversations that share everything up to the final Assistant reply. The prompt is
 that shared conversation, the responses are the two final replies; rows where chosen == rejected or the
