@@ -36,7 +36,7 @@ import torch
 
 from flywheel.settings import Settings
 from training.config import GateRecipe, resolve_recipe_path
-from training.gate import decide
+from training.gate import decide, wilson
 from training.tracking import POLICY_MODEL, REWARD_MODEL, log_dict_artifact, use_tracking
 
 log = logging.getLogger(__name__)
@@ -59,16 +59,6 @@ class Probes:
     def is_refusal(self, text: str) -> bool:
         head = text[:200]
         return any(p.search(head) for p in self.patterns)
-
-
-def wilson(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (ties counted as half wins)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = wins / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def length_controlled_win_rate(outcome: np.ndarray, length_diff: np.ndarray, l2: float = 0.3,
@@ -189,10 +179,11 @@ def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], ref
     lc, length_coef = length_controlled_win_rate(outcome, a_ch.lengths - a_cp.lengths)
     ch = policy_stats(a_ch, r_ch, probes_ch)
     cp = policy_stats(a_cp, r_cp, probes_cp)
-    rm_acc = rm_evaluate(judge, eval_pairs).get("accuracy") if eval_pairs is not None and len(eval_pairs) else None
+    rm_eval = rm_evaluate(judge, eval_pairs) if eval_pairs is not None and len(eval_pairs) else {}
+    rm_acc, rm_pairs = rm_eval.get("accuracy"), rm_eval.get("pairs")
     ch |= {"win_rate": float(outcome.mean()), "win_rate_ci_low": low, "win_rate_ci_high": high, "lc_win_rate": lc,
            "length_coef": length_coef, "length_change": ch["length_mean"] / max(cp["length_mean"], 1e-9) - 1,
-           "rm_accuracy": rm_acc}
+           "rm_accuracy": rm_acc, "rm_pairs": rm_pairs}
     samples = [{"prompt": p, "challenger": a, "champion": b, "reward_challenger": float(x), "reward_champion": float(y)}
                for p, a, b, x, y in list(zip(prompts, a_ch.texts, a_cp.texts, r_ch, r_cp, strict=True))[:20]]
     return {"prompts": n, "challenger": ch, "champion": cp, "samples": samples,

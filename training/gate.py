@@ -14,7 +14,11 @@ Policy checks (challenger vs the serving champion, both judged by the champion r
   within ``max_length_drift`` (relative) of the champion's; share of responses that never end <=
   ``max_no_eos_share`` or <= the champion's own share; harmful probes refused >= ``min_refusal_rate`` and no worse than the champion by more
   than ``max_probe_drop``; harmless probes answered >= ``min_helpful_rate`` (same drop rule); the reward
-  model's pairwise accuracy on the eval pairs >= ``min_rm_accuracy`` (a judge that cannot rank is no judge).
+  model's pairwise accuracy on the eval pairs: its 95% Wilson interval must reach ``min_rm_accuracy`` and lie
+  above 0.5 when that floor is above chance (a judge that cannot rank is no judge). An interval, not the point estimate: a cycle's eval split
+  holds a few dozen pairs, where one pair moves the accuracy by ~0.02 (measured in the demo: a challenger that
+  beat the champion 0.740 on the hidden preference was refused for a judge at 38/60 = 0.633 against 0.65).
+  Without a pair count (older reports) the point estimate is compared.
 Reward-model checks: eval accuracy >= ``min_rm_accuracy`` and no worse than the champion's by more than
   ``max_accuracy_drop``; |reward/length correlation| <= ``max_length_correlation`` (a reward-hacking sign).
 """
@@ -46,6 +50,16 @@ class GateDecision:
     def as_dict(self) -> dict[str, Any]:
         return {"promote": self.promote, "reasons": self.reasons,
                 "checks": [c.__dict__ for c in self.checks]}
+
+
+def wilson(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (ties counted as half wins)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def _check(checks: list[Check], name: str, value: float | None, ok: bool, threshold: str, what: str) -> None:
@@ -100,9 +114,17 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: 
                 ref = champion[key] - policy.max_probe_drop
                 _check(checks, f"{key}_vs_champion", value, value is not None and value >= ref - 1e-9,
                        f">= champion {champion[key]:.3f} - {policy.max_probe_drop}", what)
-        acc = get("rm_accuracy")
-        _check(checks, "judge_accuracy", acc, acc is not None and acc >= policy.min_rm_accuracy,
-               f">= {policy.min_rm_accuracy}", "the judging reward model's eval accuracy")
+        acc, n = get("rm_accuracy"), challenger.get("rm_pairs")
+        if acc is not None and n:
+            low, high = wilson(acc * n, int(n))
+            floor = policy.min_rm_accuracy
+            chance = floor > 0.5  # a floor at or below chance asks nothing of the judge
+            _check(checks, "judge_accuracy", acc, high >= floor and (low > 0.5 or not chance),
+                   f"its 95% interval on {int(n)} pairs, [{low:.3f}, {high:.3f}], to reach {floor}"
+                   + (" and lie above 0.5" if chance else ""), "the judging reward model's eval accuracy")
+        else:
+            _check(checks, "judge_accuracy", acc, acc is not None and acc >= policy.min_rm_accuracy,
+                   f">= {policy.min_rm_accuracy}", "the judging reward model's eval accuracy")
     else:
         raise ValueError(f"kind must be 'policy' or 'reward', got {kind!r}")
     failed = [ch.reason for ch in checks if not ch.passed]

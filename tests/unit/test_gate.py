@@ -42,6 +42,20 @@ def test_each_failed_check_refuses_with_its_reason(change, fragment):
     assert len(d.reasons) == 1 or (len(d.reasons) == 2 and "probes" in fragment)
 
 
+@pytest.mark.parametrize(("accuracy", "pairs", "promote"), [
+    (38 / 60, 60, True),    # below 0.65 by one pair: the interval [0.507, 0.743] reaches 0.65 and excludes chance
+    (33 / 60, 60, False),   # the interval [0.424, 0.667] holds 0.5: this judge is not shown to rank at all
+    (0.60, 1000, False),    # many pairs: the interval [0.569, 0.630] is clearly below 0.65
+    (0.70, 1000, True),
+])
+def test_the_judges_accuracy_is_read_with_its_interval_on_the_pairs_it_was_measured_on(accuracy, pairs, promote):
+    d = decide({**GOOD, "rm_accuracy": accuracy, "rm_pairs": pairs}, CHAMP, GateRecipe())
+    assert d.promote == promote, d.reasons
+    if not promote:
+        assert d.reasons == [next(c.reason for c in d.checks if c.name == "judge_accuracy")]
+        assert f"95% interval on {pairs} pairs" in d.reasons[0]
+
+
 def test_never_ending_answers_may_not_exceed_the_cap_or_the_champions_own_share():
     rambling_champion = {**CHAMP, "no_eos_share": 0.9}
     assert decide({**GOOD, "no_eos_share": 0.33}, rambling_champion, GateRecipe()).promote  # better than before
