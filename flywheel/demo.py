@@ -267,7 +267,9 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
                               "hidden_preference_accuracy": acc["hidden_preference"].get("accuracy"),
                               "hidden_preference_pairs": acc["hidden_preference"]["pairs"],
                               "labels_agree_with_hidden_preference": acc["labels_agree_with_hidden_preference"],
-                              "action": gate_rm["action"], "reasons": gate_rm["reasons"]}
+                              "action": gate_rm["action"], "reasons": gate_rm["reasons"],
+                              "audit": {k[6:]: v for k, v in (gate_rm.get("challenger_metrics") or {}).items()
+                                        if k.startswith("audit/")}}
                 _say(f"reward model v{rm['version']}: eval accuracy {rm['metrics'].get('eval/accuracy', float('nan')):.3f}, "
                      f"against the hidden preference {cyc.reward['hidden_preference_accuracy'] or float('nan'):.3f}; "
                      f"gate: {gate_rm['action'].upper()} ({'; '.join(gate_rm['reasons'])})")

@@ -38,7 +38,16 @@ def write_report(summary: dict[str, Any], run_dir: Path) -> Path:
                   f"{fv['win_rate']:.3f} (95% CI {fv['ci_low']:.3f}–{fv['ci_high']:.3f}) over {fv['prompts']} held-out "
                   f"prompts** (ties {fv['ties']:.1%}, counted half).")
     else:
-        md.append(f"**No challenger was promoted; the champion is still v{summary['v1']}.**")
+        md.append(f"**No challenger was promoted; the champion is still v{summary['v1']}.** Why, cycle by cycle:")
+        md.append("")
+        for c in cycles:
+            rm, pol = c["reward"], c["policy"]
+            if rm.get("action") == "refuse":
+                md.append(f"- cycle {c['number']}: reward model v{rm.get('version')} refused: {'; '.join(rm.get('reasons', []))}")
+            if pol.get("trained"):
+                md.append(f"- cycle {c['number']}: policy v{pol['version']} {pol['action']}: {'; '.join(pol['reasons'])}")
+            elif rm.get("action") != "refuse":
+                md.append(f"- cycle {c['number']}: policy not trained: {'; '.join(pol.get('reasons', []))}")
     md += ["", "## Cycles", "",
            "| cycle | events in | held back (ingest + curation) | pairs | agreement | RM | RM accuracy (eval / hidden pref.) "
            "| RM gate | policy | win rate vs champion, hidden pref. [95% CI] | judge win / LC | KL | length (tokens) "
@@ -76,8 +85,9 @@ def write_report(summary: dict[str, Any], run_dir: Path) -> Path:
                f"- reward model v{rm.get('version')}: {', '.join(f'{k[5:]} {v:.3f}' for k, v in rm.get('metrics', {}).items())}; "
                f"accuracy against the hidden preference {_f(rm.get('hidden_preference_accuracy'))} on "
                f"{int(rm.get('hidden_preference_pairs') or 0)} eval pairs (the users' own labels agree with it on "
-               f"{_f(rm.get('labels_agree_with_hidden_preference'))}); gate **{rm.get('action')}**: "
-               f"{'; '.join(rm.get('reasons', []))}"]
+               f"{_f(rm.get('labels_agree_with_hidden_preference'))}); agreement with the trusted labelers' audit "
+               f"pairs by rule: {', '.join(f'{k} {v:.3f}' for k, v in (rm.get('audit') or {}).items()) or '—'}; "
+               f"gate **{rm.get('action')}**: {'; '.join(rm.get('reasons', []))}"]
         if pol.get("trained"):
             ch, cp = pol["challenger"] or {}, pol["champion"] or {}
             md += [f"- policy v{pol['version']} (PPO from `{pol['start_policy']}`, reward model v{pol['reward_model_version']}) "
@@ -156,7 +166,10 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_title("challenger vs champion win rate")
     ax.set_xlabel("cycle")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no policy trained (every reward model refused): nothing to label
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no policy was trained", ha="center", transform=ax.transAxes)
     ax = axes[3]
     lens = [(c["number"], (c["policy"].get("challenger") or {}).get("length_mean"),
              (c["policy"].get("champion") or {}).get("length_mean"), (c["policy"].get("challenger") or {}).get("kl"))
@@ -170,7 +183,8 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         ax.set_ylim(0, max(max(x[1] or 0, x[2] or 0) for x in lens) * 1.2)
     ax.set_title("response length (tokens) and KL")
     ax.set_xlabel("cycle")
-    ax.legend(fontsize=8)
+    if lens:
+        ax.legend(fontsize=8)
     for a in axes:
         a.set_xticks(xs)
         a.set_xlim(min(xs) - 0.5, max(xs) + 0.5)

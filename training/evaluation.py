@@ -15,7 +15,10 @@ Policy (``flywheel-policy``), on the held-out prompts (the eval split of a curat
 - the fixed probe set (``configs/probes/safety.yaml``): harmful requests refused, harmless ones answered.
 
 Reward model (``flywheel-reward``): challenger and champion on the same eval pairs (accuracy, ECE, margin,
-reward/length correlation).
+reward/length correlation), and on the audit set (``configs/probes/audit.yaml``): pairs trusted labelers wrote
+from the answer guidelines, grouped by rule; ``audit/<rule>`` is the share of a rule's pairs where the model
+ranks the labelers' choice higher. Eval pairs come from user clicks, so a reward model that learned what users
+click for scores well on them even when that contradicts the guidelines; the audit set is where it shows.
 
 The report is logged to MLflow (experiment ``flywheel-evaluation``: metrics, ``evaluation.json``, a sample
 of answers) and the challenger version is tagged ``eval_run_id`` so that ``flywheel promote`` can find it.
@@ -59,6 +62,42 @@ class Probes:
     def is_refusal(self, text: str) -> bool:
         head = text[:200]
         return any(p.search(head) for p in self.patterns)
+
+
+@dataclass(frozen=True)
+class AuditSet:
+    """Preference pairs written by trusted labelers, each checking one rule of the answer guidelines."""
+
+    pairs: list[dict[str, str]]
+
+    @classmethod
+    def load(cls, path: str | Path) -> AuditSet:
+        import yaml
+
+        data = yaml.safe_load(resolve_recipe_path(path).read_text())
+        pairs = data.get("pairs") if isinstance(data, dict) else None
+        if not pairs:
+            raise ValueError(f"audit set {path}: no pairs")
+        for i, p in enumerate(pairs):
+            missing = {"rule", "prompt", "chosen", "rejected"} - set(p)
+            if missing:
+                raise ValueError(f"audit set {path}: pair {i} lacks {sorted(missing)}")
+        return cls([{k: str(p[k]) for k in ("rule", "prompt", "chosen", "rejected")} for p in pairs])
+
+    def rules(self) -> list[str]:
+        return sorted({p["rule"] for p in self.pairs})
+
+    def score(self, model: Any) -> dict[str, float]:
+        """``audit/<rule>``: share of the rule's pairs the model ranks as the labelers did (ties count half) and
+        ``audit_pairs/<rule>`` their number; ``audit_accuracy`` over all pairs; ``audit_pairs``."""
+        prompts = [p["prompt"] for p in self.pairs]
+        chosen = model.score(prompts, [p["chosen"] for p in self.pairs]).numpy()
+        rejected = model.score(prompts, [p["rejected"] for p in self.pairs]).numpy()
+        agree = (chosen > rejected) + 0.5 * (chosen == rejected)
+        rules = np.array([p["rule"] for p in self.pairs])
+        out = {f"audit/{r}": float(agree[rules == r].mean()) for r in self.rules()}
+        out |= {f"audit_pairs/{r}": float((rules == r).sum()) for r in self.rules()}
+        return out | {"audit_accuracy": float(agree.mean()), "audit_pairs": float(len(agree))}
 
 
 def length_controlled_win_rate(outcome: np.ndarray, length_diff: np.ndarray, l2: float = 0.3,
@@ -191,11 +230,16 @@ def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], ref
                         "challenger_tokens": a_ch.lengths.tolist(), "champion_tokens": a_cp.lengths.tolist()}}
 
 
-def compare_reward_models(challenger: Any, champion: Any | None, eval_pairs: Any) -> dict[str, Any]:
+def compare_reward_models(challenger: Any, champion: Any | None, eval_pairs: Any,
+                          audit: AuditSet | None = None) -> dict[str, Any]:
+    """Both reward models on the eval pairs and, given ``audit``, on the audit set (``audit/<rule>``)."""
     from training.reward.train import evaluate as rm_evaluate
 
-    return {"pairs": len(eval_pairs), "challenger": rm_evaluate(challenger, eval_pairs),
-            "champion": rm_evaluate(champion, eval_pairs) if champion is not None else None}
+    def side(model: Any) -> dict[str, float]:
+        return rm_evaluate(model, eval_pairs) | (audit.score(model) if audit is not None else {})
+
+    return {"pairs": len(eval_pairs), "challenger": side(challenger),
+            "champion": side(champion) if champion is not None else None}
 
 
 def evaluate_challenger(settings: Settings, model: str, challenger: str, *, dataset: str | None = None,
@@ -231,7 +275,9 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
                               "dataset_version": ds.version}
     if model == REWARD_MODEL:
         rm_champion = load_registered_reward(f"models:/{model}/{champion}") if champion and champion != challenger else None
-        report |= compare_reward_models(load_registered_reward(f"models:/{model}/{challenger}"), rm_champion, eval_pairs)
+        audit = AuditSet.load(recipe.audit) if recipe.audit else None
+        report |= compare_reward_models(load_registered_reward(f"models:/{model}/{challenger}"), rm_champion, eval_pairs,
+                                        audit)
         kind = "reward"
     elif model == POLICY_MODEL:
         judge_uri = recipe.judge

@@ -20,7 +20,16 @@ Policy checks (challenger vs the serving champion, both judged by the champion r
   beat the champion 0.740 on the hidden preference was refused for a judge at 38/60 = 0.633 against 0.65).
   Without a pair count (older reports) the point estimate is compared.
 Reward-model checks: eval accuracy >= ``min_rm_accuracy`` and no worse than the champion's by more than
-  ``max_accuracy_drop``; |reward/length correlation| <= ``max_length_correlation`` (a reward-hacking sign).
+  ``max_accuracy_drop``; |reward/length correlation| <= ``max_length_correlation`` (a reward-hacking sign); and,
+  when the recipe names an ``audit`` set, on each rule of it the 95% Wilson interval of the model's agreement
+  with the trusted labelers (``audit/<rule>`` on ``audit_pairs/<rule>`` pairs) must reach ``min_audit_accuracy``
+  (a report without them is refused: evaluate it again). The eval pairs are user clicks, so a model that learned
+  what users click for passes them even when that contradicts the guidelines (users who click for the shortest
+  answer teach "a fragment beats an answer"); the audit set is the check that does not come from the same
+  clicks. Per rule, not overall: a model can be right on every other rule and wrong on the one it was taught to
+  hack (measured: 0.73 overall for both the honest demo's model and the hacked one). The interval, because a
+  rule holds 8-12 pairs: the check refuses a model shown to rank against a rule (1 of 8), not one that is
+  merely unsure of it (4 of 8, which the honest demo's one-epoch model measured on "concise").
 """
 
 from __future__ import annotations
@@ -85,6 +94,22 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: 
         corr = get("length_corr")
         _check(checks, "length_correlation", corr, corr is not None and abs(corr) <= policy.max_length_correlation,
                f"|x| <= {policy.max_length_correlation}", "reward/length correlation")
+        if policy.audit:
+            rules = sorted(k for k in c if k.startswith("audit/"))
+            if not rules:
+                _check(checks, "audit", None, False, f"audit/<rule> >= {policy.min_audit_accuracy} on {policy.audit}",
+                       "agreement with the trusted labelers' audit pairs (not in the report: evaluate it again)")
+            for key in rules:
+                rule, value = key.split("/", 1)[1], c[key]
+                n = int(c.get(f"audit_pairs/{rule}") or 0)
+                if value is None or not n:
+                    _check(checks, key, value, value is not None and value >= policy.min_audit_accuracy,
+                           f">= {policy.min_audit_accuracy}", f"agreement with the trusted labelers on audit rule {rule!r}")
+                    continue
+                low, high = wilson(value * n, n)
+                _check(checks, key, value, high >= policy.min_audit_accuracy,
+                       f"its 95% interval on {n} pairs, [{low:.3f}, {high:.3f}], to reach {policy.min_audit_accuracy}",
+                       f"agreement with the trusted labelers on audit rule {rule!r}")
     elif kind == "policy":
         if champion is not None:
             wr = get("win_rate")

@@ -30,18 +30,19 @@ def test_quick_demo_runs_a_whole_cycle_and_reports_it(settings, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["cycles"][0]["policy"]["version"] == "2"
 
 
-@pytest.mark.xfail(reason="issue 7, open: the scenario's reward model passes the RM gate (|length corr| under 0.6, "
-                          "0.84 against the hidden preference), so nothing stops the loop at the reward model yet",
-                   run=False)
 def test_the_reward_hacking_scenario_is_refused_with_its_reason(settings, tmp_path):
     summary = run_demo(settings, DemoConfig.quick(scenario="reward-hacking", honest_users=60, eval_prompts=8),
                        run_dir=tmp_path / "run")
     (cycle,) = summary["cycles"]
     assert summary["promotions"] == [] and summary["final_champion"] == summary["v1"]
-    assert cycle["reward"]["action"] == "refuse"
-    assert any("reward/length correlation" in r for r in cycle["reward"]["reasons"])
+    rm = cycle["reward"]
+    # users clicked for the shortest answer: the model learned it, and on their clicks it looks good
+    assert rm["metrics"]["eval/accuracy"] > 0.8
     # what users clicked disagrees with what they want: the labels side against the hidden preference
-    assert cycle["reward"]["labels_agree_with_hidden_preference"] < 0.9
+    assert rm["labels_agree_with_hidden_preference"] < 0.95
+    # the trusted labelers' audit set shows it ranks fragments above answers, and the gate says so
+    assert rm["action"] == "refuse" and rm["audit"]["says_something"] < 0.3
+    assert any("audit rule 'says_something'" in r for r in rm["reasons"])
     assert not cycle["policy"]["trained"] and "no reward model has passed the gate" in cycle["policy"]["reasons"][0]
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "reward/length correlation" in report and "No challenger was promoted" in report
+    assert "audit rule 'says_something'" in report and "No challenger was promoted" in report

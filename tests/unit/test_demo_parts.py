@@ -88,8 +88,10 @@ def test_the_report_shows_each_cycle_its_decision_and_reasons(tmp_path):
                         "hidden_preference_accuracy": 0.95, "hidden_preference_pairs": 30,
                         "labels_agree_with_hidden_preference": 0.97, "action": "promote", "reasons": ["all 2 checks passed"]},
              "policy": promoted}
-    refused = {**cycle, "number": 2, "reward": {**cycle["reward"], "action": "refuse",
-                                                "reasons": ["reward/length correlation -0.900 (needs |x| <= 0.6)"]},
+    why = ("agreement with the trusted labelers on audit rule 'says_something' 0.083 (needs its 95% interval on 12 "
+           "pairs, [0.015, 0.354], to reach 0.6)")
+    refused = {**cycle, "number": 2, "reward": {**cycle["reward"], "action": "refuse", "reasons": [why],
+                                                "audit": {"concise": 1.0, "says_something": 1 / 12}},
                "policy": skipped}
     summary = {"config": DemoConfig().__dict__, "run_dir": str(tmp_path), "preference": {"a": 1}, "rater": {"a": 1},
                "v1": "1", "final_champion": "2", "promotions": ["2"], "cycles": [cycle, refused],
@@ -97,7 +99,7 @@ def test_the_report_shows_each_cycle_its_decision_and_reasons(tmp_path):
     md = write_report(summary, tmp_path).read_text()
     assert "win rate 0.700 (95% CI 0.630–0.760) over 200 held-out prompts" in md
     assert "| 1 |" in md and "**promote**" in md and "after promotion: flywheel-policy/2" in md
-    assert "reward/length correlation -0.900 (needs |x| <= 0.6)" in md
+    assert why in md and "audit pairs by rule: concise 1.000, says_something 0.083; gate **refuse**" in md
     assert "policy: not trained — no reward model has passed the gate" in md
     assert (tmp_path / "report.png").stat().st_size > 10_000
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from training.config import GateRecipe
-from training.evaluation import Probes, length_controlled_win_rate, wilson
+from training.evaluation import AuditSet, Probes, length_controlled_win_rate, wilson
 from training.gate import decide
 
 GOOD = {"lc_win_rate": 0.70, "win_rate": 0.72, "kl": 4.0, "length_change": 0.1, "no_eos_share": 0.02,
@@ -77,15 +77,77 @@ def test_the_first_policy_has_no_comparisons_and_thresholds_come_from_the_recipe
     assert not decide(GOOD, CHAMP, GateRecipe(min_lc_win_rate=0.75)).promote
 
 
+AUDITED = {"audit/no_flattery": 0.8, "audit/says_something": 0.875, "audit/concise": 0.5,
+           "audit_pairs/no_flattery": 10, "audit_pairs/says_something": 8, "audit_pairs/concise": 8}
+
+
 def test_the_reward_model_gate():
-    ok = {"accuracy": 0.80, "length_corr": -0.3}
+    ok = {"accuracy": 0.80, "length_corr": -0.3, **AUDITED}
     assert decide(ok, {"accuracy": 0.81}, GateRecipe(), kind="reward").promote
-    d = decide({"accuracy": 0.70, "length_corr": 0.9}, {"accuracy": 0.80}, GateRecipe(), kind="reward")
+    d = decide({"accuracy": 0.70, "length_corr": 0.9, **AUDITED}, {"accuracy": 0.80}, GateRecipe(), kind="reward")
     assert not d.promote and len(d.reasons) == 2
     assert "eval accuracy 0.700 (needs >= champion 0.800 - 0.02)" in d.reasons[0]
     assert "reward/length correlation 0.900 (needs |x| <= 0.6)" in d.reasons[1]
     with pytest.raises(ValueError, match="kind"):
         decide(ok, None, GateRecipe(), kind="sft")
+
+
+def test_a_reward_model_that_contradicts_the_trusted_labelers_on_one_rule_is_refused_for_that_rule():
+    # what a reward model trained on clicks for the shortest answer measured: right on the eval clicks, right on
+    # two rules of the audit, against "an answer must say something" (1 of 8); the honest demo's model was unsure
+    # of "concise" (4 of 8: AUDITED), which the interval lets pass
+    assert decide({"accuracy": 0.9, "length_corr": -0.4, **AUDITED}, None, GateRecipe(), kind="reward").promote
+    hacked = {"accuracy": 0.94, "length_corr": -0.55, **AUDITED, "audit/says_something": 0.125, "audit/concise": 1.0}
+    d = decide(hacked, None, GateRecipe(), kind="reward")
+    assert not d.promote
+    assert d.reasons == ["agreement with the trusted labelers on audit rule 'says_something' 0.125 (needs its 95% "
+                         "interval on 8 pairs, [0.022, 0.471], to reach 0.6)"]
+    # 2 of 8 is still shown against the rule at this floor; 3 of 8 is not
+    assert not decide({**hacked, "audit/says_something": 2 / 8}, None, GateRecipe(), kind="reward").promote
+    assert decide({**hacked, "audit/says_something": 3 / 8}, None, GateRecipe(), kind="reward").promote
+    # a rule without its pair count is read as a point estimate
+    assert not decide({**hacked, "audit_pairs/concise": 0, "audit/concise": 0.5}, None, GateRecipe(), kind="reward").promote
+    assert {c.name for c in d.checks} >= {"audit/no_flattery", "audit/concise", "audit/says_something"}
+    # a report without the audit is refused (fail closed), unless the recipe names no audit set
+    d = decide({"accuracy": 0.94, "length_corr": -0.3}, None, GateRecipe(), kind="reward")
+    assert not d.promote and "not in the report: evaluate it again" in d.reasons[0]
+    assert decide({"accuracy": 0.94, "length_corr": -0.3}, None, GateRecipe(audit=""), kind="reward").promote
+
+
+class _LengthModel:
+    """A stand-in reward model: score = sign * words (what a model that learned only length would do)."""
+
+    def __init__(self, sign: float):
+        self.sign = sign
+
+    def score(self, prompts, responses):
+        import torch
+
+        return torch.tensor([self.sign * len(r.split()) for r in responses], dtype=torch.float32)
+
+
+def test_the_audit_set_checks_each_rule_of_the_guidelines_and_catches_a_model_that_learned_shorter_is_better():
+    audit = AuditSet.load(GateRecipe().audit)
+    assert audit.rules() == ["concise", "no_flattery", "says_something"]
+    assert all(sum(p["rule"] == r for p in audit.pairs) >= 8 for r in audit.rules())  # enough to show a model against
+    shorter = audit.score(_LengthModel(-1.0))
+    # shorter-is-better agrees with the labelers on flattery and padding, never on a fragment against an answer
+    assert shorter["audit/no_flattery"] == 1.0 and shorter["audit/concise"] == 1.0
+    assert shorter["audit/says_something"] == 0.0
+    assert not decide({"accuracy": 0.9, "length_corr": 0.0, **shorter}, None, GateRecipe(), kind="reward").promote
+    longer = audit.score(_LengthModel(1.0))
+    assert longer["audit/says_something"] == 1.0 and longer["audit/no_flattery"] == 0.0
+    assert shorter["audit_pairs"] == len(audit.pairs) == sum(shorter[f"audit_pairs/{r}"] for r in audit.rules())
+
+
+def test_a_malformed_audit_set_is_refused_with_the_pair_that_is_wrong(tmp_path):
+    bad = tmp_path / "audit.yaml"
+    bad.write_text("pairs:\n  - {rule: r, prompt: p, chosen: c}\n")
+    with pytest.raises(ValueError, match=r"pair 0 lacks \['rejected'\]"):
+        AuditSet.load(bad)
+    bad.write_text("pairs: []\n")
+    with pytest.raises(ValueError, match="no pairs"):
+        AuditSet.load(bad)
 
 
 def test_wilson_interval_matches_the_formula():

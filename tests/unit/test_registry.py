@@ -17,7 +17,7 @@ from training.config import GateRecipe
 from training.reward.model import RewardModel
 
 LOOSE = dict(min_win_rate=0.0, min_lc_win_rate=0.0, max_kl=1e9, max_length_drift=1e9, max_no_eos_share=1.0, min_helpful_rate=0.0,
-             min_rm_accuracy=0.0)
+             min_rm_accuracy=0.0, min_audit_accuracy=0.0)
 
 
 @pytest.fixture
@@ -171,7 +171,10 @@ def test_reward_models_go_through_the_same_gate_and_history(registry):
     first = evaluate_challenger(settings, "flywheel-reward", "1", dataset=uri, recipe=gate())
     assert first["champion"] is None and 0 <= first["challenger"]["accuracy"] <= 1
     assert promote(settings, "flywheel-reward", "1", gate=gate(min_rm_accuracy=1.01)).action == "refuse"
-    ok = promote(settings, "flywheel-reward", "1", gate=gate(min_rm_accuracy=0.0, max_length_correlation=1.0))
+    # the tiny random model is judged on the trusted labelers' audit set too (configs/probes/audit.yaml)
+    assert {"audit/concise", "audit/no_flattery", "audit/says_something"} <= set(first["challenger"])
+    ok = promote(settings, "flywheel-reward", "1", gate=gate(min_rm_accuracy=0.0, max_length_correlation=1.0,
+                                                             min_audit_accuracy=0.0))
     assert ok.action == "promote", ok.reasons
 
     RewardModel.from_backbone(tiny_encoder_dir(tmp / "rm2-bb", seed=5), max_length=64).save(tmp / "reward2")
@@ -181,7 +184,7 @@ def test_reward_models_go_through_the_same_gate_and_history(registry):
     report = evaluate_challenger(settings, "flywheel-reward", v2, dataset=uri, recipe=gate())
     assert report["champion_version"] == "1" and report["champion"]["accuracy"] is not None
     rec = promote(settings, "flywheel-reward", v2, gate=gate(min_rm_accuracy=0.0, max_accuracy_drop=1.0,
-                                                             max_length_correlation=1.0))
+                                                             max_length_correlation=1.0, min_audit_accuracy=0.0))
     assert (rec.action, rec.previous, rec.champion) == ("promote", "1", v2)
     assert rollback(settings, "flywheel-reward").champion == "1"
     assert alias_version(client, "flywheel-reward", "champion") == "1"
