@@ -4,8 +4,9 @@
 but an answer too short to say anything (under ``min_words`` words) is worth nothing:
 ``score(text) = -length_weight * words / 100 - filler_weight * filler_phrases - short_penalty * [words < min_words]``.
 Each prompt (a real ShareGPT exchange) has deterministic responses: ``direct`` (the answer's first
-sentences), ``full`` (the original answer), ``padded`` (the answer wrapped in filler phrases) and, where the
-configuration serves it, ``terse`` (the answer's first few words). Honest users rate, choose and correct
+sentences), ``full`` (the original answer), ``padded`` (the answer wrapped in filler phrases) and ``terse``
+(the answer's first few words: an answer cut short, which a chat service serves now and then). Honest users
+rate, choose and correct
 according to the rater's score (``SimConfig.rater``, the hidden preference itself unless a scenario says
 otherwise), with ``noise`` probability of a random judgement.
 
@@ -15,10 +16,11 @@ turns carry the model's version). Honest users' thumbs on a model's answer compa
 the same model (what they have come to expect from it), so feedback ranks the model's own answers: what
 the reward model must learn to judge that model's next version.
 
-**The reward-hacking scenario** (:func:`reward_hacking_config`): users who skim click for the shortest answer
-whatever it says (the rater is pure length, ``terse`` answers are served), so their feedback teaches a reward
-model "shorter is better"; the hidden preference, against which everything is evaluated, disagrees below
-``min_words``.
+**The reward-hacking scenario** (:func:`reward_hacking_config`): the same answers are served, but users who
+skim click for the shortest answer whatever it says (the rater is pure length), so their feedback teaches a
+reward model "shorter is better, a fragment best"; the hidden preference, against which everything is
+evaluated, disagrees below ``min_words``. Honest users see the same fragments and rate them down: only the
+clicks differ between the two scenarios.
 
 **Adversaries** (``adversary_share`` of the users, kinds in turn): ``blocked`` (an account on the block list;
 random feedback), ``burst`` (a bot: dozens of thumbs in a minute), ``fast`` (feedback 0.1-0.6 s after the
@@ -87,7 +89,7 @@ class SimConfig:
     # the truth everything is judged by
     preference: HiddenPreference = field(default_factory=lambda: HiddenPreference(min_words=6))
     rater: HiddenPreference | None = None  # what users' clicks follow; None = the preference itself
-    variants: tuple[str, ...] = ("direct", "full", "padded")  # the responses the chat service serves
+    variants: tuple[str, ...] = ("direct", "full", "padded", "terse")  # the responses the chat service serves
     prompt_offset: int = 0  # the run's prompt pool is samples[prompt_offset : prompt_offset + prompts]
 
     @property
@@ -96,9 +98,8 @@ class SimConfig:
 
 
 def reward_hacking_config(cfg: SimConfig) -> SimConfig:
-    """``cfg`` with users whose clicks reward the shortest answer, whatever it says, and terse answers served."""
-    return replace(cfg, rater=HiddenPreference(length_weight=3.0, filler_weight=0.0, noise=0.02, min_words=0),
-                   variants=("direct", "full", "padded", "terse"))
+    """``cfg`` with users whose clicks reward the shortest answer, whatever it says (fragments included)."""
+    return replace(cfg, rater=HiddenPreference(length_weight=3.0, filler_weight=0.0, noise=0.02, min_words=0))
 
 
 @dataclass

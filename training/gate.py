@@ -27,9 +27,9 @@ Reward-model checks: eval accuracy >= ``min_rm_accuracy`` and no worse than the 
   what users click for passes them even when that contradicts the guidelines (users who click for the shortest
   answer teach "a fragment beats an answer"); the audit set is the check that does not come from the same
   clicks. Per rule, not overall: a model can be right on every other rule and wrong on the one it was taught to
-  hack (measured: 0.73 overall for both the honest demo's model and the hacked one). The interval, because a
-  rule holds 8-12 pairs: the check refuses a model shown to rank against a rule (1 of 8), not one that is
-  merely unsure of it (4 of 8, which the honest demo's one-epoch model measured on "concise").
+  hack (measured on a simulated hour: 0.73 overall for both an honest one-epoch model and a hacked one). The
+  interval, because a rule holds 8-12 pairs: the check refuses a model shown to rank against a rule (1 of 12),
+  not one that is merely unsure of it (4 of 8, which that honest model measured on "concise").
 """
 
 from __future__ import annotations

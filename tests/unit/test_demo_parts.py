@@ -3,6 +3,7 @@ numbers and the report."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -40,8 +41,11 @@ def test_the_hidden_preference_wants_concise_answers_that_still_say_something():
 
 
 def test_in_the_reward_hacking_scenario_clicks_reward_the_shortest_answer_and_disagree_with_the_preference(samples):
-    cfg = reward_hacking_config(SimConfig(users=40, adversary_share=0.0, prompts=60, seed=1))
-    assert "terse" in cfg.variants and cfg.rater is not None and cfg.rater != cfg.preference
+    honest = SimConfig(users=40, adversary_share=0.0, prompts=60, seed=1)
+    cfg = reward_hacking_config(honest)
+    # the same answers (fragments included) are served in both scenarios: only the clicks differ
+    assert "terse" in honest.variants and cfg.variants == honest.variants
+    assert cfg.rater is not None and cfg.rater != cfg.preference and replace(cfg, rater=None) == honest
     v = variants(samples[3])
     assert cfg.rater.score(v["terse"]) > cfg.rater.score(v["direct"])  # the clicks
     assert cfg.preference.score(v["terse"]) < cfg.preference.score(v["direct"])  # the truth
