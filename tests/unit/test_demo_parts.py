@@ -32,6 +32,27 @@ def test_adding_adversaries_leaves_the_honest_users_events_exactly_as_they_were(
     assert len(mixed.events) > len(alone.events)
 
 
+def test_with_the_adversaries_filtered_the_curated_pairs_are_exactly_the_honest_users_alone(samples):
+    """Why "10% adversaries" and "none" end at the same win rate: curation holds back every adversarial event
+    and the same honest ones in both runs, so the reward model and PPO see the same pairs in the same order
+    (measured in the demo: 0.782 with and without adversaries on seed 0, every cycle's number identical)."""
+    from flywheel.simulate import lake_tables
+    from ingest.filters import FilterConfig
+    from pipelines.curation import build_dataset, unify_feedback
+
+    def curated(users: int, share: float):
+        sim = simulate_events(samples, SimConfig(users=users, adversary_share=share, prompts=100, seed=1), now=NOW)
+        turns, frames = lake_tables(sim.events)
+        ds = build_dataset(turns, unify_feedback(frames), FilterConfig(blocked_users=frozenset(sim.blocked_users)))
+        return ds.pairs[["pair_id", "prompt", "chosen", "rejected", "source", "margin", "split"]].reset_index(drop=True), ds
+
+    cfg = DemoConfig(honest_users=120, adversary_share=0.10)
+    alone, _ = curated(120, 0.0)
+    mixed, ds = curated(cfg.users, 1 - 120 / cfg.users)
+    assert len(alone) > 200 and mixed.equals(alone)
+    assert ds.quarantine["reason"].isin(["burst_rate", "vote_flip", "brigading", "blocked_account"]).any()
+
+
 def test_the_hidden_preference_wants_concise_answers_that_still_say_something():
     pref = SimConfig().preference
     v = variants(chat_samples(5)[0])
