@@ -161,3 +161,24 @@ def test_the_champions_own_answers_are_served_rated_against_each_other_and_carry
     assert [e for e in mixed.events if mixed.truth["users"][e["user_id"]] == "honest"] == sim.events
     with pytest.raises(ValueError, match="one non-empty list per prompt"):
         simulate_events(samples, cfg, now=NOW, model_answers=answers[:-1])
+
+
+@pytest.mark.parametrize(("argv", "promotions", "status"), [
+    ([], ["2"], 0), ([], [], 1),                                    # the full demo must show a promotion
+    (["--quick"], [], 0), (["--quick"], ["2"], 0),                  # a smoke run: it ran, whatever the gate said
+    (["--scenario", "reward-hacking"], [], 0), (["--scenario", "reward-hacking"], ["2"], 1),  # must refuse
+    (["--quick", "--scenario", "reward-hacking"], ["2"], 1),
+])
+def test_the_demo_commands_exit_status_says_whether_its_claim_held(monkeypatch, argv, promotions, status):
+    import flywheel.demo
+    from flywheel.cli import main
+
+    seen = {}
+
+    def fake_run_demo(settings, cfg, run_dir=None):
+        seen["cfg"] = cfg
+        return {"promotions": promotions}
+
+    monkeypatch.setattr(flywheel.demo, "run_demo", fake_run_demo)
+    assert main(["demo", *argv]) == status
+    assert seen["cfg"].cycles == (1 if "--quick" in argv else DemoConfig().cycles)
