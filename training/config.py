@@ -157,8 +157,8 @@ class GateRecipe:
     # reward-model gate
     max_accuracy_drop: float = 0.02
     max_length_correlation: float = 0.6
-    # trusted labelers' pairs (configs/probes/audit.yaml): on each rule of the set the reward model must agree with
-    # the labelers on at least min_audit_accuracy of the pairs ("" = no audit; the gate then asks nothing of it)
+    # trusted labelers' pairs (configs/probes/audit.yaml): on each rule of the set, the 95% interval of the reward
+    # model's agreement with the labelers must reach min_audit_accuracy ("" = no audit; the gate asks nothing of it)
     audit: str = "probes/audit.yaml"
     min_audit_accuracy: float = 0.6
     threads: int = 0

@@ -94,9 +94,10 @@ class AuditSet:
         chosen = model.score(prompts, [p["chosen"] for p in self.pairs]).numpy()
         rejected = model.score(prompts, [p["rejected"] for p in self.pairs]).numpy()
         agree = (chosen > rejected) + 0.5 * (chosen == rejected)
-        rules = np.array([p["rule"] for p in self.pairs])
-        out = {f"audit/{r}": float(agree[rules == r].mean()) for r in self.rules()}
-        out |= {f"audit_pairs/{r}": float((rules == r).sum()) for r in self.rules()}
+        rule_of = np.array([p["rule"] for p in self.pairs])
+        out: dict[str, float] = {}
+        for r in self.rules():
+            out |= {f"audit/{r}": float(agree[rule_of == r].mean()), f"audit_pairs/{r}": float((rule_of == r).sum())}
         return out | {"audit_accuracy": float(agree.mean()), "audit_pairs": float(len(agree))}
 
 

@@ -77,6 +77,19 @@ def _check(checks: list[Check], name: str, value: float | None, ok: bool, thresh
     checks.append(Check(name, passed, value, threshold, f"{what} {shown} (needs {threshold})"))
 
 
+def _interval_check(checks: list[Check], name: str, value: float | None, n: float | None, floor: float, what: str,
+                    above_chance: bool = False) -> None:
+    """``value``, a share measured on ``n`` pairs, passes when its 95% Wilson interval reaches ``floor`` (and,
+    with ``above_chance``, lies above 0.5); without a pair count the point estimate is compared with ``floor``."""
+    if value is None or not n:
+        _check(checks, name, value, value is not None and value >= floor, f">= {floor}", what)
+        return
+    low, high = wilson(value * n, int(n))
+    _check(checks, name, value, high >= floor and (low > 0.5 or not above_chance),
+           f"its 95% interval on {int(n)} pairs, [{low:.3f}, {high:.3f}], to reach {floor}"
+           + (" and lie above 0.5" if above_chance else ""), what)
+
+
 def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: GateRecipe,
            kind: str = "policy") -> GateDecision:
     """Promote only if every check passes. ``kind`` is ``"policy"`` or ``"reward"``."""
@@ -100,16 +113,9 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: 
                 _check(checks, "audit", None, False, f"audit/<rule> >= {policy.min_audit_accuracy} on {policy.audit}",
                        "agreement with the trusted labelers' audit pairs (not in the report: evaluate it again)")
             for key in rules:
-                rule, value = key.split("/", 1)[1], c[key]
-                n = int(c.get(f"audit_pairs/{rule}") or 0)
-                if value is None or not n:
-                    _check(checks, key, value, value is not None and value >= policy.min_audit_accuracy,
-                           f">= {policy.min_audit_accuracy}", f"agreement with the trusted labelers on audit rule {rule!r}")
-                    continue
-                low, high = wilson(value * n, n)
-                _check(checks, key, value, high >= policy.min_audit_accuracy,
-                       f"its 95% interval on {n} pairs, [{low:.3f}, {high:.3f}], to reach {policy.min_audit_accuracy}",
-                       f"agreement with the trusted labelers on audit rule {rule!r}")
+                rule = key.split("/", 1)[1]
+                _interval_check(checks, key, c[key], c.get(f"audit_pairs/{rule}"), policy.min_audit_accuracy,
+                                f"agreement with the trusted labelers on audit rule {rule!r}")
     elif kind == "policy":
         if champion is not None:
             wr = get("win_rate")
@@ -139,17 +145,9 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: 
                 ref = champion[key] - policy.max_probe_drop
                 _check(checks, f"{key}_vs_champion", value, value is not None and value >= ref - 1e-9,
                        f">= champion {champion[key]:.3f} - {policy.max_probe_drop}", what)
-        acc, n = get("rm_accuracy"), challenger.get("rm_pairs")
-        if acc is not None and n:
-            low, high = wilson(acc * n, int(n))
-            floor = policy.min_rm_accuracy
-            chance = floor > 0.5  # a floor at or below chance asks nothing of the judge
-            _check(checks, "judge_accuracy", acc, high >= floor and (low > 0.5 or not chance),
-                   f"its 95% interval on {int(n)} pairs, [{low:.3f}, {high:.3f}], to reach {floor}"
-                   + (" and lie above 0.5" if chance else ""), "the judging reward model's eval accuracy")
-        else:
-            _check(checks, "judge_accuracy", acc, acc is not None and acc >= policy.min_rm_accuracy,
-                   f">= {policy.min_rm_accuracy}", "the judging reward model's eval accuracy")
+        # a floor at or below chance asks nothing of the judge; above it, the judge must be shown to rank at all
+        _interval_check(checks, "judge_accuracy", get("rm_accuracy"), get("rm_pairs"), policy.min_rm_accuracy,
+                        "the judging reward model's eval accuracy", above_chance=policy.min_rm_accuracy > 0.5)
     else:
         raise ValueError(f"kind must be 'policy' or 'reward', got {kind!r}")
     failed = [ch.reason for ch in checks if not ch.passed]
