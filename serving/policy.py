@@ -128,25 +128,30 @@ class PolicyHandle:
             return Reply(text, self.version, finished)
 
     def generate_many(self, prompts: list[str], max_new_tokens: int, *, samples: int = 1, seed: int = 0,
-                      batch: int = 48, max_prompt_tokens: int = 64) -> list[list[Reply]]:
-        """``samples`` answers to each single-turn prompt, generated in left-padded batches (a chat service's
-        batch path: many conversations at once, not one request at a time); seeded, so the same prompts give the
-        same answers. Returns one list of replies per prompt."""
+                      batch: int = 96, max_prompt_tokens: int = 64) -> list[list[Reply]]:
+        """``samples`` answers to each single-turn prompt, generated in left-padded batches of about ``batch``
+        answers (a chat service's batch path: many conversations at once, not one request at a time); seeded,
+        so the same prompts give the same answers. Prompts of similar length share a batch, and each prompt is
+        read once however many answers it gets. Returns one list of replies per prompt, in the prompts' order."""
         import torch
 
-        from training.policy.ppo import sample
+        from training.policy.ppo import sample, shortest_first
 
-        flat = [p for p in prompts for _ in range(samples)]
-        replies: list[Reply] = []
+        order = shortest_first(self.tokenizer, prompts, max_prompt_tokens)
+        per_batch = max(batch // max(samples, 1), 1)  # prompts a batch
+        replies: dict[int, list[Reply]] = {}
         with self._lock:
             state = torch.get_rng_state()
             torch.manual_seed(seed)
             try:
-                for i in range(0, len(flat), batch):
-                    ro = sample(self.model, self.tokenizer, flat[i:i + batch], max_new_tokens=max_new_tokens,
+                for i in range(0, len(order), per_batch):
+                    idx = order[i:i + per_batch]
+                    ro = sample(self.model, self.tokenizer, [prompts[j] for j in idx], max_new_tokens=max_new_tokens,
                                 temperature=self.temperature, greedy=self.temperature <= 0,
-                                max_prompt_tokens=max_prompt_tokens)
-                    replies += [Reply(t.strip(), self.version, bool(f)) for t, f in zip(ro.texts, ro.finished, strict=True)]
+                                max_prompt_tokens=max_prompt_tokens, samples=samples)
+                    got = [Reply(t.strip(), self.version, bool(f)) for t, f in zip(ro.texts, ro.finished, strict=True)]
+                    for k, j in enumerate(idx):
+                        replies[j] = got[k * samples:(k + 1) * samples]
             finally:
                 torch.set_rng_state(state)
-        return [replies[i:i + samples] for i in range(0, len(replies), samples)]
+        return [replies[j] for j in range(len(prompts))]

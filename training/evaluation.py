@@ -132,32 +132,36 @@ class Answers:
 
 
 def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateRecipe, batch: int = 50) -> Answers:
-    """Sampled answers (seeded), with each one's KL to ``ref`` (0 when ``ref`` is None)."""
-    from training.policy.ppo import sample, token_logprobs
+    """Sampled answers (seeded), with each one's KL to ``ref`` (0 when ``ref`` is None), in the prompts' order.
+    Prompts of similar length share a batch; the policy's log-probabilities come from its own generation, the
+    reference's from one forward pass over the responses."""
+    from training.policy.ppo import response_logits_to_keep, sample, shortest_first, token_logprobs
     from training.policy.ppo_math import kl_k3
 
     state = torch.get_rng_state()
     torch.manual_seed(recipe.seed)
+    order = shortest_first(tok, prompts, recipe.max_prompt_tokens)
     texts: list[str] = []
     lengths, finished, kls = [], [], []
-    for i in range(0, len(prompts), batch):
-        ro = sample(lm, tok, prompts[i:i + batch], max_new_tokens=recipe.max_new_tokens,
+    for i in range(0, len(order), batch):
+        ro = sample(lm, tok, [prompts[j] for j in order[i:i + batch]], max_new_tokens=recipe.max_new_tokens,
                     temperature=recipe.temperature, greedy=recipe.temperature <= 0,
-                    max_prompt_tokens=recipe.max_prompt_tokens)
+                    max_prompt_tokens=recipe.max_prompt_tokens, with_logprobs=ref is not None)
         texts += ro.texts
         lengths.append(ro.mask.sum(1))
         finished.append(ro.finished)
         if ref is not None:
             with torch.no_grad():
-                logp = token_logprobs(lm(input_ids=ro.input_ids, attention_mask=ro.attention_mask).logits,
-                                      ro.input_ids, ro.prompt_len)
-                ref_logp = token_logprobs(ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask).logits,
+                ref_logp = token_logprobs(ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                                              logits_to_keep=response_logits_to_keep(ro.input_ids, ro.prompt_len)).logits,
                                           ro.input_ids, ro.prompt_len)
-            kls.append((kl_k3(logp, ref_logp) * ro.mask).sum(1))
+            kls.append((kl_k3(ro.logprobs, ref_logp) * ro.mask).sum(1))
         else:
             kls.append(torch.zeros(len(ro.texts)))
     torch.set_rng_state(state)
-    return Answers(texts, torch.cat(lengths).numpy(), torch.cat(finished).numpy(), torch.cat(kls).numpy())
+    back = np.argsort(order)  # position in generation order of each prompt
+    return Answers([texts[k] for k in back], torch.cat(lengths).numpy()[back], torch.cat(finished).numpy()[back],
+                   torch.cat(kls).numpy()[back])
 
 
 def policy_stats(ans: Answers, rewards: np.ndarray, probe_refusals: tuple[float, float]) -> dict[str, float]:

@@ -101,8 +101,11 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits of the last ``logits_to_keep`` positions, or of all with 0; values at every position)."""
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                      logits_to_keep=logits_to_keep)
         values = self.value_head(out.hidden_states[-1]).squeeze(-1)
         return out.logits, values
 
@@ -115,6 +118,9 @@ class Rollout:
     prompt_len: int
     texts: list[str]
     finished: torch.Tensor
+    # log π(token) of each response token under the sampling model, read off the logits generation computed
+    # anyway (``sample(..., with_logprobs=True)``); None when not asked for
+    logprobs: torch.Tensor | None = None
 
 
 def _format_prompt(tok: Any, prompt: str) -> str:
@@ -137,38 +143,125 @@ def fit_prompts(tok: Any, prompts: list[str], max_prompt_tokens: int) -> list[st
     return out
 
 
-@torch.no_grad()
-def sample(lm: nn.Module, tok: Any, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
-           top_k: int = 0, max_prompt_tokens: int = 128, greedy: bool = False) -> Rollout:
-    """Responses to ``prompts`` (chat-formatted, left-padded, one batch); the mask keeps each response up to
-    and including its first EOS."""
+def shortest_first(tok: Any, prompts: list[str], max_prompt_tokens: int) -> list[int]:
+    """Indices of ``prompts`` from the shortest to the longest once chat-formatted and cut to
+    ``max_prompt_tokens`` (stable): batches of prompts of similar length carry less left padding, which costs
+    as much compute as the prompt itself."""
+    lengths = [len(tok(_format_prompt(tok, p), add_special_tokens=False)["input_ids"])
+               for p in fit_prompts(tok, prompts, max_prompt_tokens)]
+    return sorted(range(len(prompts)), key=lengths.__getitem__)
+
+
+def _encode_prompts(tok: Any, prompts: list[str], max_prompt_tokens: int, device: Any) -> dict[str, torch.Tensor]:
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     enc = tok([_format_prompt(tok, p) for p in fit_prompts(tok, prompts, max_prompt_tokens)], return_tensors="pt",
               padding=True, truncation=True, max_length=max_prompt_tokens, add_special_tokens=False)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def _next_tokens(logits: torch.Tensor, *, temperature: float, top_k: int, greedy: bool) -> torch.Tensor:
+    """One token a row: the most likely (greedy), or drawn from softmax(logits / temperature) (the ``top_k``
+    most likely only, when set) by inverting the cumulative distribution at one uniform draw a row (a row
+    costs one random number, where ``torch.multinomial`` draws one a vocabulary entry: a fifth of a 32-token
+    batch's time on SmolLM2's 49k vocabulary)."""
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = torch.rand(len(cdf), 1, device=cdf.device).clamp_min(1e-12) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[-1] - 1)
+
+
+@torch.no_grad()
+def sample(lm: nn.Module, tok: Any, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int = 0, max_prompt_tokens: int = 128, greedy: bool = False, samples: int = 1,
+           with_logprobs: bool = False) -> Rollout:
+    """Responses to ``prompts`` (chat-formatted, left-padded, one batch); the mask keeps each response up to
+    and including its first EOS.
+
+    ``samples`` > 1 answers each prompt that many times (rows ``i * samples .. (i + 1) * samples - 1`` answer
+    prompt i): each prompt is read once and its keys and values are copied to every sample. ``with_logprobs``
+    fills ``Rollout.logprobs`` with log π(token) of each response token under ``lm``, from the logits the
+    generation computes anyway (the numbers a second forward pass would give, without it).
+
+    The decoding loop is ours, not ``generate``'s: keys and values are written in place into a preallocated
+    cache (``StaticCache``; a growing one copies itself at every token) and a token is drawn with one random
+    number a row (:func:`_next_tokens`). After a row's EOS it gets padding, as ``generate`` gives it, and the
+    loop stops once every row has ended."""
+    from transformers import DynamicCache, StaticCache
+
     device = next(lm.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
+    enc = _encode_prompts(tok, prompts, max_prompt_tokens, device)
+    ids, am = enc["input_ids"], enc["attention_mask"]
     lm.eval()
-    out = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                      temperature=temperature if not greedy else None, top_k=top_k or None, top_p=None,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    plen = enc["input_ids"].shape[1]
-    resp = out[:, plen:]
-    is_eos = resp == tok.eos_token_id
+    n, plen = ids.shape
+    rows = n * samples
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    # positions count from each row's first token, not from the padding (as ``generate`` counts them)
+    positions = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
+    tokens: list[torch.Tensor] = []
+    logprobs: list[torch.Tensor] = []
+    if max_new_tokens > 0:
+        prefill = DynamicCache()
+        logits = lm(input_ids=ids, attention_mask=am, position_ids=positions, past_key_values=prefill, use_cache=True,
+                    logits_to_keep=1).logits[:, -1].repeat_interleave(samples, 0)
+        cache = StaticCache(config=lm.config, max_cache_len=plen + max_new_tokens)
+        for i, layer in enumerate(prefill.layers):
+            cache.update(layer.keys.repeat_interleave(samples, 0), layer.values.repeat_interleave(samples, 0), i)
+        del prefill
+        attn = torch.zeros(rows, plen + max_new_tokens, dtype=am.dtype, device=device)
+        attn[:, :plen] = am.repeat_interleave(samples, 0)
+        pos = positions[:, -1:].repeat_interleave(samples, 0)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            nxt = _next_tokens(logits, temperature=temperature, top_k=top_k, greedy=greedy)
+            if eos is not None:
+                nxt = nxt.masked_fill(done, pad if pad is not None else eos)
+            tokens.append(nxt)
+            if with_logprobs:
+                logprobs.append(F.log_softmax(logits.float(), -1).gather(1, nxt[:, None]).squeeze(1))
+            if eos is not None:
+                done |= nxt == eos
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            attn[:, plen + t] = 1
+            pos = pos + 1
+            logits = lm(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                        cache_position=torch.tensor([plen + t], device=device), use_cache=True).logits[:, -1]
+    resp = torch.stack(tokens, 1) if tokens else ids.new_zeros(rows, 0)
+    seq = torch.cat([ids.repeat_interleave(samples, 0), resp], 1)
+    is_eos = resp == eos
     after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # response tokens up to and including the first EOS
     mask = (~after_eos).float()
-    if resp.shape[1] == 0:
-        mask = torch.zeros_like(resp, dtype=torch.float)
     finished = is_eos.any(1)
-    attn = torch.cat([enc["attention_mask"], mask.long()], 1)
+    attn_out = torch.cat([am.repeat_interleave(samples, 0), mask.long()], 1)
     texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(resp, mask, strict=True)]
-    return Rollout(out, attn, mask, plen, texts, finished)
+    lp = (torch.stack(logprobs, 1) if logprobs else torch.zeros(rows, 0, device=device)) if with_logprobs else None
+    return Rollout(seq, attn_out, mask, plen, texts, finished, lp)
+
+
+def response_logits_to_keep(ids: torch.Tensor, prompt_len: int) -> int:
+    """How many trailing positions' logits the response needs: the last prompt position and every response
+    position (pass it as ``logits_to_keep``: the LM head then skips the prompt, a fifth of SmolLM2's
+    compute per position)."""
+    return ids.shape[1] - prompt_len + 1
+
+
+def response_logits(logits: torch.Tensor, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """The logits that predict the response tokens (positions prompt_len-1..end-1), from the logits of every
+    position or of the last ``response_logits_to_keep`` ones."""
+    return logits[:, -response_logits_to_keep(ids, prompt_len):-1]
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """log π(token_t | prefix) for the response tokens (positions prompt_len..end)."""
-    logits = logits[:, prompt_len - 1:-1].float()
+    """log π(token_t | prefix) for the response tokens (positions prompt_len..end), from the logits of every
+    position or of the last ``response_logits_to_keep(ids, prompt_len)`` ones."""
+    logits = response_logits(logits, ids, prompt_len).float()
     return torch.gather(F.log_softmax(logits, -1), 2, ids[:, prompt_len:, None]).squeeze(-1)
 
 
@@ -229,10 +322,11 @@ class PPOTrainer:
 
     @torch.no_grad()
     def logprobs_values(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, values = self.model(ro.input_ids, ro.attention_mask)
+        keep = response_logits_to_keep(ro.input_ids, ro.prompt_len)
+        logits, values = self.model(ro.input_ids, ro.attention_mask, logits_to_keep=keep)
         logp = token_logprobs(logits, ro.input_ids, ro.prompt_len)
         with self._reference() as ref:
-            ref_logits = ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask).logits
+            ref_logits = ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask, logits_to_keep=keep).logits
         ref_logp = token_logprobs(ref_logits, ro.input_ids, ro.prompt_len)
         return logp, ref_logp, values[:, ro.prompt_len - 1:-1]
 
@@ -276,13 +370,14 @@ class PPOTrainer:
             order = torch.randperm(n, device=mask.device)
             for i in range(0, n, minibatch):
                 idx = order[i:i + minibatch]
-                logits, values = self.net(ro.input_ids[idx], ro.attention_mask[idx])
+                logits, values = self.net(ro.input_ids[idx], ro.attention_mask[idx],
+                                          response_logits_to_keep(ro.input_ids, ro.prompt_len))
                 logp = token_logprobs(logits, ro.input_ids[idx], ro.prompt_len)
                 values = values[:, ro.prompt_len - 1:-1]
                 m = mask[idx]
                 pl, pstats = policy_loss(logp, old_logp[idx], adv[idx], m, r.clip)
                 vl = value_loss(values, old_values[idx], returns[idx], m, r.value_clip)
-                ent = masked_mean(entropy_from_logits(logits[:, ro.prompt_len - 1:-1]), m)
+                ent = masked_mean(entropy_from_logits(response_logits(logits, ro.input_ids, ro.prompt_len)), m)
                 loss = pl + r.value_coef * vl - r.entropy_coef * ent
                 if guard < float("inf"):
                     seq = (kl_k3(logp, ref_logp[idx]) * m).sum(1).mean()
