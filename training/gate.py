@@ -19,7 +19,10 @@ Policy checks (challenger vs the serving champion, both judged by the champion r
   holds a few dozen pairs, where one pair moves the accuracy by ~0.02 (measured in the demo: a challenger that
   beat the champion 0.740 on the hidden preference was refused for a judge at 38/60 = 0.633 against 0.65).
   Without a pair count (older reports) the point estimate is compared.
-Reward-model checks: eval accuracy >= ``min_rm_accuracy`` and no worse than the champion's by more than
+Reward-model checks: eval accuracy read as the judge's is (its 95% Wilson interval on the eval pairs reaches
+  ``min_rm_accuracy`` and lies above 0.5: measured in the demo, a reward model at 35/54 = 0.648 on the users'
+  clicks, and 0.827 against the hidden preference, was refused by a point threshold of 0.65 that the policy
+  gate would not have applied to it as a judge) and no worse than the champion's by more than
   ``max_accuracy_drop``; |reward/length correlation| <= ``max_length_correlation`` (a reward-hacking sign); and,
   when the recipe names an ``audit`` set, on each rule of it the 95% Wilson interval of the model's agreement
   with the trusted labelers (``audit/<rule>`` on ``audit_pairs/<rule>`` pairs) must reach ``min_audit_accuracy``
@@ -98,8 +101,9 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: 
     get = c.get
     if kind == "reward":
         acc = get("accuracy")
-        _check(checks, "rm_accuracy", acc, acc is not None and acc >= policy.min_rm_accuracy,
-               f">= {policy.min_rm_accuracy}", "eval pairwise accuracy")
+        # read as the policy gate reads the same model as a judge: on the interval of the pairs it was measured on
+        _interval_check(checks, "rm_accuracy", acc, get("pairs"), policy.min_rm_accuracy, "eval pairwise accuracy",
+                        above_chance=policy.min_rm_accuracy > 0.5)
         if champion and champion.get("accuracy") is not None:
             floor = champion["accuracy"] - policy.max_accuracy_drop
             _check(checks, "rm_accuracy_vs_champion", acc, acc is not None and acc >= floor,

@@ -56,6 +56,23 @@ def test_the_judges_accuracy_is_read_with_its_interval_on_the_pairs_it_was_measu
         assert f"95% interval on {pairs} pairs" in d.reasons[0]
 
 
+@pytest.mark.parametrize(("accuracy", "pairs", "promote"), [
+    (35 / 54, 54, True),    # what the demo's second reward model measured: [0.515, 0.762] reaches 0.65, above chance
+    (30 / 54, 54, False),   # [0.422, 0.683] holds 0.5: not shown to rank the users' pairs at all
+    (0.60, 1000, False),    # clearly below 0.65
+    (0.60, None, False),    # no pair count (an older report): the point estimate against the floor
+])
+def test_a_reward_models_eval_accuracy_is_read_with_its_interval_as_the_judges_is(accuracy, pairs, promote):
+    report = {"accuracy": accuracy, "length_corr": -0.3, **AUDITED} | ({"pairs": float(pairs)} if pairs else {})
+    d = decide(report, None, GateRecipe(), kind="reward")
+    assert d.promote == promote, d.reasons
+    if not promote:
+        assert d.reasons == [next(c.reason for c in d.checks if c.name == "rm_accuracy")]
+    # the same model as a judge gets the same answer from the policy gate
+    judged = decide({**GOOD, "rm_accuracy": accuracy} | ({"rm_pairs": pairs} if pairs else {}), CHAMP, GateRecipe())
+    assert judged.promote == promote
+
+
 def test_never_ending_answers_may_not_exceed_the_cap_or_the_champions_own_share():
     rambling_champion = {**CHAMP, "no_eos_share": 0.9}
     assert decide({**GOOD, "no_eos_share": 0.33}, rambling_champion, GateRecipe()).promote  # better than before
