@@ -220,8 +220,7 @@ def sample(lm: nn.Module, tok: Any, prompts: list[str], *, max_new_tokens: int, 
         done = torch.zeros(rows, dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
             nxt = _next_tokens(logits, temperature=temperature, top_k=top_k, greedy=greedy)
-            if eos is not None:
-                nxt = nxt.masked_fill(done, pad if pad is not None else eos)
+            nxt = nxt.masked_fill(done, pad)  # _encode_prompts gave the tokenizer a pad token
             tokens.append(nxt)
             if with_logprobs:
                 logprobs.append(F.log_softmax(logits.float(), -1).gather(1, nxt[:, None]).squeeze(1))
