@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the whole loop on the embedded stack: simulated users -> API -> lake -> curate "
                        "-> reward model -> PPO -> gate -> promote -> serving, several cycles, with a report")
-    s.add_argument("--quick", action="store_true", help="one short cycle, a smoke run of the loop (about 6 minutes here; exit 0 whether or not it promotes)")
+    s.add_argument("--quick", action="store_true", help="one short cycle, a smoke run of the loop (about 5 minutes here; exit 0 whether or not it promotes)")
     s.add_argument("--scenario", choices=["default", "reward-hacking"], default=None,
                    help="reward-hacking: users click for the shortest answer; the gate must refuse what that teaches")
     s.add_argument("--cycles", type=int, default=None, help="cycles of one simulated hour each (default 2)")
