@@ -197,6 +197,23 @@ def test_thumbs_pairs_up_over_down_on_the_same_prompt_with_margin():
     assert p["event_ids"][0] == ["a", "b", "c", "d"]
 
 
+def test_thumbs_rank_answers_of_one_model_version_only():
+    from pipelines.preferences import PairingConfig
+
+    two = T.copy()
+    two.loc[two["response_id"] == "r2", "model_version"] = "m@2"  # r2 was served by another model
+    f = fb({"event_id": "a", "type": "thumbs", "user_id": "u1", "response_id": "r2", "value": "up", "at": 60},
+           {"event_id": "b", "type": "thumbs", "user_id": "u2", "response_id": "r1", "value": "down", "at": 60},
+           {"event_id": "c", "type": "thumbs", "user_id": "u3", "response_id": "r3", "value": "down", "at": 60},
+           {"event_id": "d", "type": "thumbs", "user_id": "u4", "response_id": "r1", "value": "up", "at": 60},
+           {"event_id": "e", "type": "thumbs", "user_id": "u5", "response_id": "r1", "value": "up", "at": 60})
+    # one model: r2 (1 up) beats r3 (1 down) and r1 (2 ups, 1 down) beats r3
+    assert sorted(thumbs_pairs(f, T, PairingConfig())[["chosen", "rejected"]].values.tolist()) == [
+        ["It is Paris, a big city.", "Lyon."], ["Paris.", "Lyon."]]
+    # r2 from m@2: its up says it met its rater's expectation of m@2, nothing about m@1's answers
+    assert thumbs_pairs(f, two, PairingConfig())[["chosen", "rejected"]].values.tolist() == [["Paris.", "Lyon."]]
+
+
 def test_aggregation_majority_margin_and_ties():
     votes = pd.DataFrame([
         {"prompt_key": "p", "prompt": "P", "x_key": "1", "x": "A", "y_key": "2", "y": "B", "source": "pairwise", "rater": "u1", "event_ids": ["e1"]},
