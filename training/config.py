@@ -146,6 +146,10 @@ class GateRecipe:
     max_prompt_tokens: int = 128
     # policy gate
     min_win_rate: float = 0.55  # judged by the champion reward model
+    # added to the judge's score of an answer cut off at max_new_tokens (no EOS), as PPO's reward adds its
+    # no_eos_penalty: the judge scores what a user gets, and a reward model reads a cut-off answer as if it were
+    # whole (0 = the reward model's score alone)
+    no_eos_penalty: float = 0.0
     min_lc_win_rate: float = 0.45  # at equal response length: not worse than the champion
     max_kl: float = 10.0
     max_length_drift: float = 0.5  # relative change of the mean response length vs the champion

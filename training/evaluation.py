@@ -164,6 +164,13 @@ def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateR
                    torch.cat(kls).numpy()[back])
 
 
+def judge_scores(judge: Any, prompts: list[str], ans: Answers, recipe: GateRecipe) -> np.ndarray:
+    """The judge's score of each answer as a user gets it: the reward model's, plus the recipe's
+    ``no_eos_penalty`` when the answer was cut off at ``max_new_tokens`` (PPO's reward adds the same penalty;
+    a reward model reads a cut-off answer as if it were whole, so alone it cannot see a policy learn to finish)."""
+    return judge.score(prompts, ans.texts).numpy() + recipe.no_eos_penalty * (1 - ans.finished.astype(float))
+
+
 def policy_stats(ans: Answers, rewards: np.ndarray, probe_refusals: tuple[float, float]) -> dict[str, float]:
     return {"reward_mean": float(rewards.mean()), "kl": float(ans.kl.mean()), "length_mean": float(ans.lengths.mean()),
             "no_eos_share": float(1 - ans.finished.mean()), "refusal_rate": probe_refusals[0],
@@ -215,8 +222,7 @@ def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], ref
     k_ch, k_cp = keys or (None, None)
     a_ch, probes_ch = _answers_and_probes(challenger, ref, prompts, recipe, probes, cache, k_ch)
     a_cp, probes_cp = _answers_and_probes(champion, ref, prompts, recipe, probes, cache, k_cp)
-    r_ch = judge.score(prompts, a_ch.texts).numpy()
-    r_cp = judge.score(prompts, a_cp.texts).numpy()
+    r_ch, r_cp = judge_scores(judge, prompts, a_ch, recipe), judge_scores(judge, prompts, a_cp, recipe)
     outcome = (r_ch > r_cp).astype(float) + 0.5 * (r_ch == r_cp)
     n = len(prompts)
     low, high = wilson(float(outcome.sum()), n)

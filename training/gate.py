@@ -6,7 +6,8 @@
 :class:`training.config.GateRecipe`). Every check is reported, passed or not, so the audit history
 says what was looked at and not only what failed.
 
-Policy checks (challenger vs the serving champion, both judged by the champion reward model):
+Policy checks (challenger vs the serving champion, both judged by the champion reward model, plus the recipe's
+``no_eos_penalty`` on each answer cut off at the token limit, as PPO's reward scores it):
   win rate >= ``min_win_rate`` and length-controlled win rate >= ``min_lc_win_rate`` (the second asks that
   the challenger not be worse than the champion at equal length: a win that is only a length change in
   the direction users reward passes, a win bought with worse answers at equal length does not, and

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from training.config import GateRecipe
-from training.evaluation import AuditSet, Probes, length_controlled_win_rate, wilson
+from training.evaluation import AuditSet, Probes, judge_scores, length_controlled_win_rate, wilson
 from training.gate import decide
 
 GOOD = {"lc_win_rate": 0.70, "win_rate": 0.72, "kl": 4.0, "length_change": 0.1, "no_eos_share": 0.02,
@@ -165,6 +165,27 @@ def test_a_malformed_audit_set_is_refused_with_the_pair_that_is_wrong(tmp_path):
     bad.write_text("pairs: []\n")
     with pytest.raises(ValueError, match="no pairs"):
         AuditSet.load(bad)
+
+
+def test_the_judge_scores_a_cut_off_answer_with_the_penalty_ppo_gave_it():
+    import dataclasses
+
+    import torch
+
+    from training.config import load_recipe
+    from training.evaluation import Answers
+
+    class SameScore:  # a reward model that cannot tell a cut-off answer from a finished one
+        def score(self, prompts, texts):
+            return torch.ones(len(texts))
+
+    ans = Answers(["It is Paris.", "The capital of France is a city that has been"], np.array([4, 12]),
+                  np.array([True, False]), np.zeros(2))
+    assert judge_scores(SameScore(), ["q", "q"], ans, GateRecipe()).tolist() == [1.0, 1.0]  # no penalty: a tie
+    penalised = judge_scores(SameScore(), ["q", "q"], ans, dataclasses.replace(GateRecipe(), no_eos_penalty=-1.0))
+    assert penalised.tolist() == [1.0, 0.0]
+    for name in ("gate.yaml", "gate-demo.yaml"):  # the shipped gates judge as the shipped PPO recipes train
+        assert load_recipe(name).no_eos_penalty == load_recipe(name.replace("gate", "policy-ppo")).no_eos_penalty
 
 
 def test_wilson_interval_matches_the_formula():
