@@ -120,9 +120,9 @@ def thumbs_pairs(fb: pd.DataFrame, turns: pd.DataFrame, cfg: PairingConfig) -> p
     against.
     """
     cols = ["prompt_key", "prompt", "chosen", "rejected", "source", "margin", "n_votes", "event_ids"]
-    versions = turns["model_version"] if "model_version" in turns else pd.Series("", index=turns.index)
     th = fb[fb["type"] == "thumbs"][["event_id", "response_id", "value"]].merge(
-        _turn_cols(turns, "_t").assign(model_t=versions.fillna("").astype(str).to_numpy()),
+        # prepare_turns always gives model_version; "" keeps a missing one in groupby (which drops NaN keys)
+        _turn_cols(turns, "_t").assign(model_t=turns["model_version"].fillna("").to_numpy()),
         left_on="response_id", right_on="response_id_t", how="inner")
     if th.empty:
         return pd.DataFrame(columns=cols)
