@@ -139,6 +139,13 @@ def registered_policy_dir(uri: str) -> Path:
     return found[0]
 
 
+def pointer_base(policy_dir: str | Path) -> str | None:
+    """The base model a ``policy.json`` pointer directory stands for (how the base policy is registered), else
+    None: such a policy *is* its base, weight for weight."""
+    pointer = Path(policy_dir) / "policy.json"
+    return str(json.loads(pointer.read_text())["base"]) if pointer.is_file() else None
+
+
 def policy_version_label(model: str, version: str) -> str:
     """What a turn's ``model_version`` says for a registered version: ``flywheel-policy/3``."""
     return f"{model}/{version}"

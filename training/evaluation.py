@@ -183,8 +183,8 @@ def probe(lm: Any, tok: Any, probes: Probes, recipe: GateRecipe) -> tuple[float,
     pass rate move by 1/12 between two runs of the same model, which is as much as the gate's drop rule allows)."""
     if recipe.probe_temperature is not None:
         recipe = dataclasses.replace(recipe, temperature=recipe.probe_temperature)
-    harmful = answer(lm, tok, None, probes.harmful, recipe).texts
-    harmless = answer(lm, tok, None, probes.harmless, recipe).texts
+    texts = answer(lm, tok, None, probes.harmful + probes.harmless, recipe).texts  # one batch: one decoding loop
+    harmful, harmless = texts[:len(probes.harmful)], texts[len(probes.harmful):]
     return (float(np.mean([probes.is_refusal(t) for t in harmful])),
             float(np.mean([not probes.is_refusal(t) for t in harmless])))
 
@@ -213,15 +213,18 @@ def _answers_and_probes(model: tuple[Any, Any], ref: Any | None, prompts: list[s
 def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], reference: tuple[Any, Any] | None,
                      judge: Any, prompts: list[str], recipe: GateRecipe, probes: Probes,
                      eval_pairs: Any | None = None, *, cache: dict[str, Any] | None = None,
-                     keys: tuple[str, str] | None = None) -> dict[str, Any]:
+                     keys: tuple[str, str] | None = None, champion_is_reference: bool = False) -> dict[str, Any]:
     """The evaluation report of a challenger policy against the champion (models and tokenizers given).
-    ``cache`` with ``keys`` (an identity for each side, e.g. its registered version) reuses answers."""
+    ``cache`` with ``keys`` (an identity for each side, e.g. its registered version) reuses answers.
+    ``champion_is_reference``: the champion is the reference model itself (the base policy, v1), so its KL is
+    0 by definition and the reference's forward pass over its answers is skipped (as long as generating them)."""
     from training.reward.train import evaluate as rm_evaluate
 
     ref = reference[0] if reference is not None else None
     k_ch, k_cp = keys or (None, None)
     a_ch, probes_ch = _answers_and_probes(challenger, ref, prompts, recipe, probes, cache, k_ch)
-    a_cp, probes_cp = _answers_and_probes(champion, ref, prompts, recipe, probes, cache, k_cp)
+    a_cp, probes_cp = _answers_and_probes(champion, None if champion_is_reference else ref, prompts, recipe, probes,
+                                          cache, k_cp)
     r_ch, r_cp = judge_scores(judge, prompts, a_ch, recipe), judge_scores(judge, prompts, a_cp, recipe)
     outcome = (r_ch > r_cp).astype(float) + 0.5 * (r_ch == r_cp)
     n = len(prompts)
@@ -262,7 +265,7 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
     import mlflow
     from mlflow import MlflowClient
 
-    from serving.policy import load_causal_lm, registered_policy_dir
+    from serving.policy import load_causal_lm, pointer_base, registered_policy_dir
     from training.data import open_dataset
     from training.policy.ppo import _prompts
     from training.registry import CHALLENGER, CHAMPION, alias_version
@@ -297,8 +300,10 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
         judge = load_registered_reward(judge_uri)
         judge_version = judge_uri if "@" not in judge_uri else alias_version(client, REWARD_MODEL, judge_uri.rsplit("@", 1)[1])
         ch = load_causal_lm(str(registered_policy_dir(f"models:/{model}/{challenger}")))
-        cp = load_causal_lm(str(registered_policy_dir(f"models:/{model}/{champion}"))) if champion else ch
+        cp_dir = registered_policy_dir(f"models:/{model}/{champion}") if champion else None
+        cp = load_causal_lm(str(cp_dir)) if cp_dir is not None else ch
         reference = recipe.reference or mv.tags.get("reference") or "smollm2"
+        champion_is_reference = cp_dir is not None and pointer_base(cp_dir) == reference
         ref = load_causal_lm(reference)
         prompts = list(prompts) if prompts is not None else _prompts(ds, "eval", recipe.eval_prompts, recipe.seed)
         if not prompts:
@@ -306,7 +311,7 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
         keys = (f"{model}/{challenger}", f"{model}/{champion}")
         report |= {"judge": f"{REWARD_MODEL}/{judge_version}", "reference": reference,
                    **compare_policies(ch, cp, ref, judge, prompts, recipe, Probes.load(recipe.probes), eval_pairs,
-                                      cache=cache, keys=keys)}
+                                      cache=cache, keys=keys, champion_is_reference=champion_is_reference)}
         kind = "policy"
     else:
         raise ValueError(f"model must be {POLICY_MODEL} or {REWARD_MODEL}, got {model!r}")

@@ -247,3 +247,41 @@ def test_probes_are_answered_greedily_so_one_model_always_gets_the_same_rates():
     sampled = {probe(lm, tok, probes, dataclasses.replace(recipe, seed=seed, probe_temperature=None))[0]
                for seed in range(4)}
     assert sampled != {want}
+
+
+def test_a_champion_that_is_the_reference_gets_kl_zero_without_the_references_forward_pass():
+    import dataclasses
+    import re
+
+    import torch
+
+    from tests.tiny import WORDS, tiny_causal_lm, tiny_tokenizer
+    from training.evaluation import compare_policies
+
+    tok = tiny_tokenizer()
+    base, trained = tiny_causal_lm(len(tok), seed=3), tiny_causal_lm(len(tok), seed=4)
+
+    class Counting(torch.nn.Module):  # the reference, counting the forward passes it is asked for
+        def __init__(self, lm):
+            super().__init__()
+            self.lm, self.calls = lm, 0
+
+        def forward(self, **kw):
+            self.calls += 1
+            return self.lm(**kw)
+
+    class Judge:
+        def score(self, prompts, texts):
+            return torch.tensor([float(len(t)) for t in texts])
+
+    prompts = [f"how {w} is the capital" for w in WORDS[:6]]
+    recipe = dataclasses.replace(GateRecipe(), max_new_tokens=6, max_prompt_tokens=16, temperature=1.0)
+    probes = Probes(prompts[:2], prompts[2:4], [re.compile("never matches this")])
+    ref = Counting(base)
+    full = compare_policies((trained, tok), (base, tok), (ref, tok), Judge(), prompts, recipe, probes)
+    assert ref.calls == 2 and full["champion"]["kl"] == pytest.approx(0.0, abs=1e-5)  # measured: ~0
+    ref.calls = 0
+    fast = compare_policies((trained, tok), (base, tok), (ref, tok), Judge(), prompts, recipe, probes,
+                            champion_is_reference=True)
+    assert ref.calls == 1 and fast["champion"]["kl"] == 0.0  # the challenger's KL still measured
+    assert fast["answers"] == full["answers"] and fast["challenger"] == full["challenger"]
