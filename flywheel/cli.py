@@ -103,7 +103,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     summary = run_demo(settings, cfg, run_dir=Path(args.run_dir) if args.run_dir else None)
     if cfg.scenario == "reward-hacking":
         return 0 if not summary["promotions"] else 1
-    if args.quick:  # 3 PPO steps on 48 prompts: a smoke run of the whole loop, too short to expect a promotion
+    if args.quick:  # 2 PPO steps of 8 answers, 24 held-out prompts: a smoke run of the loop, too short to expect a promotion
         if not summary["promotions"]:
             print("(--quick only shows that every step of the loop runs; the full demo is what shows promotions)")
         return 0
@@ -442,11 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the whole loop on the embedded stack: simulated users -> API -> lake -> curate "
                        "-> reward model -> PPO -> gate -> promote -> serving, several cycles, with a report")
-    s.add_argument("--quick", action="store_true", help="one short cycle, a smoke run of the loop (about 5 minutes here; exit 0 whether or not it promotes)")
+    s.add_argument("--quick", action="store_true", help="one short cycle, a smoke run of the loop (under 3 minutes here; exit 0 whether or not it promotes)")
     s.add_argument("--scenario", choices=["default", "reward-hacking"], default=None,
                    help="reward-hacking: users click for the shortest answer; the gate must refuse what that teaches")
     s.add_argument("--cycles", type=int, default=None, help="cycles of one simulated hour each (default 2)")
-    s.add_argument("--users", type=int, default=None, help="honest users a cycle (default 120; --quick 100)")
+    s.add_argument("--users", type=int, default=None, help="honest users a cycle (default 120; --quick 48)")
     s.add_argument("--adversaries", type=float, default=None,
                    help="share of all users who are adversaries, on top of the honest ones (default 0.1)")
     s.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts at each gate (default 200)")

@@ -52,6 +52,7 @@ class DemoConfig:
     prompts: int = 150  # ShareGPT prompts the users ask (the first ones in the file)
     eval_prompts: int = 200  # held-out ShareGPT prompts (after those) both policies answer at each gate
     ppo_steps: int = 0  # 0 = the demo recipe's
+    ppo_batch: int = 0  # responses a PPO step (rollout batch = minibatch); 0 = the demo recipe's
     chats_per_cycle: int = 2  # live /v1/chat calls answered by the serving champion
     # answers of the serving champion to each prompt, served beside the ShareGPT styles: feedback then ranks the
     # champion's own answers, which is what the reward model must judge at the next gate (0 = ShareGPT only)
@@ -60,17 +61,20 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **kw: Any) -> DemoConfig:
-        """One cycle, fewer users, 3 PPO steps, 48 held-out prompts, one champion answer a prompt: for CI."""
-        return cls(**{"cycles": 1, "honest_users": 100, "ppo_steps": 3, "eval_prompts": 48, "chats_per_cycle": 1,
-                      "model_samples": 1, **kw})
+        """A smoke run of every step for CI, in under 3 minutes here: one cycle, 48 honest users asking 48 prompts
+        with one champion answer each, 2 PPO steps of 8 responses, 24 held-out prompts at the gate."""
+        return cls(**{"cycles": 1, "honest_users": 48, "prompts": 48, "ppo_steps": 2, "ppo_batch": 8,
+                      "eval_prompts": 24, "chats_per_cycle": 1, "model_samples": 1, **kw})
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
             raise ValueError(f"scenario must be one of {SCENARIOS}, got {self.scenario!r}")
         if not 0 <= self.adversary_share < 1:
             raise ValueError(f"adversary_share must be in [0, 1), got {self.adversary_share}")
-        if self.cycles < 1 or self.honest_users < 1 or self.eval_prompts < 1:
-            raise ValueError("cycles, honest_users and eval_prompts must be positive")
+        if self.cycles < 1 or self.honest_users < 1 or self.eval_prompts < 1 or self.prompts < 1:
+            raise ValueError("cycles, honest_users, prompts and eval_prompts must be positive")
+        if self.ppo_steps < 0 or self.ppo_batch < 0:
+            raise ValueError("ppo_steps and ppo_batch must be 0 (the recipe's) or positive")
 
     @property
     def users(self) -> int:
@@ -337,9 +341,10 @@ def _policy_cycle(s: Settings, cfg: DemoConfig, dataset: str, held_out: list[str
     from pipelines import loop
     from training.tracking import POLICY_MODEL
 
-    overrides = {"steps": cfg.ppo_steps} if cfg.ppo_steps else None
+    overrides = ({"steps": cfg.ppo_steps} if cfg.ppo_steps else {}) | \
+        ({"rollout_batch": cfg.ppo_batch, "minibatch": cfg.ppo_batch} if cfg.ppo_batch else {})
     try:
-        pol = loop.train_policy(dataset, s, overrides=overrides)
+        pol = loop.train_policy(dataset, s, overrides=overrides or None)
     except loop.NoRewardModel as e:
         _say(f"policy: not trained — {e}")
         return {"trained": False, "promoted": False, "action": "skip", "reasons": [str(e)]}

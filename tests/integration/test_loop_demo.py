@@ -14,11 +14,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_quick_demo_runs_a_whole_cycle_and_reports_it(settings, tmp_path):
-    summary = run_demo(settings, DemoConfig.quick(eval_prompts=24, honest_users=60), run_dir=tmp_path / "run")
+    summary = run_demo(settings, DemoConfig.quick(), run_dir=tmp_path / "run")  # what `flywheel demo --quick` runs
     (cycle,) = summary["cycles"]
     cur, rm, pol = cycle["curation"], cycle["reward"], cycle["policy"]
     assert cycle["events_sent"] > 500 and cycle["served_by"] == ["flywheel-policy/1"]
-    assert cur["pairs"] > 100 and cur["held_back"] > 0 and cycle["filters"]["recall"] > 0.9
+    assert cur["pairs"] > 80 and cur["held_back"] > 0 and cycle["filters"]["recall"] > 0.9
     assert rm["action"] == "promote" and rm["hidden_preference_accuracy"] > 0.8
     assert pol["trained"] and pol["version"] == "2" and pol["action"] in ("promote", "refuse") and pol["reasons"]
     assert pol["hidden_preference"]["prompts"] == 24

@@ -89,8 +89,16 @@ def test_demo_configuration_is_checked_and_quick_is_small():
         DemoConfig(scenario="nope")
     with pytest.raises(ValueError, match="adversary_share"):
         DemoConfig(adversary_share=1.0)
+    with pytest.raises(ValueError, match="ppo_batch"):
+        DemoConfig(ppo_batch=-1)
+    with pytest.raises(ValueError, match="prompts"):
+        DemoConfig(prompts=0)
     q = DemoConfig.quick(seed=3)
     assert q.cycles == 1 and q.seed == 3 and q.eval_prompts < DemoConfig().eval_prompts
+    full = DemoConfig()
+    assert q.honest_users < full.honest_users and q.prompts < full.prompts and q.model_samples < full.model_samples
+    assert q.ppo_steps > 0 and q.ppo_batch > 0  # the full demo runs its recipe's PPO (0 = the recipe's)
+    assert full.ppo_steps == 0 and full.ppo_batch == 0
     assert DemoConfig(honest_users=150, adversary_share=0.1).users == 167
     assert DemoConfig(honest_users=150, adversary_share=0.0).users == 150
 
