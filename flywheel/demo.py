@@ -341,10 +341,11 @@ def _policy_cycle(s: Settings, cfg: DemoConfig, dataset: str, held_out: list[str
     from pipelines import loop
     from training.tracking import POLICY_MODEL
 
-    overrides = ({"steps": cfg.ppo_steps} if cfg.ppo_steps else {}) | \
-        ({"rollout_batch": cfg.ppo_batch, "minibatch": cfg.ppo_batch} if cfg.ppo_batch else {})
+    # 0 = the recipe's
+    overrides = {k: v for k, v in {"steps": cfg.ppo_steps, "rollout_batch": cfg.ppo_batch,
+                                   "minibatch": cfg.ppo_batch}.items() if v}
     try:
-        pol = loop.train_policy(dataset, s, overrides=overrides or None)
+        pol = loop.train_policy(dataset, s, overrides=overrides)
     except loop.NoRewardModel as e:
         _say(f"policy: not trained — {e}")
         return {"trained": False, "promoted": False, "action": "skip", "reasons": [str(e)]}

@@ -48,9 +48,9 @@ def load_causal_lm(model: str) -> tuple[Any, Any]:
 
     if model.startswith("models:/"):  # a registered version: models:/flywheel-policy/3 or @champion
         return load_causal_lm(str(registered_policy_dir(model)))
-    pointer = Path(model) / "policy.json" if model != "smollm2" else None
-    if pointer is not None and pointer.is_file():
-        return load_causal_lm(json.loads(pointer.read_text())["base"])
+    base = pointer_base(model) if model != "smollm2" else None
+    if base is not None:
+        return load_causal_lm(base)
     if model == "smollm2":
         converted = smollm2_converted_dir()
         if converted is not None:
