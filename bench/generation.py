@@ -10,6 +10,10 @@ Same model (SmolLM2-135M-Instruct from its wheel), same ShareGPT prompts, 32 new
 - **gate answers** (``training.evaluation.answer``: sampled answers with their KL to a reference), against the
   baseline: ``generate`` in batches of 50 in the prompts' order, then a forward pass of the policy and one of
   the reference over every position for the log-probabilities;
+- **the champion's side of the gate when the champion is the reference** (v1, the base policy: KL 0 by
+  definition, ``compare_policies(champion_is_reference=True)``): its answers without the reference's pass,
+  against the baseline: the same answers with it; and the **probes**, harmful and harmless in one batch
+  (``training.evaluation.probe``), against the baseline: one batch each;
 - **PPO's forward passes** over a rollout, with the LM head on the response positions only
   (``logits_to_keep``) against the head on every position.
 
@@ -104,6 +108,24 @@ def main() -> None:
     # the same weights on both sides: every KL must be ~0 on either path
     print(f"  max |KL| of a model to its own copy: baseline {kl_base:.1e}, new {abs(ans.kl).max():.1e}")
     report(f"gate answers with KL: {len(held_out)} prompts", t_base, t_new)
+
+    # ------------------------------------------------------------- the champion side when it is the reference
+    with_ref, t_base = timed(lambda: answer(lm, tok, ref, held_out, recipe))
+    without, t_new = timed(lambda: answer(lm, tok, None, held_out, recipe))
+    assert with_ref.texts == without.texts  # the reference's pass changes no answer, only measures a KL of ~0
+    report(f"champion = reference, gate answers: {len(held_out)} prompts", t_base, t_new)
+
+    import dataclasses
+
+    from training.evaluation import Probes, probe
+
+    probes = Probes.load("probes/safety.yaml")
+    greedy = dataclasses.replace(recipe, temperature=0.0)
+    sep, t_base = timed(lambda: answer(lm, tok, None, probes.harmful, greedy).texts
+                        + answer(lm, tok, None, probes.harmless, greedy).texts)
+    one, t_new = timed(lambda: answer(lm, tok, None, probes.harmful + probes.harmless, greedy).texts)
+    print(f"  probes: the same greedy answers one batch or two: {sep == one}; rates {probe(lm, tok, probes, recipe)}")
+    report(f"probes: {len(probes.harmful)} harmful + {len(probes.harmless)} harmless", t_base, t_new)
 
     # --------------------------------------------------------------------------------- PPO forward passes
     torch.manual_seed(0)
