@@ -19,16 +19,17 @@ because a consumer that invented them would break idempotency on replay. The HTT
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import pydantic_core
 from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -41,6 +42,12 @@ SUPPORTED_VERSIONS = frozenset({1})
 
 # Hard limits of the contract. They protect the pipeline from absurd records; the tunable data-quality
 # bounds (future timestamps, text lengths the curation accepts) live in ingest.validation.
+MAX_RECORD_BYTES = 1_000_000
+"""Largest encoded event (one Kafka record value). Kafka's default ``message.max.bytes`` and the producer's
+``max.request.size`` are 1 MiB *including* the key, headers and batch framing, so a value above about 1 MB may
+never be deliverable; the API refuses it with 413 and the consumer dead-letters it unparsed."""
+MAX_JSON_DEPTH = 200
+"""Deepest JSON nesting any reader accepts (the bounded parser's own limit; an event needs 4 levels)."""
 MAX_ID_CHARS = 128
 MAX_TEXT_CHARS = 100_000
 MAX_MESSAGES = 200
@@ -66,7 +73,7 @@ class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     event_id: uuid.UUID = Field(description="Client-chosen UUID; the idempotency key.")
-    schema_version: int = Field(default=SCHEMA_VERSION, description="Contract version; currently 1.")
+    schema_version: StrictInt = Field(default=SCHEMA_VERSION, description="Contract version; currently 1.")
     occurred_at: AwareDatetime = Field(description="When the user acted; RFC 3339 with an offset.")
     conversation_id: Id
     user_id: Id = Field(description="Pseudonymous user id; never an email or a name.")
@@ -80,13 +87,17 @@ class _Event(BaseModel):
     @classmethod
     def _known_version(cls, v: int) -> int:
         if v not in SUPPORTED_VERSIONS:
-            raise ValueError(f"unsupported schema_version {v}; this service reads {sorted(SUPPORTED_VERSIONS)}")
+            shown = str(v) if abs(v) < 10**18 else f"with {len(str(abs(v))) if abs(v) < 10**4000 else 'over 4000'} digits"
+            raise ValueError(f"unsupported schema_version {shown}; this service reads {sorted(SUPPORTED_VERSIONS)}")
         return v
 
     @field_validator("occurred_at")
     @classmethod
     def _to_utc(cls, v: datetime) -> datetime:
-        return v.astimezone(UTC)
+        try:
+            return v.astimezone(UTC)
+        except OverflowError:  # 0001-01-01T00:00:00+01:00 and 9999-12-31T23:59:59-01:00 have no UTC datetime
+            raise ValueError("occurred_at lies outside the years 1-9999 once converted to UTC") from None
 
 
 class Turn(_Event):
@@ -214,25 +225,49 @@ def validate_event(obj: Any, *, feedback_only: bool = False) -> Any:
     return (_feedback_adapter if feedback_only else _event_adapter).validate_python(obj)
 
 
-def decode_event(data: bytes) -> Any:
-    """Decode one Kafka record value. Raises :class:`EventDecodeError` with a reason code."""
+def parse_json(data: bytes, *, max_bytes: int | None = None) -> Any:
+    """Parse untrusted JSON with hard bounds; raises :class:`EventDecodeError`, never anything else.
+
+    ``max_bytes`` is checked before a byte is parsed. The parser (pydantic-core's, in Rust) stops at
+    :data:`MAX_JSON_DEPTH` levels of nesting and at integers over 4,300 digits with an error instead of
+    exhausting the stack or the CPU, rejects NaN/Infinity and lone surrogates, and never recurses in Python.
+    """
+    if max_bytes is not None and len(data) > max_bytes:
+        raise EventDecodeError("too_large", f"{len(data)} bytes; the limit is {max_bytes} bytes")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise EventDecodeError("invalid_utf8", f"not UTF-8: {err.reason} at byte {err.start}") from None
+    try:
+        return pydantic_core.from_json(data, allow_inf_nan=False)
+    except ValueError as err:
+        message = str(err)
+        if message.startswith("recursion limit exceeded"):
+            raise EventDecodeError("too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH} levels ({message})") from None
+        if message.startswith("number out of range"):
+            raise EventDecodeError("number_too_large", f"a JSON number is too large ({message})") from None
+        raise EventDecodeError("invalid_json", message) from None
+
+
+def decode_event(data: bytes, *, max_bytes: int = MAX_RECORD_BYTES) -> Any:
+    """Decode one Kafka record value. Raises :class:`EventDecodeError` with a reason code, and nothing else,
+    whatever the bytes: a poison record must become a dead letter, never a crash."""
+    if len(data) > max_bytes:  # checked before parsing: a 4 MiB record is not worth a parse
+        raise EventDecodeError("too_large", f"record value is {len(data)} bytes; the limit is {max_bytes} bytes")
     try:
         return _event_adapter.validate_json(data)
     except ValidationError as e:
         first_error = e
+    except Exception as e:  # a bug in a validator must not stop the partition: dead-letter the record
+        raise EventDecodeError("undecodable", f"{type(e).__name__}: {e}"[:1000]) from None
     # The slow path runs only for bad records: find the most useful reason code.
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise EventDecodeError("invalid_utf8", str(err)) from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise EventDecodeError("invalid_json", str(err)) from None
+    obj = parse_json(data)
     if not isinstance(obj, dict):
         raise EventDecodeError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
     if obj.get("type") not in EVENT_MODELS:
-        raise EventDecodeError("unknown_type", f"type={obj.get('type')!r}; expected one of {list(EVENT_TYPES)}")
+        shown = repr(obj.get("type"))
+        shown = shown if len(shown) <= 80 else shown[:80] + f"... ({len(shown)} characters)"
+        raise EventDecodeError("unknown_type", f"type={shown}; expected one of {list(EVENT_TYPES)}")
     raise EventDecodeError("schema_violation", format_errors(first_error))
 
 
@@ -241,9 +276,11 @@ def encode_event(event: _Event) -> bytes:
     return event.model_dump_json(exclude_none=True).encode("utf-8")
 
 
-def format_errors(e: ValidationError) -> str:
-    """One line per field error, e.g. ``value: Input should be 'up' or 'down'``."""
-    return "; ".join(f"{field_path(err['loc'])}: {err['msg']}" for err in e.errors())
+def format_errors(e: ValidationError, *, limit: int = 20) -> str:
+    """One line per field error, e.g. ``value: Input should be 'up' or 'down'`` (the first ``limit``)."""
+    errors = e.errors(include_url=False, include_input=False)
+    out = "; ".join(f"{field_path(err['loc'])}: {err['msg']}" for err in errors[:limit])
+    return out + (f"; ... {len(errors) - limit} more" if len(errors) > limit else "")
 
 
 def field_path(loc: tuple[Any, ...]) -> str:
