@@ -50,9 +50,33 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
-    from ingest.service import run_ingest
+    from ingest.service import ConfigurationError, run_ingest
 
-    run_ingest(settings, _stop_on_signals(), metrics_port=args.metrics_port or None)
+    try:
+        run_ingest(settings, _stop_on_signals(), metrics_port=args.metrics_port or None)
+    except ConfigurationError as e:
+        print(f"flywheel ingest: configuration error: {e}\n(a restart will not fix this: correct the settings)",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.deadletters import read_parked
+    from ingest.service import dead_letter_file
+
+    total = 0
+    for name in ("ingest", "spool"):
+        path = dead_letter_file(settings, name)
+        for r in read_parked(path):
+            total += 1
+            if args.json:
+                print(json.dumps({"file": str(path), "parked_at": r.parked_at, "reason": r.reason,
+                                  "detail": r.detail, "source": r.source, "size": r.size, "sha256": r.sha256}))
+            else:
+                print(f"{r.parked_at}  {name:6s}  {r.reason:28s} {r.size:>9d} B  {r.source}  {r.detail[:80]}")
+    if not args.json:
+        print(f"{total} parked record(s) in {settings.ingest.dead_letter_dir}")
     return 0
 
 
@@ -349,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ingest", help="run the consumer: Kafka -> validation -> lake / dead letters")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     s.set_defaults(func=_ingest)
+
+    s = sub.add_parser("dead-letters", help="list records parked in the local dead-letter files, with reasons")
+    s.add_argument("--json", action="store_true", help="one JSON object a line")
+    s.set_defaults(func=_dead_letters)
 
     s = sub.add_parser("serve", help="run the HTTP API")
     s.add_argument("--host")

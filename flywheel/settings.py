@@ -28,6 +28,10 @@ class KafkaSettings(BaseModel):
     session_timeout_ms: int = 6_000
     heartbeat_interval_ms: int = 1_000
     request_timeout_ms: int = 10_000
+    # kafka-python uses it as the group's rebalance timeout too: how long a rebalance waits for members that
+    # were killed. The loop polls at least every commit_interval_s, so 30 s is ample and a crashed member
+    # cannot hold the group up for Kafka's default 5 minutes.
+    max_poll_interval_ms: int = 30_000
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None
@@ -85,9 +89,15 @@ class ApiSettings(BaseModel):
     keys: list[ApiKey] = Field(default_factory=list, description="Accepted bearer keys (hashed).")
     rate_per_s: float = Field(default=200.0, gt=0, description="Sustained requests per second per key.")
     rate_burst: int = Field(default=400, ge=1, description="Requests a key may send at once.")
+    auth_failure_burst: int = Field(default=20, ge=1, description="Failed authentications one client address "
+                                    "may make at once; past them it gets 429 whatever key it sends ...")
+    auth_failure_rate_per_s: float = Field(default=5.0, gt=0, description="... until its failures fall back under "
+                                           "this many per second.")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_batch: int = Field(default=1_000, ge=1, le=10_000)
-    publish_timeout_s: float = Field(default=2.0, gt=0, description="Broker ack wait before spooling.")
+    publish_timeout_s: float = Field(default=0.25, gt=0, description="Broker ack wait before spooling: the "
+                                     "longest any request waits on a broker that stopped answering (the first "
+                                     "to wait opens the breaker; later requests spool at once).")
     spool_dir: str = Field(default="", description="Empty = <home>/spool.")
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     policy_model: str = Field(default="smollm2", description="'smollm2' or a local model directory.")
@@ -98,6 +108,15 @@ class ApiSettings(BaseModel):
     canary_share: float = Field(default=0.0, ge=0, le=1, description="Share of chats answered by @challenger.")
     gate_recipe: str = Field(default="gate.yaml", description="Gate recipe POST /v1/admin/promote applies.")
     max_new_tokens: int = Field(default=64, ge=1, le=1024)
+    max_prompt_tokens: int = Field(default=2048, ge=1, description="Longest /v1/chat prompt, in tokens after the "
+                                   "chat template (422 above it). SmolLM2 reads 8192, but a prompt costs more than "
+                                   "in proportion to its length (2048 tokens: ~9 s of prefill and ~0.1 s a reply "
+                                   "token on one core, measured), and a quarter of the context leaves room for "
+                                   "the reply and for later turns of the conversation.")
+    chat_queue_limit: int = Field(default=16, ge=1, description="Chats that may wait for the model; one more is "
+                                  "answered 503 'overloaded' with Retry-After at once.")
+    chat_timeout_s: float = Field(default=30.0, gt=0, description="A chat still waiting for the model after this "
+                                  "long is answered 503 'overloaded' (one that has started runs to its end).")
 
 
 class IngestSettings(BaseModel):
@@ -109,6 +128,18 @@ class IngestSettings(BaseModel):
     max_age_days: float = Field(default=30.0, description="occurred_at older than this is dead-lettered.")
     max_text_chars: int = Field(default=32_000, description="Longest prompt/response/correction kept.")
     metrics_port: int = 9464
+    assignment: Literal["group", "manual"] = Field(
+        default="group", description="'group': join the consumer group (partitions shared by every member, moved "
+        "on rebalances). 'manual': this one consumer takes every partition and commits without joining: for a "
+        "deployment that runs exactly one consumer.")
+    restart_backoff_s: float = Field(default=0.5, gt=0, description="First wait before restarting the consumer "
+                                     "after a broker or storage error; doubles on each failure ...")
+    restart_backoff_max_s: float = Field(default=30.0, gt=0, description="... up to this.")
+    dedupe_window_h: float = Field(default=48.0, gt=0, description="The same event_id arriving again within "
+                                   "this many hours is dropped even with another occurred_at hour (the id index "
+                                   "holds the window's ids in memory, about 200 bytes each).")
+    dead_letter_dir: str = Field(default="", description="Local dead-letter files (records no broker would take); "
+                                 "empty = <home>/dead-letters.")
 
 
 class CurationSettings(BaseModel):
@@ -171,6 +202,8 @@ class Settings(BaseSettings):
             self.mlflow.artifact_uri = (home / "mlartifacts").as_uri()
         if not self.api.spool_dir:
             self.api.spool_dir = str(home / "spool")
+        if not self.ingest.dead_letter_dir:
+            self.ingest.dead_letter_dir = str(home / "dead-letters")
         return self
 
 

@@ -8,13 +8,23 @@
 
 Offsets are committed only after both flushes returned, so a crash at any point replays records that may
 already be in the lake; the sink drops them by ``event_id`` (see ``ingest.lake``). An unexpected exception
-(storage down, DLQ not acknowledging) ends the loop *without* committing; the process exits non-zero and
-its supervisor restarts it. Bad data never raises: it becomes a dead-letter record whose value is the
-original bytes and whose headers carry the reason and the source topic/partition/offset.
+(storage down, broker unreachable) ends the loop *without* committing; ``ingest.service`` restarts it with
+back-off and the records since the last commit are replayed.
+
+Bad data never raises: whatever a record's bytes, it becomes a dead-letter record whose value is the original
+bytes (a truncated copy with its size and SHA-256 when it is too large for the dead-letter topic) and whose
+headers carry the reason and the source topic/partition/offset. A dead letter the topic refuses is retried a
+bounded number of times and then parked in the local dead-letter file (``ingest.deadletters``): a record can
+never stop its partition.
+
+On a rebalance the partitions being revoked are handed over cleanly: the listener (kafka-python's async
+variant: it runs on the client's IO thread, where a blocking call is not allowed) flushes the sink and the
+DLQ and awaits the offset commit before the group moves on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -27,7 +37,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from flywheel.events import EventDecodeError, decode_event
 from flywheel.settings import KafkaSettings
-from ingest.validation import QualityRules, check_batch
+from ingest.deadletters import LocalDeadLetters
+from ingest.validation import QualityRules, check_batch, check_event
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +71,17 @@ Verdict = Any  # an event model, Held, or Rejected
 Handler = Callable[[list[Record]], list[tuple[Record, Verdict]]]
 
 
+Offsets = dict[tuple[str, int], int]
+"""(topic, partition) -> the next offset to consume."""
+
+
 class Source(Protocol):
     def poll(self) -> list[Record]: ...
-    def commit(self, offsets: dict[tuple[str, int], int]) -> None: ...
-    def on_rebalance(self, revoked: Callable[[], None], assigned: Callable[[], None]) -> None: ...
+    def commit(self, offsets: Offsets) -> None: ...
+    def on_rebalance(self, revoked: Callable[[], Offsets], assigned: Callable[[], None]) -> None:
+        """``revoked`` makes everything processed durable and returns the offsets the source must commit
+        before it gives its partitions up; ``assigned`` runs after a new assignment."""
+        ...
 
 
 class Sink(Protocol):
@@ -92,6 +110,11 @@ class ConsumerMetrics:
                             ["reason"], registry=r)
         self.dead_lettered = Counter("flywheel_ingest_dead_lettered_total", "Records sent to the DLQ",
                                      ["reason"], registry=r)
+        self.dead_letters_parked = Counter("flywheel_dead_letters_parked_total",
+                                           "Dead letters the DLQ topic refused, parked in the local dead-letter file",
+                                           ["reason"], registry=r)
+        self.restarts = Counter("flywheel_ingest_restarts_total",
+                                "Consumer restarts after a broker, storage or rebalance error", ["error"], registry=r)
         self.commit_latency = Histogram("flywheel_ingest_commit_seconds",
                                         "Flush sink + flush DLQ + commit offsets",
                                         buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
@@ -104,6 +127,7 @@ def validate_records(records: list[Record], rules: QualityRules, now: datetime |
     reason a valid event is held back, or ``None``. Never raises on bad data."""
     out: list[tuple[Record, Verdict]] = []
     decoded: list[tuple[int, Any]] = []
+    now = now or datetime.now(UTC)
     for record in records:
         if record.value is None:
             out.append((record, Rejected("empty_value", "record has no value (tombstone)")))
@@ -115,13 +139,30 @@ def validate_records(records: list[Record], rules: QualityRules, now: datetime |
             continue
         decoded.append((len(out), event))
         out.append((record, event))
-    verdicts = check_batch([e for _, e in decoded], rules, now or datetime.now(UTC))
+    try:
+        verdicts = check_batch([e for _, e in decoded], rules, now)
+    except Exception:  # one odd event must not fail the batch: judge each alone (below)
+        log.exception("batch validation failed; validating the %d events one by one", len(decoded))
+        verdicts = [_check_one(e, rules, now) for _, e in decoded]
     for (i, event), verdict in zip(decoded, verdicts, strict=True):
         if verdict is not None:
             out[i] = (out[i][0], Rejected(*verdict))
-        elif screen is not None and (reason := screen(event)) is not None:
-            out[i] = (out[i][0], Held(event, reason))
+        elif screen is not None:
+            try:
+                reason = screen(event)
+            except Exception as e:  # a filter bug dead-letters the record instead of stopping the partition
+                out[i] = (out[i][0], Rejected("screen_failed", f"{type(e).__name__}: {e}"[:1000]))
+                continue
+            if reason is not None:
+                out[i] = (out[i][0], Held(event, reason))
     return out
+
+
+def _check_one(event: Any, rules: QualityRules, now: datetime) -> tuple[str, str] | None:
+    try:
+        return check_event(event, rules, now)
+    except Exception as e:
+        return "validation_failed", f"{type(e).__name__}: {e}"[:1000]
 
 
 def run_consumer(
@@ -138,30 +179,44 @@ def run_consumer(
 ) -> None:
     """Run until ``stop`` is set; then flush and commit what was processed."""
     m = metrics or ConsumerMetrics()
-    pending: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to consume
+    pending: Offsets = {}
     since_commit = 0
     last_commit = time.monotonic()
 
-    def checkpoint() -> None:
+    def make_durable() -> Offsets:
+        """Flush the sink and the DLQ; returns the offsets that are now safe to commit."""
         nonlocal since_commit, last_commit
         if not pending:
-            return
-        started = time.perf_counter()
+            return {}
         stats = sink.flush()
         dlq.flush()
-        source.commit(dict(pending))
-        m.commit_latency.observe(time.perf_counter() - started)
-        m.commits.inc()
         if stats is not None:
             m.written.inc(stats.written)
             m.duplicates.inc(stats.duplicates)
             m.replayed.inc(stats.replayed)
-        if on_commit:
-            on_commit(dict(pending))
+        offsets = dict(pending)
         pending.clear()
         since_commit, last_commit = 0, time.monotonic()
+        return offsets
 
-    source.on_rebalance(revoked=checkpoint, assigned=sink.reset_index)
+    def checkpoint() -> None:
+        started = time.perf_counter()
+        offsets = make_durable()
+        if not offsets:
+            return
+        source.commit(offsets)
+        m.commit_latency.observe(time.perf_counter() - started)
+        m.commits.inc()
+        if on_commit:
+            on_commit(offsets)
+
+    def handover() -> Offsets:  # partitions revoked: the source commits what this returns
+        offsets = make_durable()
+        if offsets and on_commit:
+            on_commit(offsets)
+        return offsets
+
+    source.on_rebalance(revoked=handover, assigned=sink.reset_index)
     try:
         while not stop.is_set():
             records = source.poll()
@@ -183,20 +238,34 @@ def run_consumer(
     except BaseException:
         # After a failure nothing may be committed, not even by the revoke that closing the consumer
         # triggers: the records since the last commit are replayed by whoever owns the partitions next.
-        source.on_rebalance(revoked=lambda: None, assigned=lambda: None)
+        source.on_rebalance(revoked=dict, assigned=lambda: None)
         raise
 
 
+def _offsets_struct(offsets: Offsets) -> dict[Any, Any]:
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    return {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+
+
 class KafkaSource:
-    """A kafka-python consumer in a group, manual commits, starting from the earliest offset."""
+    """A kafka-python consumer with manual commits, starting from the earliest offset.
+
+    ``assignment="group"`` (the default) joins the consumer group: partitions are shared between the group's
+    members and move on a rebalance. ``"manual"`` assigns every partition of the topic to this one consumer
+    and commits under the group id without joining (no rebalances, no group coordination to get stuck):
+    for a deployment that runs exactly one consumer. Two manual consumers would both read everything.
+    """
 
     def __init__(self, kafka: KafkaSettings, *, poll_timeout_ms: int = 500, max_poll_records: int = 2000,
-                 group_id: str | None = None):
-        from kafka import ConsumerRebalanceListener, KafkaConsumer
+                 group_id: str | None = None, assignment: str = "group"):
+        from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
         self._poll_timeout_ms = poll_timeout_ms
-        self._revoked: Callable[[], None] = lambda: None
+        self._revoked: Callable[[], Offsets] = dict
         self._assigned: Callable[[], None] = lambda: None
+        self.revoke_commits: list[Offsets] = []  # offsets committed on revoke (for tests and logs)
         self.consumer = KafkaConsumer(
             **kafka.client_config(),
             group_id=group_id or kafka.group_id,
@@ -204,22 +273,39 @@ class KafkaSource:
             auto_offset_reset="earliest",
             session_timeout_ms=kafka.session_timeout_ms,
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+            max_poll_interval_ms=kafka.max_poll_interval_ms,
             max_poll_records=max_poll_records,
         )
-        source = self
+        if assignment == "manual":
+            partitions = self.consumer.partitions_for_topic(kafka.topic)
+            if not partitions:
+                raise RuntimeError(f"topic {kafka.topic!r} has no partitions (yet)")
+            self.consumer.assign([TopicPartition(kafka.topic, p) for p in sorted(partitions)])
+            return
+        source, consumer = self, self.consumer
 
-        class _Listener(ConsumerRebalanceListener):
-            def on_partitions_revoked(self, revoked: Any) -> None:
+        class _Listener(AsyncConsumerRebalanceListener):
+            # Runs on kafka-python's IO thread while the loop's thread waits in poll() or close(), so it may
+            # touch the sink; it must not call the blocking commit() there, so it awaits commit_async().
+            async def on_partitions_revoked(self, revoked: Any) -> None:
                 log.info("partitions revoked: %s", sorted(revoked))
-                source._revoked()
+                offsets = source._revoked()
+                if offsets:
+                    await consumer.commit_async(_offsets_struct(offsets))
+                    source.revoke_commits.append(offsets)
+                    log.info("committed %s on revoke", offsets)
 
-            def on_partitions_assigned(self, assigned: Any) -> None:
+            async def on_partitions_assigned(self, assigned: Any) -> None:
                 log.info("partitions assigned: %s", sorted(assigned))
                 source._assigned()
 
+            async def on_partitions_lost(self, lost: Any) -> None:
+                # evicted: another member may own these already, so nothing may be committed for them
+                log.warning("partitions lost (evicted from the group): %s", sorted(lost))
+
         self.consumer.subscribe([kafka.topic], listener=_Listener())
 
-    def on_rebalance(self, revoked: Callable[[], None], assigned: Callable[[], None]) -> None:
+    def on_rebalance(self, revoked: Callable[[], Offsets], assigned: Callable[[], None]) -> None:
         self._revoked, self._assigned = revoked, assigned
 
     def poll(self) -> list[Record]:
@@ -230,48 +316,97 @@ class KafkaSource:
             for r in recs
         ]
 
-    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        from kafka import TopicPartition
-        from kafka.structs import OffsetAndMetadata
+    def commit(self, offsets: Offsets) -> None:
+        self.consumer.commit(_offsets_struct(offsets))
 
-        self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
-
-    def close(self) -> None:
-        self.consumer.close(autocommit=False)
+    def close(self, timeout_ms: int | None = None) -> None:
+        self.consumer.close(autocommit=False, timeout_ms=timeout_ms)
 
 
 class KafkaDeadLetters:
-    """Dead-letter producer: the original bytes as the value, the reason and source in headers."""
+    """Dead-letter producer: the original bytes as the value, the reason and source in headers.
 
-    def __init__(self, kafka: KafkaSettings, *, producer: Any = None):
+    A value over ``max_value_bytes`` (the broker would refuse it) is replaced by its first
+    ``truncate_to_bytes`` bytes, with ``dlq.truncated``, ``dlq.original_size`` and ``dlq.original_sha256``
+    headers. A dead letter the topic does not acknowledge is sent again, ``attempts`` times in all with
+    back-off, then parked in ``local`` (the local dead-letter file) so that the partition moves on.
+    """
+
+    def __init__(self, kafka: KafkaSettings, *, producer: Any = None, local: LocalDeadLetters | None = None,
+                 max_value_bytes: int = 900_000, truncate_to_bytes: int = 64 * 1024, attempts: int = 3,
+                 retry_backoff_s: float = 0.5, flush_timeout_s: float = 10.0):
         from kafka import KafkaProducer
 
         from ingest.producer import producer_config
 
         self.topic = kafka.dlq_topic
-        self._producer = producer or KafkaProducer(**producer_config(kafka, timeout_s=10.0))
-        self._futures: list[Any] = []
+        self._producer = producer or KafkaProducer(**producer_config(kafka, timeout_s=flush_timeout_s))
+        self.local = local
+        self.max_value_bytes, self.truncate_to_bytes = max_value_bytes, truncate_to_bytes
+        self.attempts, self.retry_backoff_s, self.flush_timeout_s = attempts, retry_backoff_s, flush_timeout_s
+        # (record, reason, detail, value, headers, future or the exception send() raised)
+        self._pending: list[tuple[Record, str, str, bytes, list[tuple[str, bytes]], Any]] = []
 
     def send(self, record: Record, reason: str, detail: str) -> None:
+        value = record.value or b""
         headers = [
-            ("dlq.reason", reason.encode()),
+            ("dlq.reason", reason[:200].encode()),
             ("dlq.detail", detail[:4000].encode("utf-8", "replace")),
             ("dlq.source.topic", record.topic.encode()),
             ("dlq.source.partition", str(record.partition).encode()),
             ("dlq.source.offset", str(record.offset).encode()),
             ("dlq.failed_at", datetime.now(UTC).isoformat().encode()),
         ]
-        self._futures.append(self._producer.send(self.topic, key=record.key, value=record.value or b"",
-                                                 headers=headers))
+        if len(value) > self.max_value_bytes:
+            headers += [("dlq.truncated", b"true"), ("dlq.original_size", str(len(value)).encode()),
+                        ("dlq.original_sha256", hashlib.sha256(value).hexdigest().encode())]
+            value = value[: self.truncate_to_bytes]
+        self._pending.append((record, reason, detail, value, headers, self._send(record.key, value, headers)))
 
-    def flush(self, timeout_s: float = 30.0) -> None:
-        """Block until every dead letter is acknowledged; raises if any was not."""
-        if not self._futures:
-            return
-        self._producer.flush(timeout=timeout_s)
-        futures, self._futures = self._futures, []
-        for f in futures:
-            f.get(timeout=0)
+    def _send(self, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
+        try:
+            return self._producer.send(self.topic, key=key, value=value, headers=headers)
+        except Exception as e:  # refused before it left (too large, buffer full): retried or parked by flush
+            return e
+
+    def flush(self) -> None:
+        """Return once every dead letter is acknowledged by the topic or parked locally."""
+        for attempt in range(1, self.attempts + 1):
+            if not self._pending:
+                return
+            try:
+                self._producer.flush(timeout=self.flush_timeout_s)
+            except Exception as e:  # not all acknowledged in time: find out which below
+                log.warning("DLQ flush did not complete (%s: %s)", type(e).__name__, e)
+            failed = []
+            for item in self._pending:
+                outcome = item[5]
+                error: BaseException | None = outcome if isinstance(outcome, BaseException) else None
+                if error is None:
+                    try:
+                        outcome.get(timeout=0)
+                    except Exception as e:
+                        error = e
+                if error is not None:
+                    failed.append((item, error))
+            self._pending = []
+            if not failed:
+                return
+            if attempt == self.attempts:
+                for (record, reason, detail, _value, _headers, _f), error in failed:
+                    self._park(record, reason, detail, error)
+                return
+            log.warning("the DLQ refused %d dead letter(s) (%s); attempt %d of %d", len(failed), failed[0][1],
+                        attempt + 1, self.attempts)
+            time.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
+            self._pending = [(r, reason, d, v, h, self._send(r.key, v, h)) for (r, reason, d, v, h, _f), _e in failed]
+
+    def _park(self, record: Record, reason: str, detail: str, error: BaseException) -> None:
+        if self.local is None:
+            raise RuntimeError(f"the DLQ refused a dead letter and no local dead-letter file is set: {error}")
+        self.local.park(record.key, record.value or b"", reason,
+                        f"{detail[:2000]} | DLQ refused it: {type(error).__name__}: {error}",
+                        {"topic": record.topic, "partition": record.partition, "offset": record.offset})
 
     def close(self) -> None:
         self._producer.close(timeout=5)
