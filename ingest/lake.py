@@ -17,21 +17,43 @@ that lake partition (in any *other* file) are dropped. So:
   name is rewritten with identical rows;
 - a client that retried a send (the same ``event_id`` twice in the topic) gets one row.
 
+Across hour partitions too. The same ``event_id`` may come back with another ``occurred_at``, and so in another
+hour's partition: a client that leaves ``occurred_at`` to the server and retries an hour later does exactly
+that. So every flush also records the ids it wrote, with the data file each went to, in the *id index*::
+
+    _index/event_ids/dt=YYYY-MM-DD/hour=HH/<topic>.p<partition>.o<first>-<last>.parquet
+
+partitioned by the hour the consumer wrote them (arrival, not ``occurred_at``). The sink keeps the ids of
+the last ``dedupe_window_h`` hours of arrivals in memory (loaded from the index when its assignment changes)
+and drops a record whose id is there with another data file. The guarantee therefore has two parts:
+
+- the same id within one hour partition of ``occurred_at``: always one row, however late the copy comes
+  (the partition's own files are the index; this is what makes a consumer replay exactly-once);
+- the same id with a different ``occurred_at`` hour: one row if the copies *arrive* within
+  ``dedupe_window_h`` of each other (default 48 h). Retries come within minutes or hours of the first send;
+  a window keeps the consumer's memory bounded (about 200 bytes an id: 1.7 GB for 100 events/s over 24 h)
+  and the index small. :func:`read_events` also drops duplicate ids within what it reads.
+
+The index is written after the data files of the same flush, so a crash between the two leaves data without
+index entries; the offsets were not committed, the replay rewrites the same data and writes the index.
+Past hours of the index are compacted into one file each and hours older than the window are deleted.
+
 Every event with the same ``conversation_id`` goes to the same Kafka partition (the producer keys by it), so
-one consumer owns all copies of an id; the per-partition id index below is reloaded from storage whenever
-the consumer's assignment changes. :func:`read_events` also drops duplicate ids, for files that other
-writers (a backfill, a second deployment) may have added.
+one consumer owns all copies of an id; the in-memory indexes are reloaded from storage whenever the
+consumer's assignment changes.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import re
 import threading
 import time
+import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, get_args, get_origin
 
 import pandas as pd
@@ -42,8 +64,13 @@ from pydantic import AwareDatetime
 from flywheel.events import EVENT_MODELS, EVENT_TYPES, Message
 from flywheel.storage import Storage, parquet_bytes
 
+log = logging.getLogger(__name__)
+
 EVENTS_ROOT = "events"
 QUARANTINE_ROOT = "quarantine"
+ID_INDEX_ROOT = "_index/event_ids"
+ID_INDEX_SCHEMA = pa.schema([pa.field("event_id", pa.string(), nullable=False),
+                             pa.field("key", pa.string(), nullable=False)])
 LINEAGE_COLUMNS = [("kafka_topic", pa.string()), ("kafka_partition", pa.int32()), ("kafka_offset", pa.int64())]
 _FILE_RE = re.compile(r"^(?P<topic>.+)\.p(?P<partition>\d+)\.o(?P<first>\d+)-(?P<last>\d+)\.parquet$")
 
@@ -102,15 +129,29 @@ class FlushStats:
     files: list[str] = field(default_factory=list)
 
 
+def _hour_floor(t: datetime) -> datetime:
+    return t.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def id_index_prefix(hour: datetime) -> str:
+    return f"{ID_INDEX_ROOT}/dt={hour:%Y-%m-%d}/hour={hour:%H}"
+
+
 class LakeSink:
     """Buffers validated events and writes them to the lake, exactly once by ``event_id``."""
 
-    def __init__(self, storage: Storage, *, index_partitions: int = 256):
+    def __init__(self, storage: Storage, *, index_partitions: int = 256, dedupe_window_h: float = 48.0,
+                 clock: Any = None):
         self.storage = storage
         self._pending: list[tuple[Any, str, int, int, str | None]] = []
         # lake partition prefix -> {event_id: file name}; LRU-bounded, reloaded from storage on a miss.
         self._index: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._index_partitions = index_partitions
+        # the id index of the last dedupe_window_h hours of arrivals: event_id -> data file key
+        self.dedupe_window = timedelta(hours=dedupe_window_h)
+        self._recent: dict[str, str] | None = None  # None = not loaded yet
+        self._recent_by_hour: dict[datetime, list[str]] = {}
+        self._clock = clock or (lambda: datetime.now(UTC))
         self._lock = threading.Lock()
 
     def add(self, event: Any, topic: str, partition: int, offset: int, held: str | None = None) -> None:
@@ -124,6 +165,7 @@ class LakeSink:
         """Forget cached ids (call when the consumer's partition assignment changes)."""
         with self._lock:
             self._index.clear()
+            self._recent, self._recent_by_hour = None, {}
 
     def _ids_in(self, prefix: str) -> dict[str, str]:
         ids = self._index.get(prefix)
@@ -142,6 +184,26 @@ class LakeSink:
         self._index.move_to_end(prefix)
         return ids
 
+    def _recent_ids(self, now_hour: datetime) -> dict[str, str]:
+        """The id index of the window, loaded on first use; hours that left the window are dropped."""
+        if self._recent is None:
+            self._recent, self._recent_by_hour = {}, {}
+            hour = _hour_floor(now_hour - self.dedupe_window)
+            while hour <= now_hour:
+                for key in self.storage.list(id_index_prefix(hour) + "/"):
+                    if key.endswith(".parquet"):
+                        table = pq.read_table(io.BytesIO(self.storage.get_bytes(key)))
+                        ids = table.column("event_id").to_pylist()
+                        for eid, data_key in zip(ids, table.column("key").to_pylist(), strict=True):
+                            self._recent.setdefault(eid, data_key)
+                        self._recent_by_hour.setdefault(hour, []).extend(ids)
+                hour += timedelta(hours=1)
+        cutoff = now_hour - self.dedupe_window
+        for hour in [h for h in self._recent_by_hour if h < cutoff]:
+            for eid in self._recent_by_hour.pop(hour):
+                self._recent.pop(eid, None)
+        return self._recent
+
     def flush(self) -> FlushStats:
         """Write everything buffered; returns once every file is durable. Raises on any storage error,
         keeping the buffer, so the caller must not commit offsets."""
@@ -149,40 +211,82 @@ class LakeSink:
         if not self._pending:
             return stats
         with self._lock:
+            now_hour = _hour_floor(self._clock())
+            if self._recent is not None and now_hour not in self._recent_by_hour:
+                self._maintain_index(now_hour)
+            recent = self._recent_ids(now_hour)
             groups: dict[tuple[str, int], list[tuple[Any, int, str | None]]] = defaultdict(list)
             for event, topic, partition, offset, held in self._pending:
                 groups[(topic, partition)].append((event, offset, held))
+            seen: dict[str, str] = {}  # ids kept by this flush -> their data file key
             for (topic, partition), rows in groups.items():
                 rows.sort(key=lambda r: r[1])
                 name = file_name(topic, partition, rows[0][1], rows[-1][1])
                 by_prefix: dict[str, list[tuple[Any, int]]] = defaultdict(list)
                 for event, offset, held in rows:
                     by_prefix[partition_prefix(event.type, event.occurred_at, held)].append((event, offset))
+                written: dict[str, str] = {}
                 for prefix, part_rows in sorted(by_prefix.items()):
                     existing = self._ids_in(prefix)
-                    keep, seen, replayed = [], set(), 0
+                    key = f"{prefix}/{name}"
+                    keep, kept_ids, replayed = [], [], 0
                     for event, offset in part_rows:
                         eid = str(event.event_id)
-                        if eid in seen or existing.get(eid, name) != name:
+                        if eid in seen:  # twice in this flush
                             stats.duplicates += 1
                             continue
-                        if eid in existing:
+                        prior = recent.get(eid)
+                        if prior is None and eid in existing:
+                            prior = f"{prefix}/{existing[eid]}"
+                        if prior is not None and prior != key:  # already in the lake, in another file
+                            stats.duplicates += 1
+                            continue
+                        if prior is not None:  # a replayed offset range: the same file is written again
                             replayed += 1
-                        seen.add(eid)
+                        seen[eid] = key
+                        kept_ids.append(eid)
                         keep.append((event, offset))
                     if not keep:
                         continue
                     event_type = keep[0][0].type
                     table = _to_table(event_type, keep, topic, partition)
-                    key = f"{prefix}/{name}"
                     self.storage.put_bytes(key, parquet_bytes(table))
-                    for eid in seen:
+                    for eid in kept_ids:
                         existing[eid] = name
+                        written[eid] = key
                     stats.written += len(keep) - replayed
                     stats.replayed += replayed
                     stats.files.append(key)
+                if written:  # after the data files: an index entry always points at a durable file
+                    index_table = pa.Table.from_arrays(
+                        [pa.array(list(written), pa.string()), pa.array(list(written.values()), pa.string())],
+                        schema=ID_INDEX_SCHEMA)
+                    self.storage.put_bytes(f"{id_index_prefix(now_hour)}/{name}", parquet_bytes(index_table))
+            new_ids = [eid for eid in seen if eid not in recent]
+            recent.update(seen)
+            self._recent_by_hour.setdefault(now_hour, []).extend(new_ids)
             self._pending.clear()
         return stats
+
+    def _maintain_index(self, now_hour: datetime) -> None:
+        """Once an hour: compact the id index of past hours into one file each, delete hours outside the
+        window. Hours that may still get files (this one and the previous) are left alone."""
+        try:
+            for key in self.storage.list(ID_INDEX_ROOT + "/"):
+                m = re.search(r"dt=(\d{4}-\d{2}-\d{2})/hour=(\d{2})/", key)
+                if m and datetime.fromisoformat(f"{m.group(1)}T{m.group(2)}:00:00+00:00") < (
+                        now_hour - self.dedupe_window - timedelta(hours=1)):
+                    self.storage.delete(key)
+            for hour in sorted(h for h in self._recent_by_hour if h < now_hour - timedelta(hours=1)):
+                keys = [k for k in self.storage.list(id_index_prefix(hour) + "/") if k.endswith(".parquet")]
+                if len(keys) > 1:
+                    tables = [pq.read_table(io.BytesIO(self.storage.get_bytes(k))) for k in keys]
+                    self.storage.put_bytes(f"{id_index_prefix(hour)}/compacted-{uuid.uuid4().hex}.parquet",
+                                           parquet_bytes(pa.concat_tables(tables)))
+                    for k in keys:
+                        self.storage.delete(k)
+        except Exception as e:  # housekeeping: never a reason to stop ingestion
+            log.warning("id index maintenance failed (%s: %s); will retry next hour", type(e).__name__, e)
 
 
 def _to_table(event_type: str, rows: list[tuple[Any, int]], topic: str, partition: int) -> pa.Table:

@@ -1,5 +1,5 @@
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pyarrow.parquet as pq
 import pytest
@@ -63,7 +63,7 @@ def test_replayed_offsets_and_client_retries_give_one_row_per_event_id(tmp_path)
     assert (stats.written, stats.duplicates) == (1, 3)
     df = read_events(storage, "thumbs")
     assert sorted(df["event_id"]) == sorted(str(e.event_id) for e in (a, b, c))
-    physical = sum(len(pq.read_table(p)) for p in tmp_path.rglob("*.parquet"))
+    physical = sum(len(pq.read_table(p)) for p in (tmp_path / "events").rglob("*.parquet"))
     assert physical == 3
 
 
@@ -76,7 +76,7 @@ def test_identical_replay_rewrites_the_same_file_with_the_same_rows(tmp_path):
             sink.add(e, "events", 1, 100 + off)
         stats = sink.flush()
         assert (stats.written, stats.replayed, stats.duplicates) == ((3, 0, 0) if attempt == 0 else (0, 3, 0))
-    assert len(list(tmp_path.rglob("*.parquet"))) == 1
+    assert len(list((tmp_path / "events").rglob("*.parquet"))) == 1
     assert len(read_events(storage, "thumbs")) == 3
 
 
@@ -142,3 +142,46 @@ def test_held_events_go_to_the_quarantine_area_exactly_once_and_are_counted(tmp_
     quarantined = read_events(storage, "thumbs", held="blocked_account")
     assert quarantined[["event_id", "user_id"]].values.tolist() == [[str(bad.event_id), "mallory"]]
     assert count_events(storage)["thumbs"] == 2
+
+
+def test_the_same_event_id_in_another_hour_gives_one_row(tmp_path):
+    """A client retry whose occurred_at the server stamped an hour or more later lands in another hour
+    partition; the id index still keeps one row, for a new consumer as for the same one."""
+    storage = LocalStorage(tmp_path)
+    first = thumbs()
+    retry = thumbs(eid=str(first.event_id), at=T + timedelta(hours=2))
+    sink = LakeSink(storage)
+    sink.add(first, "events", 0, 0)
+    sink.flush()
+    sink.add(retry, "events", 0, 1)
+    assert (sink.flush().written, LakeSink(storage).flush().written) == (0, 0)
+    fresh = LakeSink(storage)  # another process: its window is loaded from the index files
+    fresh.add(retry, "events", 0, 1)
+    fresh.add(thumbs(at=T + timedelta(hours=3)), "events", 0, 2)
+    stats = fresh.flush()
+    assert (stats.written, stats.duplicates) == (1, 1)
+    ids = [r["event_id"] for p in (tmp_path / "events").rglob("*.parquet") for r in pq.read_table(p).to_pylist()]
+    assert len(ids) == len(set(ids)) == 2
+
+
+def test_the_cross_hour_guarantee_holds_over_the_window_and_the_index_is_compacted(tmp_path):
+    storage = LocalStorage(tmp_path)
+    now = [datetime(2026, 11, 22, 10, 30, tzinfo=UTC)]
+    sink = LakeSink(storage, dedupe_window_h=24, clock=lambda: now[0])
+    first = thumbs()
+    sink.add(first, "events", 0, 0)
+    sink.flush()
+    for off in range(1, 4):  # more flushes in the same arrival hour: several index files
+        sink.add(thumbs(), "events", 0, off)
+        sink.flush()
+    assert len(storage.list("_index/event_ids/dt=2026-11-22/hour=10/")) == 4
+    now[0] += timedelta(hours=23)  # still inside the window: the retry is dropped
+    sink.add(thumbs(eid=str(first.event_id), at=T + timedelta(hours=5)), "events", 0, 10)
+    assert sink.flush().duplicates == 1
+    assert len(storage.list("_index/event_ids/dt=2026-11-22/hour=10/")) == 1, "a past hour is compacted"
+    assert LakeSink(storage, dedupe_window_h=24, clock=lambda: now[0])._recent_ids(
+        datetime(2026, 11, 23, 9, tzinfo=UTC)).get(str(first.event_id)), "compaction kept the ids"
+    now[0] += timedelta(hours=3)  # outside the window: the old hour's index is gone, and the id with it
+    sink.add(thumbs(eid=str(first.event_id), at=T + timedelta(hours=7)), "events", 0, 11)
+    assert sink.flush().written == 1
+    assert storage.list("_index/event_ids/dt=2026-11-22/hour=10/") == []
