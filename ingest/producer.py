@@ -4,11 +4,19 @@
 
 1. normally it sends to the topic and waits for the broker's acknowledgement (``acks=all``);
 2. if the broker does not acknowledge within ``publish_timeout_s`` (down, partitioned, paused), the events
-   are appended to the fsynced local spool instead and the publisher switches to *spooling*: later events
-   go to the spool too, so the topic receives them in the order they were accepted;
-3. a drainer thread probes the broker, replays sealed spool segments in order when it answers, deletes each
-   segment after all of its records are acknowledged, and leaves spooling once the spool is empty;
-4. only when the spool is full does ``publish`` raise :class:`~ingest.spool.SpoolFull` (the API's 503).
+   are appended to the fsynced local spool instead and the publisher switches to *spooling* (the circuit
+   breaker opens): every other request still waiting for an ack is released to the spool at once, and later
+   events go straight to the spool without trying the broker, so the topic receives them in the order they
+   were accepted and no client waits on a dead broker more than once;
+3. a drainer thread probes the broker (a Kafka ApiVersions round trip, with back-off), replays sealed spool
+   segments in order when it answers, deletes each segment after all of its records are acknowledged, and
+   closes the breaker once the spool is empty;
+4. a spooled record the broker refuses for good (``MessageSizeTooLargeError`` and other non-retriable errors)
+   is parked in the local dead-letter file with its reason (``flywheel_dead_letters_parked_total``), so it
+   never blocks the records behind it; retriable failures are retried with back-off, logged once per outage;
+5. only when the spool is full does ``publish`` raise :class:`~ingest.spool.SpoolFull` (the API's 503); an
+   event over :data:`~flywheel.events.MAX_RECORD_BYTES` raises :class:`EventTooLarge` (the API's 413) and is
+   never spooled.
 
 A send that timed out may still be delivered later by the Kafka client, and the drainer sends it again:
 the topic is at-least-once by design, and the lake keeps one row per ``event_id``.
@@ -31,8 +39,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from flywheel.events import encode_event
+from flywheel.events import MAX_RECORD_BYTES, encode_event
 from flywheel.settings import KafkaSettings
+from ingest.deadletters import LocalDeadLetters
 from ingest.spool import Spool, read_segment
 
 log = logging.getLogger(__name__)
@@ -48,6 +57,16 @@ class PublisherMetrics:
         self.spool_bytes = Gauge("flywheel_spool_bytes", "Bytes waiting in the local spool", registry=registry)
         self.drained = Counter("flywheel_spool_drained_total", "Spooled events delivered to the broker",
                                registry=registry)
+        self.parked = Counter("flywheel_dead_letters_parked_total",
+                              "Spooled events the broker refused for good, parked in the local dead-letter file",
+                              ["reason"], registry=registry)
+        self.breaker_open = Gauge("flywheel_publish_breaker_open",
+                                  "1 while events go straight to the spool (broker not acknowledging)",
+                                  registry=registry)
+
+
+class EventTooLarge(ValueError):
+    """An encoded event over the record size limit: no broker would take it (the API's 413)."""
 
 
 def producer_config(kafka: KafkaSettings, timeout_s: float) -> dict[str, Any]:
@@ -68,17 +87,25 @@ class EventPublisher:
         kafka: KafkaSettings,
         spool: Spool,
         *,
-        publish_timeout_s: float = 2.0,
+        publish_timeout_s: float = 0.25,
         registry: CollectorRegistry | None = None,
         drain_interval_s: float = 0.5,
+        dead_letters: str | None = None,
+        max_record_bytes: int = MAX_RECORD_BYTES,
     ):
         self.kafka = kafka
         self.spool = spool
         self.timeout_s = publish_timeout_s
+        self.max_record_bytes = max_record_bytes
         self.metrics = PublisherMetrics(registry or CollectorRegistry())
+        self.local = LocalDeadLetters(dead_letters or spool.dir.parent / "spool-dead-letters.jsonl",
+                                      counter=self.metrics.parked)
+        self._trip: asyncio.Future[None] | None = None  # resolved when the breaker opens; waiters spool
+        self._trip_loop: asyncio.AbstractEventLoop | None = None
         self._producer: Any = None
         self._producer_lock = threading.Lock()
         self._spooling = not spool.is_empty()  # a previous process left events behind
+        self._outage_logged = False
         self._state_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -86,6 +113,7 @@ class EventPublisher:
         self._drainer = threading.Thread(target=self._drain_loop, name="spool-drainer", daemon=True)
         self._executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="publish")
         self.metrics.spool_bytes.set(spool.size_bytes)
+        self.metrics.breaker_open.set(int(self._spooling))
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> EventPublisher:
@@ -118,19 +146,46 @@ class EventPublisher:
             return self._producer
 
     # -- publishing -------------------------------------------------------------------------------
-    def publish(self, events: list[Any]) -> str:
-        """Make ``events`` durable; returns ``"broker"`` or ``"spool"``. Raises ``SpoolFull``."""
-        started = time.perf_counter()
+    def _encode(self, events: list[Any]) -> list[tuple[bytes, bytes]]:
         records = [(e.conversation_id.encode(), encode_event(e)) for e in events]
+        for (_k, v), e in zip(records, events, strict=True):
+            if len(v) > self.max_record_bytes:
+                raise EventTooLarge(f"event {e.event_id} is {len(v)} bytes encoded; the limit is "
+                                    f"{self.max_record_bytes} bytes")
+        return records
+
+    def _open_breaker(self, reason: object) -> None:
+        """Send everything to the spool from now on, and release every request still waiting for an ack."""
+        with self._state_lock:
+            was = self._spooling
+            self._spooling = True
+        self.metrics.breaker_open.set(1)
+        if not was:
+            log.warning("broker did not acknowledge in %.2f s (%s); spooling until it answers again",
+                        self.timeout_s, reason)
+            # Drop the producer: what it still holds is in the spool now, and kafka-python's sender thread,
+            # left with unacknowledged batches against a frozen broker, spins on reconnects and expiring batches
+            # holding the GIL (measured: 6 s of CPU in 8 s; the API stalled for 9-15 s from the request
+            # timeout on). The drainer makes a fresh producer when the broker answers again.
+            with self._producer_lock:
+                stale, self._producer = self._producer, None
+            if stale is not None:
+                abandon_producer(stale)
+        trip, loop = self._trip, self._trip_loop
+        if trip is not None and loop is not None:
+            loop.call_soon_threadsafe(lambda: trip.done() or trip.set_result(None))
+
+    def publish(self, events: list[Any]) -> str:
+        """Make ``events`` durable; returns ``"broker"`` or ``"spool"``. Raises ``SpoolFull``, ``EventTooLarge``."""
+        started = time.perf_counter()
+        records = self._encode(events)
         path = "spool"
         if not self._spooling:
             try:
                 self._send_and_wait(records, self.timeout_s)
                 path = "broker"
             except Exception as e:  # any failure to get acks: fall back to the spool, never drop
-                log.warning("broker did not acknowledge %d event(s) (%s); spooling", len(records), e)
-                with self._state_lock:
-                    self._spooling = True
+                self._open_breaker(e)
         if path == "spool":
             self._spool_records(records)
         self.metrics.published.labels(path).inc(len(records))
@@ -140,20 +195,28 @@ class EventPublisher:
     async def publish_async(self, events: list[Any]) -> str:
         """``publish`` for the event loop. The common case (broker up, producer ready) hands the records to
         the producer from the loop and awaits the broker's acks without a thread hop; everything else
-        (first connection, spooling, a failed send) goes through ``publish`` on a worker thread."""
+        (first connection, spooling, a failed send) goes through ``publish`` on a worker thread. A request
+        waiting for acks stops waiting as soon as any request opens the breaker."""
         loop = asyncio.get_running_loop()
         producer = self._producer
         if producer is None or self._spooling:
             return await loop.run_in_executor(self._executor, self.publish, events)
         started = time.perf_counter()
-        records = [(e.conversation_id.encode(), encode_event(e)) for e in events]
+        records = self._encode(events)
+        if self._trip is None or self._trip.done() or self._trip_loop is not loop:
+            self._trip, self._trip_loop = loop.create_future(), loop
+        trip = self._trip
+        acks = asyncio.gather(*(self._ack_future(loop, producer.send(self.kafka.topic, key=k, value=v))
+                                for k, v in records))
         try:
-            acks = [self._ack_future(loop, producer.send(self.kafka.topic, key=k, value=v)) for k, v in records]
-            await asyncio.wait_for(asyncio.gather(*acks), self.timeout_s)
+            done, _ = await asyncio.wait((acks, trip), timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if acks not in done:
+                raise TimeoutError("breaker open" if trip in done else f"no ack within {self.timeout_s} s")
+            acks.result()
         except Exception as e:  # not acknowledged in time: the spool takes it, never drop
-            log.warning("broker did not acknowledge %d event(s) (%s); spooling", len(records), e)
-            with self._state_lock:
-                self._spooling = True
+            acks.cancel()
+            acks.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" log
+            self._open_breaker(e)
             await loop.run_in_executor(self._executor, self._spool_records, records)
             path = "spool"
         else:
@@ -195,35 +258,92 @@ class EventPublisher:
             if self._stop.is_set():
                 return
             if self.spool.is_empty():
+                if self._spooling and not broker_reachable(self.kafka, timeout_s=1.0):
+                    backoff = min(backoff * 2, 5.0)  # keep the breaker open until the broker answers
+                    continue
                 with self._state_lock:
-                    if self.spool.is_empty():
+                    if self.spool.is_empty() and self._spooling:
                         self._spooling = False
-                continue
-            if not broker_reachable(self.kafka, timeout_s=1.0):
-                backoff = min(backoff * 2, 5.0)
+                        self.metrics.breaker_open.set(0)
+                        log.info("spool drained; publishing to the broker again")
+                backoff = self._drain_interval_s
                 continue
             try:
+                if not broker_reachable(self.kafka, timeout_s=1.0):
+                    raise ConnectionError("the broker does not answer ApiVersions")
                 self.drain_once()
-                backoff = self._drain_interval_s
             except Exception as e:
-                log.warning("spool drain failed (%s); will retry", e)
+                if not self._outage_logged:  # once per outage, not once per retry
+                    log.warning("spool drain failed (%s: %s); retrying with back-off", type(e).__name__, e)
+                    self._outage_logged = True
                 backoff = min(backoff * 2, 5.0)
-            self._wake.set()  # re-check for appends that raced with the drain
+                continue
+            if self._outage_logged:
+                log.info("spool drain recovered")
+                self._outage_logged = False
+            backoff = self._drain_interval_s
+            self._wake.set()  # re-check at once for appends that raced with the drain
 
     def drain_once(self) -> int:
-        """Deliver every sealed segment in order; returns the number of records sent."""
+        """Deliver every sealed segment in order; returns the number of records sent. A record the broker
+        refuses for good is parked in the local dead-letter file; a retriable failure raises (the segment is
+        sent again later: at-least-once, the lake keeps one row per id)."""
         sent = 0
         for segment in self.spool.seal():
             records = list(read_segment(segment))
-            if records:
-                self._send_and_wait(records, max(self.timeout_s, 10.0))
+            delivered = self._deliver(records, segment.name) if records else 0
             self.spool.remove(segment)
-            sent += len(records)
-            self.metrics.drained.inc(len(records))
+            sent += delivered
+            self.metrics.drained.inc(delivered)
             self.metrics.spool_bytes.set(self.spool.size_bytes)
-            if sent:
-                log.info("drained %d spooled event(s) from %s", len(records), segment.name)
+            if records:
+                log.info("drained %d spooled event(s) from %s", delivered, segment.name)
         return sent
+
+    def _deliver(self, records: list[tuple[bytes, bytes]], segment: str) -> int:
+        producer = self._get_producer()
+        deadline = time.monotonic() + max(self.timeout_s, 10.0)
+        outcomes: list[Any] = []
+        for k, v in records:
+            try:
+                outcomes.append(producer.send(self.kafka.topic, key=k, value=v))
+            except Exception as e:  # refused before it left the client (e.g. too large)
+                outcomes.append(e)
+        delivered = 0
+        for (k, v), outcome in zip(records, outcomes, strict=True):
+            error = outcome if isinstance(outcome, BaseException) else None
+            if error is None:
+                try:
+                    outcome.get(timeout=max(0.0, deadline - time.monotonic()))
+                    delivered += 1
+                    continue
+                except Exception as e:
+                    error = e
+            if _retriable(error):
+                raise error
+            self.local.park(k, v, type(error).__name__, str(error), {"spool_segment": segment})
+        return delivered
+
+
+def abandon_producer(producer: Any) -> None:
+    """Stop a kafka-python producer at once, dropping what it has not delivered. ``close(timeout=0)`` alone
+    raises from its internal flush and leaves the sender thread running, so force the sender closed first."""
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        sender.force_close()
+    try:
+        producer.close(timeout=0)
+    except Exception as e:  # it is being thrown away: nothing to do but say so
+        log.debug("closing an abandoned producer: %s", e)
+
+
+def _retriable(error: BaseException) -> bool:
+    """Whether sending the same record again can succeed (timeouts, leader moves, a broker down)."""
+    from kafka.errors import KafkaError, KafkaTimeoutError
+
+    if isinstance(error, KafkaTimeoutError | TimeoutError | ConnectionError):
+        return True
+    return bool(getattr(error, "retriable", False)) if isinstance(error, KafkaError) else False
 
 
 def broker_reachable(kafka: KafkaSettings, timeout_s: float = 1.0) -> bool:

@@ -5,16 +5,23 @@ Records go into numbered segment files (``segment-<n>.log``), each frame ``[len:
 crash of the API process. The drainer reads closed segments in order and deletes each one only after the
 broker acknowledged all of its records. A frame torn by a crash mid-append fails its length or CRC check
 and is skipped with everything after it in that segment: it was never acknowledged to a client.
+
+Appends from concurrent requests share one write and one ``fsync`` (group commit): while one thread syncs,
+the others queue their frames and the next sync takes them all, so a burst of requests during a broker
+outage costs a few syncs, not one each. A write that fails (disk full) is cut back off the segment, every
+caller in that group gets the error (the API's 503), and the next append starts a new segment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 class SpoolFull(RuntimeError):
@@ -27,9 +34,17 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._file = None  # open segment being appended to
+        self._synced = threading.Condition(self._lock)
+        self._file: Any = None  # open segment being appended to
         self._current: Path | None = None
         self._size = sum(p.stat().st_size for p in self.segments())
+        self._queue: list[bytes] = []  # frames waiting for the next group write
+        self._queued_bytes = 0
+        self._next_ticket = 0  # tickets handed to appenders
+        self._done_ticket = 0  # every ticket up to this one is written (or failed)
+        self._failed: dict[int, BaseException] = {}  # ticket -> the error its group write raised
+        self._writing = False
+        self.syncs = 0  # fsync calls (group commit makes this far fewer than appends)
 
     @property
     def size_bytes(self) -> int:
@@ -47,22 +62,76 @@ class Spool:
         return self.dir / f"segment-{n:09d}.log"
 
     def append(self, records: list[tuple[bytes, bytes]]) -> None:
-        """Append ``(key, value)`` records durably, all or nothing. Raises :class:`SpoolFull`."""
+        """Append ``(key, value)`` records durably, all or nothing. Raises :class:`SpoolFull`, or the
+        ``OSError`` of a failed write (nothing of this call is then in the spool)."""
         frames = b"".join(_frame(k, v) for k, v in records)
         with self._lock:
-            if self._size + len(frames) > self.max_bytes:
+            if self._size + self._queued_bytes + len(frames) > self.max_bytes:
                 raise SpoolFull(f"spool holds {self._size} bytes; limit is {self.max_bytes}")
+            self._queue.append(frames)
+            self._queued_bytes += len(frames)
+            self._next_ticket += 1
+            ticket = self._next_ticket
+            while self._done_ticket < ticket:
+                if self._writing:
+                    self._synced.wait()
+                    continue
+                self._write_group()
+            error = self._failed.pop(ticket, None)
+        if error is not None:
+            raise error
+
+    def _write_group(self) -> None:
+        """Write and sync everything queued (called with the lock held; releases it during the I/O)."""
+        batch, last = b"".join(self._queue), self._next_ticket
+        first = self._done_ticket + 1
+        self._queue, self._queued_bytes, self._writing = [], 0, True
+        self._lock.release()
+        error: BaseException | None = None
+        try:
             if self._file is None:
                 self._current = self._next_path()
                 self._file = open(self._current, "ab")  # noqa: SIM115 - kept open across appends
-            self._file.write(frames)
-            self._file.flush()
+            start = self._file.tell()
+            try:
+                self._file.write(batch)
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as e:
+                error = e
+                self._cut_back(start)
+        except OSError as e:
+            error = e
+        finally:
+            self._lock.acquire()
+            self._writing = False
+            if error is None:
+                self._size += len(batch)
+                self.syncs += 1
+            else:
+                self._failed.update((t, error) for t in range(first, last + 1))
+            self._done_ticket = last
+            self._synced.notify_all()
+
+    def _idle(self) -> None:
+        """Wait (lock held) until no group write is in flight."""
+        while self._writing:
+            self._synced.wait()
+
+    def _cut_back(self, start: int) -> None:
+        """After a failed write: drop the partial frames, close the segment (the next append opens another)."""
+        # a torn tail that stays (the truncate failed too) is skipped by read_segment, and nothing follows it
+        with contextlib.suppress(OSError):
+            self._file.truncate(start)
             os.fsync(self._file.fileno())
-            self._size += len(frames)
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self._file, self._current = None, None
 
     def seal(self) -> list[Path]:
         """Close the open segment so new appends start a new one; returns every sealed segment, oldest first."""
         with self._lock:
+            self._idle()
             if self._file is not None:
                 self._file.close()
                 self._file = None
@@ -77,6 +146,7 @@ class Spool:
     def remove(self, segment: Path) -> None:
         """Delete a drained segment."""
         with self._lock:
+            self._idle()
             if segment == self._current:
                 raise ValueError("cannot remove the open segment; seal() first")
             size = segment.stat().st_size
@@ -85,6 +155,7 @@ class Spool:
 
     def close(self) -> None:
         with self._lock:
+            self._idle()
             if self._file is not None:
                 self._file.close()
                 self._file = None
