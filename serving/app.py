@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException
@@ -16,8 +17,15 @@ from ingest.producer import EventPublisher
 from ingest.spool import Spool
 from ingest.validation import QualityRules
 from serving.champion import ChampionPolicy
-from serving.deps import AppState
-from serving.errors import ApiError, api_error_handler, http_exception_handler, request_validation_handler
+from serving.deps import AppState, require_json_body
+from serving.errors import (
+    ApiError,
+    api_error_handler,
+    http_exception_handler,
+    request_validation_handler,
+    unhandled_error_handler,
+)
+from serving.generation_pool import GenerationPool
 from serving.middleware import BodyLimitMiddleware, MetricsMiddleware
 from serving.policy import PolicyHandle
 from serving.routers import admin, chat, events, ops
@@ -34,15 +42,18 @@ def create_app(
     """Build the API. Without a ``publisher`` one is started (and closed) with the app's lifespan."""
     settings = settings or get_settings()
     registry = registry or CollectorRegistry()
+    generation = GenerationPool.from_settings(settings.api, registry)  # started and closed by the lifespan
     state = AppState(
         settings=settings,
         keyring=KeyRing(settings.api.keys),
         limiter=RateLimiter(
             settings.api.rate_per_s, settings.api.rate_burst),
+        auth_failures=RateLimiter(settings.api.auth_failure_rate_per_s, settings.api.auth_failure_burst),
         rules=QualityRules.from_settings(settings.ingest),
         registry=registry,
         publisher=publisher,
         policy=policy,
+        generation=generation,
     )
 
     @asynccontextmanager
@@ -50,11 +61,14 @@ def create_app(
         owned = None
         if state.publisher is None:
             owned = EventPublisher(settings.kafka, Spool(settings.api.spool_dir, settings.api.spool_max_bytes),
-                                   publish_timeout_s=settings.api.publish_timeout_s, registry=registry).start()
+                                   publish_timeout_s=settings.api.publish_timeout_s, registry=registry,
+                                   dead_letters=str(Path(settings.ingest.dead_letter_dir) / "spool.jsonl")).start()
             state.publisher = owned
+        generation.start()
         try:
             yield
         finally:
+            generation.close()
             if owned is not None:
                 owned.close()
                 state.publisher = None
@@ -65,8 +79,9 @@ def create_app(
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_exception_handler(HTTPException, http_exception_handler)
+    app.add_exception_handler(Exception, unhandled_error_handler)
     for router in (ops.router, events.router, chat.router, admin.router):
-        app.include_router(router)
+        app.include_router(router, dependencies=[Depends(require_json_body)])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
     app.add_middleware(MetricsMiddleware, registry=registry)
     return app

@@ -13,6 +13,7 @@ from ingest.producer import EventPublisher
 from ingest.validation import QualityRules
 from serving.champion import ChampionPolicy
 from serving.errors import ApiError
+from serving.generation_pool import GenerationPool
 from serving.policy import PolicyHandle
 from serving.security import KeyRing, RateLimiter, retry_after_header
 
@@ -22,10 +23,12 @@ class AppState:
     settings: Settings
     keyring: KeyRing
     limiter: RateLimiter
+    auth_failures: RateLimiter  # per client address: a failed authentication takes a token
     rules: QualityRules
     registry: CollectorRegistry
     publisher: EventPublisher | None = None
     policy: PolicyHandle | ChampionPolicy | None = None
+    generation: GenerationPool | None = None  # runs /v1/chat generations; started with the app
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -37,10 +40,19 @@ State = Annotated[AppState, Depends(get_state)]
 
 
 async def require_key(request: Request, state: State) -> ApiKey:
+    # An address over its failure budget is refused before its key is looked at: were a right key still let
+    # through, 429 against 2xx would tell a guesser when it had guessed right, at full speed.
+    address = request.client.host if request.client else "unknown"
+    wait = state.auth_failures.wait_s(address)
+    if wait:
+        raise ApiError(429, "too_many_failed_authentications",
+                       f"too many failed authentications from {address}; retry after {wait:.2f}s",
+                       headers={"Retry-After": retry_after_header(wait)})
     header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     key = state.keyring.authenticate(secret.strip()) if scheme.lower() == "bearer" and secret else None
     if key is None:
+        state.auth_failures.acquire(address)
         raise ApiError(401, "unauthorized", "send a valid API key as 'Authorization: Bearer <key>'",
                        headers={"WWW-Authenticate": "Bearer"})
     wait = state.limiter.acquire(key.name)
@@ -52,6 +64,22 @@ async def require_key(request: Request, state: State) -> ApiKey:
 
 
 Caller = Annotated[ApiKey, Depends(require_key)]
+
+
+def is_json_media_type(content_type: str) -> bool:
+    """``application/json`` or ``application/<anything>+json``, with any parameters (a charset, say)."""
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def require_json_body(request: Request) -> None:
+    """415 for a request body declared as anything but JSON. Without a Content-Type the body is read as JSON."""
+    content_type = request.headers.get("content-type")
+    if request.method in ("POST", "PUT", "PATCH") and content_type is not None \
+            and not is_json_media_type(content_type):
+        shown = content_type if len(content_type) <= 80 else content_type[:80] + "..."
+        raise ApiError(415, "unsupported_media_type",
+                       f"send the body as application/json (Content-Type: application/json), not {shown!r}")
 
 
 async def get_publisher(state: State) -> EventPublisher:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any
 
 from fastapi import Request
@@ -14,6 +16,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from flywheel.events import field_path
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -65,3 +69,17 @@ async def http_exception_handler(_request: Request, exc: Exception) -> JSONRespo
 
     error = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
     return JSONResponse(body(error, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Last resort: a bug answers a JSON 500 that names a log entry, never the traceback (which is logged)."""
+    from starlette.requests import ClientDisconnect
+
+    if isinstance(exc, ClientDisconnect):  # the client hung up mid-body: nobody to answer, nothing went wrong
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return JSONResponse(body("client_closed_request", "the client closed the connection"), status_code=499)
+    incident = uuid.uuid4().hex[:12]
+    log.error("unhandled %s on %s %s (incident %s)", type(exc).__name__, request.method, request.url.path, incident,
+              exc_info=exc)
+    return JSONResponse(body("internal_error", f"the server failed to handle this request; it was logged as "
+                                               f"incident {incident}"), status_code=500)

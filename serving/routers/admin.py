@@ -13,11 +13,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from flywheel.settings import ApiKey
 from serving.deps import Caller, State
 from serving.errors import ApiError, invalid
+from serving.openapi import inline_schema, json_body
 from serving.routers.events import parse_json
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -34,18 +35,20 @@ async def require_admin(caller: Caller) -> ApiKey:
 Admin = Annotated[ApiKey, Depends(require_admin)]
 
 
+# Registry versions are 32-bit integers in MLflow's store: a longer number would fail its query, not match nothing.
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(default="flywheel-policy", pattern="^flywheel-(policy|reward)$")
-    version: str = Field(pattern=r"^[0-9]+$")
-    force: bool = Field(default=False, description="Promote even if the gate refuses (recorded as forced).")
+    version: str = Field(pattern=r"^[0-9]+$", max_length=9, description="A registered version number.")
+    force: StrictBool = Field(default=False, description="Promote even if the gate refuses (recorded as forced).")
     note: str = Field(default="", max_length=500)
 
 
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(default="flywheel-policy", pattern="^flywheel-(policy|reward)$")
-    to: str | None = Field(default=None, pattern=r"^[0-9]+$", description="Default: the previous champion.")
+    to: str | None = Field(default=None, pattern=r"^[0-9]+$", max_length=9,
+                           description="Default: the previous champion.")
     note: str = Field(default="", max_length=500)
 
 
@@ -77,7 +80,8 @@ def _registry_call(fn: Any, *args: Any, **kw: Any) -> Any:
         raise ApiError(404, "unknown_version", str(e).splitlines()[0]) from None
 
 
-@router.post("/promote", summary="Run the promotion gate on an evaluated version; move `champion` if it passes")
+@router.post("/promote", summary="Run the promotion gate on an evaluated version; move `champion` if it passes",
+             openapi_extra=json_body(inline_schema(PromoteRequest)))
 async def promote(request: Request, admin: Admin, state: State) -> dict[str, Any]:
     from training.config import load_recipe
     from training.registry import promote as do_promote
@@ -92,7 +96,8 @@ async def promote(request: Request, admin: Admin, state: State) -> dict[str, Any
     return {"record": asdict(record), "serving": served}
 
 
-@router.post("/rollback", summary="Move `champion` back to the previous (or a named) version")
+@router.post("/rollback", summary="Move `champion` back to the previous (or a named) version",
+             openapi_extra=json_body(inline_schema(RollbackRequest), required=False))
 async def rollback(request: Request, admin: Admin, state: State) -> dict[str, Any]:
     from training.registry import rollback as do_rollback
 

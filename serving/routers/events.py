@@ -6,43 +6,74 @@ client what to fix; 503 (spool full) means retry later with the same ``event_id`
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from flywheel.events import EVENT_TYPES, FEEDBACK_TYPES, stamp_defaults, validate_event
+from flywheel.events import (
+    EVENT_TYPES,
+    FEEDBACK_TYPES,
+    MAX_JSON_DEPTH,
+    MAX_RECORD_BYTES,
+    Event,
+    EventDecodeError,
+    Feedback,
+    Turn,
+    encode_event,
+    field_path,
+    stamp_defaults,
+    validate_event,
+)
+from flywheel.events import parse_json as parse_bounded_json
+from ingest.producer import EventTooLarge
 from ingest.spool import SpoolFull
 from ingest.validation import check_event
 from serving.deps import Caller, Publisher, State
 from serving.errors import ApiError, invalid
+from serving.openapi import UNAVAILABLE, http_event_schema, json_body
 
 router = APIRouter(prefix="/v1", tags=["events"])
 
 _DOC = "Fields are those of the event contract (GET /v1/schema); event_id and occurred_at may be omitted."
+_BATCH_SCHEMA = {"type": "object", "required": ["events"], "properties": {"events": {
+    "type": "array", "minItems": 1, "items": http_event_schema(TypeAdapter(Event)),
+    "description": "Turns and feedback events, at most the server's max_batch (1,000 by default; more is 413)."}}}
+
+
+# How each reason of the bounded parser reaches the client: bytes that are not JSON are the client's syntax
+# error (400); JSON past the parser's bounds is well-formed but no event can look like it (422).
+_DECODE_ERRORS = {
+    "invalid_utf8": (400, "invalid_encoding", "request body is not valid UTF-8"),
+    "invalid_json": (400, "malformed_json", "request body is not valid JSON"),
+    "too_deep": (422, "json_too_deep", f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels "
+                 "(an event needs 4)"),
+    "number_too_large": (422, "number_too_large", "request body has an integer of more than 4,300 digits "
+                         "(every integer field of the contract fits in 64 bits)"),
+}
 
 
 def parse_json(raw: bytes) -> Any:
+    """The request body as a JSON value, parsed with the contract's bounded parser; raises only ApiError."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, "invalid_encoding", f"request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        return parse_bounded_json(raw)
+    except EventDecodeError as e:
+        status, error, message = _DECODE_ERRORS.get(e.reason, (400, "malformed_json", "request body is not valid JSON"))
+        raise ApiError(status, error, f"{message}: {e.detail}") from None
 
 
 def build_event(obj: Any, state: State, *, allowed: tuple[str, ...], now: datetime, prefix: tuple[Any, ...] = ()) -> Any:
-    """Validate one event object (stamping server-owned defaults) or raise a 422 ApiError."""
-    where = "".join(f"[{p}]" if isinstance(p, int) else f"{p}." for p in prefix)
+    """Validate one event object (stamping server-owned defaults) or raise an ApiError: 422, or 413 when its
+    encoded size is over the record limit."""
+    where = f"{field_path(prefix)}." if prefix else ""  # ("events", 3) -> "events[3]."
     if not isinstance(obj, dict):
-        raise ApiError(422, "validation_failed", f"{where or 'body'}: expected a JSON object, got {type(obj).__name__}")
+        raise ApiError(422, "validation_failed", f"{field_path(prefix)}: expected a JSON object, got {type(obj).__name__}")
     if obj.get("type") not in allowed:
         got = obj.get("type")
-        msg = "is missing" if got is None else f"is {got!r}"
+        shown = repr(got)
+        shown = shown if len(shown) <= 80 else shown[:80] + "..."  # never echo a megabyte back
+        msg = "is missing" if got is None else f"is {shown}"
         raise ApiError(422, "validation_failed", f"{where}type {msg}; expected one of {list(allowed)}",
                        fields=[{"field": f"{where}type", "message": f"expected one of {list(allowed)}"}])
     try:
@@ -54,28 +85,40 @@ def build_event(obj: Any, state: State, *, allowed: tuple[str, ...], now: dateti
         reason, message = verdict
         field = "occurred_at" if reason.startswith("occurred_at") else "text"
         raise ApiError(422, reason, f"{where}{message}", fields=[{"field": f"{where}{field}", "message": message}])
+    size = len(encode_event(event))
+    if size > MAX_RECORD_BYTES:  # no broker would take it: refuse it here rather than fail it in the publisher
+        message = f"the event is {size} bytes encoded; the limit is {MAX_RECORD_BYTES} bytes; shorten its text fields"
+        raise ApiError(413, "event_too_large", f"{field_path(prefix)}: {message}" if prefix else message)
     return event
 
 
 async def publish(publisher: Any, events: list[Any]) -> str:
     try:
         return await publisher.publish_async(events)  # type: ignore[no-any-return]
+    except EventTooLarge as e:
+        raise ApiError(413, "event_too_large", f"{e}; shorten its text fields") from None
     except SpoolFull:
         raise ApiError(503, "unavailable", "the broker is unreachable and the local spool is full; "
                        "retry later with the same event_id", headers={"Retry-After": "10"}) from None
+    except OSError as e:  # the spool's disk failed (full, read-only): nothing was accepted
+        raise ApiError(503, "unavailable", f"the broker is unreachable and the local spool cannot be written "
+                       f"({e.strerror or e}); retry later with the same event_id",
+                       headers={"Retry-After": "10"}) from None
 
 
 def _accepted(event: Any, path: str) -> dict[str, Any]:
     return {"event_id": str(event.event_id), "type": event.type, "durable": path}
 
 
-@router.post("/feedback", status_code=202, summary="Log one feedback event", description=_DOC)
+@router.post("/feedback", status_code=202, summary="Log one feedback event", description=_DOC,
+             responses=UNAVAILABLE, openapi_extra=json_body(http_event_schema(TypeAdapter(Feedback))))
 async def post_feedback(request: Request, _caller: Caller, state: State, publisher: Publisher) -> dict[str, Any]:
     event = build_event(parse_json(await request.body()), state, allowed=FEEDBACK_TYPES, now=datetime.now(UTC))
     return _accepted(event, await publish(publisher, [event]))
 
 
-@router.post("/turns", status_code=202, summary="Log a turn produced by an external chat service", description=_DOC)
+@router.post("/turns", status_code=202, summary="Log a turn produced by an external chat service", description=_DOC,
+             responses=UNAVAILABLE, openapi_extra=json_body(http_event_schema(TypeAdapter(Turn), type_required=False)))
 async def post_turn(request: Request, _caller: Caller, state: State, publisher: Publisher) -> dict[str, Any]:
     obj = parse_json(await request.body())
     if isinstance(obj, dict):
@@ -86,7 +129,8 @@ async def post_turn(request: Request, _caller: Caller, state: State, publisher: 
 
 @router.post("/feedback/batch", status_code=202, summary="Log up to max_batch events (turns or feedback)",
              description="Body: {\"events\": [...]}. Valid events are accepted even when others are not: the "
-             "response lists every rejected index with its errors. 422 only when none is valid.")
+             "response lists every rejected index with its errors. 422 only when none is valid.",
+             responses=UNAVAILABLE, openapi_extra=json_body(_BATCH_SCHEMA))
 async def post_batch(request: Request, _caller: Caller, state: State, publisher: Publisher) -> dict[str, Any]:
     body = parse_json(await request.body())
     items = body.get("events") if isinstance(body, dict) else None

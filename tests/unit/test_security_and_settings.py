@@ -1,3 +1,5 @@
+import time
+
 from flywheel.settings import ApiKey, Settings, hash_api_key
 from serving.security import KeyRing, RateLimiter
 
@@ -14,6 +16,17 @@ def test_token_bucket_allows_a_burst_then_asks_to_wait():
     wait = limiter.acquire("k")
     assert 0 < wait <= 0.1 + 1e-6
     assert limiter.acquire("other") == 0  # buckets are per key
+
+
+def test_wait_s_takes_nothing_and_refilled_buckets_are_forgotten():
+    limiter = RateLimiter(rate=1000, burst=1, max_keys=4)
+    assert limiter.wait_s("k") == 0 and limiter.wait_s("k") == 0
+    limiter.acquire("k")
+    assert 0 < limiter.wait_s("k") <= 0.001 + 1e-6
+    for i in range(50):  # one address after another, each bucket full again 1 ms later
+        limiter.acquire(f"addr-{i}")
+        time.sleep(0.002)
+    assert len(limiter._buckets) <= 5  # memory stays bounded by the keys active at once, not all ever seen
 
 
 def test_environment_overrides_nested_settings(monkeypatch, tmp_path):
