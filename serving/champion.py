@@ -1,9 +1,9 @@
 """Serving the registry's champion: follow the ``champion`` alias, swap models without dropping requests.
 
-:class:`ChampionPolicy` answers like a :class:`~serving.policy.PolicyHandle` (``generate`` -> ``Reply``) but
-holds the handle of ``models:/flywheel-policy@champion`` and, when ``canary_share > 0``, the handle of
-``@challenger`` too. :meth:`refresh` reads both aliases; when one points to a new version it loads that
-version *beside* the serving one and then replaces the reference in one assignment. A request picks its
+:class:`ChampionPolicy` answers like a :class:`~serving.policy.PolicyHandle` (``generate`` -> ``Reply``,
+``prompt_tokens``) but holds the handle of ``models:/flywheel-policy@champion`` and, when ``canary_share > 0``,
+the handle of ``@challenger`` too. :meth:`refresh` reads both aliases; when one points to a new version it
+loads that version *beside* the serving one and then replaces the reference in one assignment. A request picks its
 handle once, at the start, and keeps it to the end, so requests in flight finish on the model they started
 with and nothing waits for a load. ``refresh`` runs every ``poll_s`` seconds on a background thread and on
 demand (``POST /v1/admin/reload``, and after an admin promote or rollback).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from flywheel.settings import Settings
@@ -86,8 +87,17 @@ class ChampionPolicy:
     def version(self) -> str:
         return self.pick().version
 
-    def generate(self, messages: list[dict[str, str]], max_new_tokens: int, *, seed: int | None = None) -> Reply:
-        return self.pick().generate(messages, max_new_tokens, seed=seed)
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        """The prompt's length in tokens for whichever served handle answers it (the larger count when a
+        challenger with another tokenizer takes a canary share)."""
+        handles = [h for h in self._handles.values() if h is not None]
+        if not handles:
+            raise RuntimeError(f"no champion loaded for {self.model}")
+        return max(h.prompt_tokens(messages) for h in handles)
+
+    def generate(self, messages: list[dict[str, str]], max_new_tokens: int, *, seed: int | None = None,
+                 between: Callable[[], None] | None = None) -> Reply:
+        return self.pick().generate(messages, max_new_tokens, seed=seed, between=between)
 
     # ---------------------------------------------------------------------------------------- polling
     def start(self) -> ChampionPolicy:

@@ -7,6 +7,8 @@ so the first load keeps the result as a ``save_pretrained`` directory in the mod
 (``$FLYWHEEL_MODEL_CACHE``, default ``~/.cache/flywheel/models``), named after the GGUF file's size and
 modification time; later loads read it (0.3 s), the same weights to the bit. A directory saved with
 ``save_pretrained`` works the same way. Generation is serialised by a lock: one model, one forward at a time.
+A caller that passes ``between`` to :meth:`PolicyHandle.generate` (the API's generation pool) gets control back
+between two forward passes, so it can answer shorter chats in the middle of a long one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +154,33 @@ def policy_version_label(model: str, version: str) -> str:
     return f"{model}/{version}"
 
 
+def _keeping_rng(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with the torch RNG state put back afterwards (a chat run in between may seed it)."""
+    import torch
+
+    def call() -> None:
+        state = torch.get_rng_state()
+        try:
+            fn()
+        finally:
+            torch.set_rng_state(state)
+
+    return call
+
+
+def _after_every_token(fn: Callable[[], None]) -> Any:
+    """``stopping_criteria`` for ``generate`` that call ``fn`` after each new token and never stop anything."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Between(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            fn()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Between()])
+
+
 @dataclass
 class Reply:
     text: str
@@ -159,10 +189,14 @@ class Reply:
 
 
 class PolicyHandle:
-    def __init__(self, model: Any, tokenizer: Any, version: str, *, temperature: float = 0.7, top_p: float = 0.9):
+    def __init__(self, model: Any, tokenizer: Any, version: str, *, temperature: float = 0.7, top_p: float = 0.9,
+                 prefill_chunk: int = 256):
         self.model, self.tokenizer, self.version = model, tokenizer, version
         self.temperature, self.top_p = temperature, top_p
-        self._lock = threading.Lock()
+        # With ``between``, a prompt is read this many tokens per forward pass: the longest a chat arriving during
+        # a long prefill waits for the model (SmolLM2 on one core: ~1 s a chunk, ~9 s for 2048 tokens at once).
+        self.prefill_chunk = prefill_chunk
+        self._lock = threading.RLock()  # re-entrant: a shorter chat runs inside a longer one's ``between``
 
     @classmethod
     def load(cls, model: str, version: str) -> PolicyHandle:
@@ -177,7 +211,17 @@ class PolicyHandle:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tok(text, return_tensors="pt")["input_ids"]
 
-    def generate(self, messages: list[dict[str, str]], max_new_tokens: int, *, seed: int | None = None) -> Reply:
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        """How many tokens the model reads for ``messages``: the chat-formatted prompt :meth:`generate` feeds it.
+        Tokenizes only: no lock, so it never waits on a generation."""
+        return int(self._prompt_ids(messages).shape[1])
+
+    def generate(self, messages: list[dict[str, str]], max_new_tokens: int, *, seed: int | None = None,
+                 between: Callable[[], None] | None = None) -> Reply:
+        """One reply to ``messages``. ``between``, when given, is called between two forward passes (after each
+        ``prefill_chunk`` tokens of the prompt and after each new token), on this thread: the API's generation
+        pool answers shorter chats there. The torch RNG is restored after each call, so what ran in between
+        does not change this reply."""
         import torch
 
         with self._lock:
@@ -186,6 +230,12 @@ class PolicyHandle:
                 torch.manual_seed(seed)
             eos = self.tokenizer.eos_token_id
             with torch.inference_mode():
+                steps: dict[str, Any] = {}
+                if between is not None:
+                    pause = _keeping_rng(between)
+                    steps["stopping_criteria"] = _after_every_token(pause)
+                    if ids.shape[1] > self.prefill_chunk:
+                        steps["past_key_values"] = self._prefill(ids, pause)
                 out = self.model.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),
@@ -195,11 +245,25 @@ class PolicyHandle:
                     top_p=self.top_p if self.temperature > 0 else None,
                     pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos,
                     eos_token_id=eos,
+                    **steps,
                 )
             new = out[0, ids.shape[1]:]
             finished = eos is not None and bool((new == eos).any())
             text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
             return Reply(text, self.version, finished)
+
+    def _prefill(self, ids: Any, pause: Callable[[], None]) -> Any:
+        """The KV cache of all but the prompt's last token (``generate`` reads that one), filled ``prefill_chunk``
+        tokens at a time with ``pause()`` after each chunk. Same tokens as one pass (checked greedily)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        end = ids.shape[1] - 1
+        for start in range(0, end, self.prefill_chunk):
+            self.model(input_ids=ids[:, start:min(start + self.prefill_chunk, end)], past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+            pause()
+        return cache
 
     def generate_many(self, prompts: list[str], max_new_tokens: int, *, samples: int = 1, seed: int = 0,
                       batch: int = 96, max_prompt_tokens: int = 64) -> list[list[Reply]]:
