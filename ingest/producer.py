@@ -109,6 +109,9 @@ class EventPublisher:
         self._state_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # Set while a connected producer exists. Only the drainer thread creates one (kafka-python's constructor
+        # blocks for 30 s against a broker that is down), so a request never waits on a connection attempt.
+        self._producer_ready = threading.Event()
         self._drain_interval_s = drain_interval_s
         self._drainer = threading.Thread(target=self._drain_loop, name="spool-drainer", daemon=True)
         self._executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="publish")
@@ -116,8 +119,13 @@ class EventPublisher:
         self.metrics.breaker_open.set(int(self._spooling))
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start(self) -> EventPublisher:
+    def start(self, *, wait_connected_s: float = 0.0) -> EventPublisher:
+        """Start the drainer, which connects the producer at once; wait up to ``wait_connected_s`` for that
+        (an API starting up: its first requests then go to the broker rather than to the spool)."""
+        self._wake.set()
         self._drainer.start()
+        if wait_connected_s and not self._producer_ready.wait(wait_connected_s):
+            log.warning("the broker is not reachable at start-up; events are spooled until it is")
         return self
 
     def close(self, drain_timeout_s: float = 5.0) -> None:
@@ -143,6 +151,7 @@ class EventPublisher:
                 from kafka import KafkaProducer
 
                 self._producer = KafkaProducer(**producer_config(self.kafka, self.timeout_s))
+                self._producer_ready.set()
             return self._producer
 
     # -- publishing -------------------------------------------------------------------------------
@@ -169,6 +178,7 @@ class EventPublisher:
             # timeout on). The drainer makes a fresh producer when the broker answers again.
             with self._producer_lock:
                 stale, self._producer = self._producer, None
+                self._producer_ready.clear()
             if stale is not None:
                 abandon_producer(stale)
         trip, loop = self._trip, self._trip_loop
@@ -243,8 +253,12 @@ class EventPublisher:
         self._wake.set()
 
     def _send_and_wait(self, records: list[tuple[bytes, bytes]], timeout_s: float) -> None:
-        producer = self._get_producer()
         deadline = time.monotonic() + timeout_s
+        if not self._producer_ready.wait(timeout_s):  # not connected (yet): the drainer is working on it
+            raise TimeoutError(f"no broker connection within {timeout_s} s")
+        producer = self._producer
+        if producer is None:
+            raise TimeoutError("the producer was abandoned")
         futures = [producer.send(self.kafka.topic, key=k, value=v) for k, v in records]
         for f in futures:
             f.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -257,6 +271,18 @@ class EventPublisher:
             self._wake.clear()
             if self._stop.is_set():
                 return
+            if self._producer is None:  # connect here, never on a request's path
+                try:
+                    if not broker_reachable(self.kafka, timeout_s=1.0):
+                        raise ConnectionError("the broker does not answer ApiVersions")
+                    self._get_producer()
+                except Exception as e:
+                    if not self._outage_logged:
+                        log.warning("cannot connect to the broker (%s: %s); spooling, retrying with back-off",
+                                    type(e).__name__, e)
+                        self._outage_logged = True
+                    backoff = min(backoff * 2, 5.0)
+                    continue
             if self.spool.is_empty():
                 if self._spooling and not broker_reachable(self.kafka, timeout_s=1.0):
                     backoff = min(backoff * 2, 5.0)  # keep the breaker open until the broker answers

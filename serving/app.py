@@ -62,7 +62,8 @@ def create_app(
         if state.publisher is None:
             owned = EventPublisher(settings.kafka, Spool(settings.api.spool_dir, settings.api.spool_max_bytes),
                                    publish_timeout_s=settings.api.publish_timeout_s, registry=registry,
-                                   dead_letters=str(Path(settings.ingest.dead_letter_dir) / "spool.jsonl")).start()
+                                   dead_letters=str(Path(settings.ingest.dead_letter_dir) / "spool.jsonl"),
+                                   ).start(wait_connected_s=3.0)
             state.publisher = owned
         generation.start()
         try:
