@@ -86,3 +86,26 @@ def produce_raw(settings: Settings, values: list[bytes], key: bytes | None = b"k
         producer.send(settings.kafka.topic, key=key, value=v)
     producer.flush(30)
     producer.close()
+
+
+def flywheel_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that points a ``flywheel`` subprocess at this test's broker, topics, group and home."""
+    import os
+
+    return {**os.environ, "FLYWHEEL_HOME": str(settings.home),
+            "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+            "FLYWHEEL_KAFKA__TOPIC": settings.kafka.topic, "FLYWHEEL_KAFKA__DLQ_TOPIC": settings.kafka.dlq_topic,
+            "FLYWHEEL_KAFKA__GROUP_ID": settings.kafka.group_id, "FLYWHEEL_LAKE__URI": settings.lake.uri,
+            "FLYWHEEL_INGEST__COMMIT_INTERVAL_S": str(settings.ingest.commit_interval_s),
+            "FLYWHEEL_INGEST__COMMIT_EVERY": str(settings.ingest.commit_every),
+            "FLYWHEEL_INGEST__MAX_POLL_RECORDS": str(settings.ingest.max_poll_records), **extra}
+
+
+def start_flywheel(settings: Settings, *args: str, log_path: Any = None, **extra: str) -> Any:
+    """``python -m flywheel.cli <args>`` as a subprocess of this test (stdout/stderr to ``log_path``)."""
+    import subprocess
+    import sys
+
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
+    return subprocess.Popen([sys.executable, "-m", "flywheel.cli", *args], env=flywheel_env(settings, **extra),
+                            stdout=out, stderr=subprocess.STDOUT)
