@@ -45,8 +45,8 @@ def test_only_errors_a_restart_cannot_fix_stop_the_consumer():
     from kafka.errors import (
         CommitFailedError,
         KafkaConfigurationError,
-        KafkaTimeoutError,
         KafkaConnectionError,
+        KafkaTimeoutError,
         SaslAuthenticationFailedError,
         TopicAuthorizationFailedError,
     )
