@@ -470,3 +470,36 @@ def test_a_full_spool_disk_is_503_with_retry_after_and_nothing_half_written(sett
                 broker.resume()
             rows = wait_for_rows(settings, 1, timeout=60)
     assert [r["event_id"] for r in rows] == [event["event_id"]]
+
+
+def test_manual_assignment_consumes_every_partition_and_resumes_from_its_commits(settings, samples):
+    """FLYWHEEL_INGEST__ASSIGNMENT=manual: one consumer takes every partition without joining the group and
+    commits under the group id; a restart starts from those commits."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    settings.ingest.assignment = "manual"
+    first, second = valid_records(samples, 300, seed=61), valid_records(samples, 300, seed=62)
+    for i, v in enumerate(first):
+        produce(settings, [v], key=str(i % 7).encode())
+    with consumer_thread(settings):
+        assert len(wait_for_rows(settings, 300, timeout=60)) == 300
+    probe = KafkaConsumer(**settings.kafka.client_config(), group_id=settings.kafka.group_id,
+                          enable_auto_commit=False)
+    committed = sum(probe.committed(TopicPartition(settings.kafka.topic, p)) or 0 for p in range(3))
+    probe.close()
+    assert committed == 300, "every offset is committed under the group id"
+    produce(settings, second)
+    from prometheus_client import CollectorRegistry
+
+    from ingest.service import run_ingest
+
+    registry, stop = CollectorRegistry(), threading.Event()
+    t = threading.Thread(target=run_ingest, args=(settings, stop), kwargs={"registry": registry}, daemon=True)
+    t.start()
+    try:
+        rows = wait_for_rows(settings, 600, timeout=60)
+    finally:
+        stop.set()
+        t.join(30)
+    assert len(rows) == len({r["event_id"] for r in rows}) == 600
+    assert registry.get_sample_value("flywheel_ingest_records_in_total") == 300, "resumed from the commits"
