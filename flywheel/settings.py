@@ -137,7 +137,7 @@ class IngestSettings(BaseModel):
     restart_backoff_max_s: float = Field(default=30.0, gt=0, description="... up to this.")
     dedupe_window_h: float = Field(default=48.0, gt=0, description="The same event_id arriving again within "
                                    "this many hours is dropped even with another occurred_at hour (the id index "
-                                   "holds the window's ids in memory, about 200 bytes each).")
+                                   "holds the window's ids in memory, about 130 bytes each).")
     dead_letter_dir: str = Field(default="", description="Local dead-letter files (records no broker would take); "
                                  "empty = <home>/dead-letters.")
 
