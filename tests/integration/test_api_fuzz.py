@@ -365,16 +365,28 @@ def test_failed_authentications_are_limited_per_address(settings, api_secret):
         assert r.json()["error"] == "too_many_failed_authentications" and int(r.headers["retry-after"]) >= 90
 
 
-def test_an_unexpected_exception_is_a_json_500_without_the_traceback(settings, api_secret, caplog):
+def test_an_unexpected_exception_is_a_json_500_without_the_traceback(settings, api_secret, monkeypatch):
     app = _tiny_app(settings)
 
     async def boom() -> None:
         raise RuntimeError("secret internals")
 
     app.add_api_route("/v1/boom", boom, methods=["GET"])
-    with TestClient(app, raise_server_exceptions=False) as c, caplog.at_level(logging.ERROR, "serving.errors"):
-        r = c.get("/v1/boom")
+    # a handler on the logger itself: an earlier test (Airflow's logging set-up) may have disabled the
+    # module loggers that existed then or stopped their propagation to the root, where caplog listens
+    logger = logging.getLogger("serving.errors")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "level", logging.ERROR)
+    logger.addHandler(handler)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c:
+            r = c.get("/v1/boom")
+    finally:
+        logger.removeHandler(handler)
     assert r.status_code == 500 and r.json()["error"] == "internal_error"
     assert "secret internals" not in r.text and "Traceback" not in r.text
     incident = r.json()["message"].rsplit(" ", 1)[-1]
-    assert any(incident in rec.getMessage() and rec.exc_info for rec in caplog.records)
+    assert any(incident in rec.getMessage() and rec.exc_info for rec in records)
