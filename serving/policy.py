@@ -211,6 +211,11 @@ class PolicyHandle:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return tok(text, return_tensors="pt")["input_ids"]
 
+    def pick(self) -> PolicyHandle:
+        """The handle that answers the next chat: this one (a :class:`~serving.champion.ChampionPolicy` picks
+        between its champion and challenger)."""
+        return self
+
     def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         """How many tokens the model reads for ``messages``: the chat-formatted prompt :meth:`generate` feeds it.
         Tokenizes only: no lock, so it never waits on a generation."""

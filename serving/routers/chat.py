@@ -70,12 +70,15 @@ async def chat(request: Request, _caller: Caller, state: State, policy: Policy, 
         raise invalid(e) from None
     messages = [m.model_dump() for m in req.messages]
     max_new = req.max_new_tokens or state.settings.api.max_new_tokens
-    tokens = await prompt_tokens(policy, messages, state.settings.api.max_prompt_tokens)
+    # the model is chosen on arrival, as before the queue: a chat accepted before a promotion or rollback is
+    # answered by the version that was serving then, however long it waits for the model
+    handle = policy.pick()
+    tokens = await prompt_tokens(handle, messages, state.settings.api.max_prompt_tokens)
     if state.generation is None:
         raise ApiError(503, "not_ready", "the generation worker is not running")
     try:
         reply = await state.generation.run(
-            lambda between: policy.generate(messages, max_new, seed=req.seed, between=between),
+            lambda between: handle.generate(messages, max_new, seed=req.seed, between=between),
             tokens=tokens + max_new)
     except Overloaded as e:
         raise ApiError(503, "overloaded", str(e),

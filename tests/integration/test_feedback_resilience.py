@@ -58,6 +58,19 @@ def produce(settings, values: list[bytes], *, key: bytes | None = b"k") -> None:
     producer.close()
 
 
+def produce_paced(settings, records: list[bytes], *, every: int, pause_s: float) -> None:
+    """Produce ``records`` over many keys (so every partition gets some), pausing ``pause_s`` every ``every``."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(**settings.kafka.client_config(), acks="all")
+    for i, v in enumerate(records):
+        producer.send(settings.kafka.topic, key=str(i % 89).encode(), value=v)
+        if i % every == every - 1:
+            time.sleep(pause_s)
+    producer.flush(60)
+    producer.close()
+
+
 def thumbs(**kw) -> dict:
     return {"type": "thumbs", "event_id": str(uuid.uuid4()), "occurred_at": datetime.now(UTC).isoformat(),
             "conversation_id": "c-poison", "user_id": "u1", "model_version": "v1", "response_id": "r1",
@@ -255,18 +268,7 @@ def test_a_kill_storm_leaves_the_group_consuming_and_the_lake_exact(settings, sa
     records = valid_records(samples, 12_000, seed=21)
     rng = random.Random(5)
 
-    def produce_slowly() -> None:
-        from kafka import KafkaProducer
-
-        producer = KafkaProducer(**settings.kafka.client_config(), acks="all")
-        for i, v in enumerate(records):
-            producer.send(settings.kafka.topic, key=str(i % 89).encode(), value=v)
-            if i % 400 == 399:
-                time.sleep(0.5)
-        producer.flush(60)
-        producer.close()
-
-    producer = threading.Thread(target=produce_slowly)
+    producer = threading.Thread(target=produce_paced, args=(settings, records), kwargs={"every": 400, "pause_s": 0.5})
     producer.start()
     log_path = tmp_path / "ingest.log"
     for _ in range(12):
@@ -316,20 +318,9 @@ def test_a_second_consumer_joins_mid_stream_and_the_revoke_commits(settings, sam
         t.start()
         return source, stop, t, errors
 
-    def produce_steadily() -> None:  # records keep arriving, so the first member has work in hand at the revoke
-        from kafka import KafkaProducer
-
-        producer = KafkaProducer(**settings.kafka.client_config(), acks="all")
-        for i, v in enumerate(records):
-            producer.send(settings.kafka.topic, key=str(i % 53).encode(), value=v)
-            if i % 100 == 99:
-                time.sleep(0.25)
-        producer.flush(30)
-        producer.close()
-
     # the first member commits only on revoke (and at the end), so it has work in hand when the second joins
     first = member(commit_interval_s=3600)
-    production = threading.Thread(target=produce_steadily)
+    production = threading.Thread(target=produce_paced, args=(settings, records), kwargs={"every": 100, "pause_s": 0.25})
     production.start()
     deadline = time.monotonic() + 60
     while not first[0].consumer.assignment() and time.monotonic() < deadline:
