@@ -95,9 +95,10 @@ class ApiSettings(BaseModel):
                                            "this many per second.")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_batch: int = Field(default=1_000, ge=1, le=10_000)
-    publish_timeout_s: float = Field(default=0.25, gt=0, description="Broker ack wait before spooling: the "
-                                     "longest any request waits on a broker that stopped answering (the first "
-                                     "to wait opens the breaker; later requests spool at once).")
+    publish_timeout_s: float = Field(default=0.25, gt=0, description="Longest broker ack wait before spooling. "
+                                     "Within it, a broker is called stalled once no ack has come back for its "
+                                     "usual ack latency plus four deviations (at least 40 ms); the first request "
+                                     "to notice opens the breaker and later requests spool at once.")
     spool_dir: str = Field(default="", description="Empty = <home>/spool.")
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     policy_model: str = Field(default="smollm2", description="'smollm2' or a local model directory.")

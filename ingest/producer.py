@@ -3,11 +3,13 @@
 ``EventPublisher.publish`` returns only once every event is durable somewhere:
 
 1. normally it sends to the topic and waits for the broker's acknowledgement (``acks=all``);
-2. if the broker does not acknowledge within ``publish_timeout_s`` (down, partitioned, paused), the events
-   are appended to the fsynced local spool instead and the publisher switches to *spooling* (the circuit
+2. if the broker does not acknowledge in time (down, partitioned, paused), the events are appended to the fsynced local spool instead and the publisher switches to *spooling* (the circuit
    breaker opens): every other request still waiting for an ack is released to the spool at once, and later
    events go straight to the spool without trying the broker, so the topic receives them in the order they
-   were accepted and no client waits on a dead broker more than once;
+   were accepted and no client waits on a dead broker more than once. "In time" adapts to the broker's own
+   ack latency the way TCP's retransmission timer does (RFC 6298: smoothed latency plus four times its
+   deviation), between ``min_ack_wait_s`` and ``publish_timeout_s``: on loopback acks take a few ms, so a
+   frozen broker is noticed in ``min_ack_wait_s`` rather than the full timeout;
 3. a drainer thread probes the broker (a Kafka ApiVersions round trip, with back-off), replays sealed spool
    segments in order when it answers, deletes each segment after all of its records are acknowledged, and
    closes the breaker once the spool is empty;
@@ -88,6 +90,7 @@ class EventPublisher:
         spool: Spool,
         *,
         publish_timeout_s: float = 0.25,
+        min_ack_wait_s: float = 0.04,
         registry: CollectorRegistry | None = None,
         drain_interval_s: float = 0.5,
         dead_letters: str | None = None,
@@ -96,12 +99,14 @@ class EventPublisher:
         self.kafka = kafka
         self.spool = spool
         self.timeout_s = publish_timeout_s
+        self.ack_wait = AckDeadline(min(min_ack_wait_s, publish_timeout_s), publish_timeout_s)
         self.max_record_bytes = max_record_bytes
         self.metrics = PublisherMetrics(registry or CollectorRegistry())
         self.local = LocalDeadLetters(dead_letters or spool.dir.parent / "spool-dead-letters.jsonl",
                                       counter=self.metrics.parked)
         self._trip: asyncio.Future[None] | None = None  # resolved when the breaker opens; waiters spool
         self._trip_loop: asyncio.AbstractEventLoop | None = None
+        self._last_ack = 0.0  # perf_counter of the last broker ack seen by publish_async
         self._producer: Any = None
         self._producer_lock = threading.Lock()
         self._spooling = not spool.is_empty()  # a previous process left events behind
@@ -170,8 +175,7 @@ class EventPublisher:
             self._spooling = True
         self.metrics.breaker_open.set(1)
         if not was:
-            log.warning("broker did not acknowledge in %.2f s (%s); spooling until it answers again",
-                        self.timeout_s, reason)
+            log.warning("broker did not acknowledge in time (%s); spooling until it answers again", reason)
             # Drop the producer: what it still holds is in the spool now, and kafka-python's sender thread,
             # left with unacknowledged batches against a frozen broker, spins on reconnects and expiring batches
             # holding the GIL (measured: 6 s of CPU in 8 s; the API stalled for 9-15 s from the request
@@ -179,8 +183,8 @@ class EventPublisher:
             with self._producer_lock:
                 stale, self._producer = self._producer, None
                 self._producer_ready.clear()
-            if stale is not None:
-                abandon_producer(stale)
+            if stale is not None:  # off the caller's thread: this may be the API's event loop
+                threading.Thread(target=abandon_producer, args=(stale,), name="abandon-producer", daemon=True).start()
         trip, loop = self._trip, self._trip_loop
         if trip is not None and loop is not None:
             loop.call_soon_threadsafe(lambda: trip.done() or trip.set_result(None))
@@ -192,7 +196,8 @@ class EventPublisher:
         path = "spool"
         if not self._spooling:
             try:
-                self._send_and_wait(records, self.timeout_s)
+                self._send_and_wait(records, self.ack_wait.current())
+                self.ack_wait.observe(time.perf_counter() - started)
                 path = "broker"
             except Exception as e:  # any failure to get acks: fall back to the spool, never drop
                 self._open_breaker(e)
@@ -219,10 +224,8 @@ class EventPublisher:
         acks = asyncio.gather(*(self._ack_future(loop, producer.send(self.kafka.topic, key=k, value=v))
                                 for k, v in records))
         try:
-            done, _ = await asyncio.wait((acks, trip), timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            if acks not in done:
-                raise TimeoutError("breaker open" if trip in done else f"no ack within {self.timeout_s} s")
-            acks.result()
+            await self._await_acks(acks, trip, started)
+            self.ack_wait.observe(time.perf_counter() - started)
         except Exception as e:  # not acknowledged in time: the spool takes it, never drop
             acks.cancel()
             acks.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" log
@@ -235,11 +238,31 @@ class EventPublisher:
         self.metrics.publish_seconds.observe(time.perf_counter() - started)
         return path
 
-    @staticmethod
-    def _ack_future(loop: asyncio.AbstractEventLoop, record_future: Any) -> asyncio.Future[Any]:
+    async def _await_acks(self, acks: asyncio.Future[Any], trip: asyncio.Future[None], started: float) -> None:
+        """Wait for ``acks`` until the broker looks stalled: no ack from any request for the adaptive deadline
+        (a big batch whose acks keep arriving is not a stall), or ``publish_timeout_s`` in all."""
+        cap = started + self.timeout_s
+        while True:
+            wait_s = self.ack_wait.current()
+            remaining = cap - time.perf_counter()
+            if remaining <= 0:
+                raise TimeoutError(f"no ack within {self.timeout_s} s")
+            done, _ = await asyncio.wait((acks, trip), timeout=min(wait_s, remaining),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if acks in done:
+                acks.result()
+                return
+            if trip in done:
+                raise TimeoutError("breaker open")
+            if time.perf_counter() - self._last_ack >= wait_s:
+                raise TimeoutError(f"no ack from the broker for {wait_s * 1000:.0f} ms")
+
+    def _ack_future(self, loop: asyncio.AbstractEventLoop, record_future: Any) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = loop.create_future()
 
         def settle(result: Any = None, error: BaseException | None = None) -> None:
+            if error is None:
+                self._last_ack = time.perf_counter()
             if not fut.done():
                 fut.set_exception(error) if error is not None else fut.set_result(result)
 
@@ -349,6 +372,29 @@ class EventPublisher:
                 raise error
             self.local.park(k, v, type(error).__name__, str(error), {"spool_segment": segment})
         return delivered
+
+
+class AckDeadline:
+    """How long to wait for a broker ack before calling the broker stalled: RFC 6298's retransmission timer
+    (smoothed latency + 4 x its mean deviation) over observed ack latencies, kept within [floor_s, cap_s].
+    Before any observation it is ``cap_s``. Thread-safe enough: a torn update only skews one estimate."""
+
+    def __init__(self, floor_s: float, cap_s: float):
+        self.floor_s, self.cap_s = floor_s, cap_s
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+
+    def observe(self, seconds: float) -> None:
+        if self._srtt is None:
+            self._srtt, self._rttvar = seconds, seconds / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - seconds)
+            self._srtt = 0.875 * self._srtt + 0.125 * seconds
+
+    def current(self) -> float:
+        if self._srtt is None:
+            return self.cap_s
+        return min(self.cap_s, max(self.floor_s, self._srtt + 4 * self._rttvar))
 
 
 def abandon_producer(producer: Any) -> None:
