@@ -2,7 +2,10 @@
 
 Each rule turns feedback into *votes* — one rater saying "for this prompt, text X is better than text Y" —
 and :func:`aggregate_votes` merges votes on the same comparison (same prompt, same two texts) from several
-raters into one pair whose ``margin`` is the winning side's vote share.
+raters into one pair whose ``margin`` is the winning side's share of the votes, counting their number:
+:func:`vote_share`, the posterior mean under a uniform prior, ``(wins + 1) / (votes + 2)``. One vote is
+2/3, not unanimity; three of three are 4/5; ten of ten 11/12. A reward model's margin loss reads
+``2 * margin - 1`` (1/3, 3/5, 5/6 of its ``margin_scale``), so a pair's required gap grows with the evidence.
 
 Pairing rules (``source``):
 
@@ -36,6 +39,13 @@ import numpy as np
 import pandas as pd
 
 from pipelines.text import stable_hash
+
+
+def vote_share(wins: np.ndarray | float, votes: np.ndarray | float) -> np.ndarray | float:
+    """The winning side's share of the votes, with the number of votes counted: the mean of the Beta posterior
+    under a uniform prior (Laplace's rule of succession), ``(wins + 1) / (votes + 2)``."""
+    return (np.asarray(wins) + 1.0) / (np.asarray(votes) + 2.0) if not np.isscalar(wins) else (wins + 1.0) / (votes + 2.0)
+
 
 VOTE_COLUMNS = ["prompt_key", "prompt", "x_key", "x", "y_key", "y", "source", "rater", "event_ids"]
 """One vote: ``x`` ≻ ``y`` for ``prompt`` by ``rater``."""
@@ -115,7 +125,7 @@ def thumbs_pairs(fb: pd.DataFrame, turns: pd.DataFrame, cfg: PairingConfig) -> p
     """Up-rated ≻ down-rated responses to the same prompt, already aggregated.
 
     For texts X and Y of one prompt, the evidence for X ≻ Y is the ups on X and the downs on Y, against it
-    the downs on X and the ups on Y; ``margin`` is the share of evidence for the winner. A pair needs at least
+    the downs on X and the ups on Y; ``margin`` is the :func:`vote_share` of the evidence. A pair needs at least
     one up on the winner and one down on the loser, a strictly higher up-share, and more evidence for than
     against.
     """
@@ -152,7 +162,7 @@ def thumbs_pairs(fb: pd.DataFrame, turns: pd.DataFrame, cfg: PairingConfig) -> p
         for *_, x, y, support, against in cands[: cfg.max_thumb_pairs_per_prompt]:
             rows.append({"prompt_key": prompt_key, "prompt": x["prompt"], "chosen": x["response"],
                          "rejected": y["response"], "source": "thumbs",
-                         "margin": support / (support + against), "n_votes": support + against,
+                         "margin": vote_share(support, support + against), "n_votes": support + against,
                          "event_ids": sorted(x["event_ids"] + y["event_ids"])})
     return pd.DataFrame(rows, columns=cols)
 
@@ -194,7 +204,7 @@ def aggregate_votes(votes: pd.DataFrame) -> tuple[pd.DataFrame, list[list[str]],
     n, n1 = winners["n"].to_numpy(), winners["n1"].to_numpy()
     pairs = pd.DataFrame({"prompt_key": winners["prompt_key"].to_numpy(), "prompt": winners["prompt"].to_numpy(),
                           "chosen": winners["x"].to_numpy(), "rejected": winners["y"].to_numpy(),
-                          "source": winners["source"].to_numpy(), "margin": np.maximum(n1, n - n1) / n,
+                          "source": winners["source"].to_numpy(), "margin": vote_share(np.maximum(n1, n - n1), n),
                           "n_votes": n, "event_ids": winners["all_ids"].to_numpy()})
     return pairs, items, ties
 

@@ -52,7 +52,8 @@ class RewardRecipe:
 
 @dataclass(frozen=True)
 class PPORecipe:
-    """PPO with a value head, GAE and a KL penalty against the frozen reference model."""
+    """Clipped policy-gradient training against a reward model with a KL penalty to the frozen reference:
+    RLOO advantages (k answers a prompt, no critic; the default) or PPO's value head and GAE."""
 
     name: str = "policy-ppo"
     policy: str = "smollm2"
@@ -65,16 +66,21 @@ class PPORecipe:
     eval_prompts: int = 32  # held-out prompts (eval split) scored before and after
     max_prompt_tokens: int = 128
     max_new_tokens: int = 48
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature; every log-probability (ratio, KL) is read at it too
     top_k: int = 0
-    rollout_batch: int = 8
+    # "rloo": each answer's advantage is its reward minus the mean of the other samples_per_prompt - 1 answers to
+    # its prompt (REINFORCE leave-one-out, no critic, no policy forward pass before the update); "gae": PPO's
+    # value head on the policy's trunk and generalised advantage estimation
+    advantage: str = "rloo"
+    samples_per_prompt: int = 4  # answers a prompt in a step (rloo: >= 2; the prompt is read once for all)
+    rollout_batch: int = 8  # answers a step (prompts a step = rollout_batch / samples_per_prompt)
     minibatch: int = 4
     ppo_epochs: int = 2
     steps: int = 20  # rollout + update rounds
     lr: float = 1e-5
     value_lr: float = 1e-4
     gamma: float = 1.0
-    lam: float = 0.95
+    lam: float = 1.0  # GAE's lambda (gae only): 1 = Monte Carlo returns, OpenRLHF's and verl's default
     clip: float = 0.2
     value_clip: float = 0.2
     value_coef: float = 0.5
@@ -85,9 +91,11 @@ class PPORecipe:
     target_kl: float = 6.0  # per-sequence KL the adaptive controller aims for
     kl_horizon: int = 10_000  # in samples (Ziegler et al.): beta moves at most 0.2 x batch / horizon per step
     min_kl_coef: float = 0.0  # the adaptive controller never lowers beta below this
-    # > 0: a minibatch whose KL to the reference (per response) is past kl_guard * target_kl is updated to
-    # reduce that KL instead of the PPO loss (a hard constraint; the controller alone reacts too slowly)
+    # early stopping of a step's updates (0 = off): once a minibatch's KL to the reference (per response) is past
+    # kl_guard * target_kl (kl_guard >= 1, so that the controller can reach its target), and once the approximate
+    # KL between the updated policy and the sampler passes max_approx_kl
     kl_guard: float = 0.0
+    max_approx_kl: float = 0.0
     # sequence scores before the KL term: "batch" whitens over each rollout batch (TRL, lm-human-prefs);
     # "reward_model" standardises with the mean/std the reward model measured on its training pairs, so
     # small differences are not blown up to unit variance once the policy has converged (KL grows less);
@@ -103,9 +111,19 @@ class PPORecipe:
 
     def __post_init__(self) -> None:
         for name, allowed in (("kl_estimator", ("k1", "k3")), ("kl_controller", ("adaptive", "fixed")),
-                              ("reward_norm", ("batch", "reward_model", "none")), ("device", DEVICES)):
+                              ("reward_norm", ("batch", "reward_model", "none")), ("device", DEVICES),
+                              ("advantage", ("rloo", "gae"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"recipe {self.name}: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.samples_per_prompt < 1 or (self.advantage == "rloo" and self.samples_per_prompt < 2):
+            raise ValueError(f"recipe {self.name}: samples_per_prompt must be >= 2 with rloo advantages (>= 1 with "
+                             f"gae), got {self.samples_per_prompt}")
+        if self.rollout_batch % self.samples_per_prompt:
+            raise ValueError(f"recipe {self.name}: rollout_batch ({self.rollout_batch}) must be a multiple of "
+                             f"samples_per_prompt ({self.samples_per_prompt})")
+        if 0 < self.kl_guard < 1:
+            raise ValueError(f"recipe {self.name}: kl_guard must be 0 (off) or >= 1: below 1 it stops every update "
+                             f"before the KL controller reaches target_kl, got {self.kl_guard}")
 
 
 @dataclass(frozen=True)

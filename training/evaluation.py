@@ -9,7 +9,7 @@ Policy (``flywheel-policy``), on the held-out prompts (the eval split of a curat
   ``P(win) = σ(θ0 + θ1 · tanh(Δlen / sd(Δlen)))`` is fitted to the outcomes and the win rate is reported with
   the length term removed, ``σ(θ0)`` (a challenger that only got longer or shorter does not win by it);
 - **KL(policy ‖ reference)** per response (k3 estimator summed over the response tokens, on the policy's own
-  samples), the reference being the base model the policy was trained from (its ``reference`` tag);
+  samples, both distributions at the sampling temperature), the reference being the base model the policy was trained from (its ``reference`` tag);
 - mean response length (tokens) and its relative change, the share of responses that never end;
 - the judge's pairwise accuracy on the dataset's eval pairs;
 - the fixed probe set (``configs/probes/safety.yaml``): harmful requests refused, harmless ones answered.
@@ -135,7 +135,13 @@ def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateR
     """Sampled answers (seeded), with each one's KL to ``ref`` (0 when ``ref`` is None), in the prompts' order.
     Prompts of similar length share a batch; the policy's log-probabilities come from its own generation, the
     reference's from one forward pass over the responses."""
-    from training.policy.ppo import response_logits_to_keep, sample, shortest_first, token_logprobs
+    from training.policy.ppo import (
+        logprob_temperature,
+        response_logits_to_keep,
+        sample,
+        shortest_first,
+        token_logprobs,
+    )
     from training.policy.ppo_math import kl_k3
 
     state = torch.get_rng_state()
@@ -154,7 +160,7 @@ def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateR
             with torch.no_grad():
                 ref_logp = token_logprobs(ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
                                               logits_to_keep=response_logits_to_keep(ro.input_ids, ro.prompt_len)).logits,
-                                          ro.input_ids, ro.prompt_len)
+                                          ro.input_ids, ro.prompt_len, logprob_temperature(recipe.temperature))
             kls.append((kl_k3(ro.logprobs, ref_logp) * ro.mask).sum(1))
         else:
             kls.append(torch.zeros(len(ro.texts)))

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 import pytest
+import torch
 
 from ingest.filters import (
     FilterConfig,
@@ -193,7 +194,8 @@ def test_thumbs_pairs_up_over_down_on_the_same_prompt_with_margin():
            {"event_id": "d", "type": "thumbs", "user_id": "u4", "response_id": "r3", "value": "up", "at": 60})
     p = thumbs_pairs(f, T, __import__("pipelines.preferences", fromlist=["PairingConfig"]).PairingConfig())
     assert p[["chosen", "rejected"]].values.tolist() == [["Paris.", "Lyon."]]
-    assert p["margin"][0] == pytest.approx(3 / 4)  # for: 2 ups on r1 + 1 down on r3; against: 1 up on r3
+    # for: 2 ups on r1 + 1 down on r3; against: 1 up on r3 -> (3 + 1) / (4 + 2)
+    assert p["margin"][0] == pytest.approx(4 / 6)
     assert p["event_ids"][0] == ["a", "b", "c", "d"]
 
 
@@ -224,9 +226,23 @@ def test_aggregation_majority_margin_and_ties():
     ])
     pairs, items, ties = aggregate_votes(votes)
     assert pairs[["chosen", "rejected", "n_votes"]].values.tolist() == [["A", "B", 3]]
-    assert pairs["margin"][0] == pytest.approx(2 / 3)
+    assert pairs["margin"][0] == pytest.approx((2 + 1) / (3 + 2))  # 2 of 3 votes
     assert pairs["event_ids"][0] == ["e1", "e2", "e3"]
     assert ties == 1 and sorted(map(len, items)) == [2, 3]
+
+
+def test_margins_count_the_votes_one_vote_is_not_unanimous():
+    from pipelines.preferences import vote_share
+    from training.reward.losses import margin_from_share
+
+    one = {"prompt_key": "p", "prompt": "P", "x_key": "1", "x": "A", "y_key": "2", "y": "B", "source": "pairwise",
+           "rater": "u1", "event_ids": ["e1"]}
+    pairs, _items, _ties = aggregate_votes(pd.DataFrame([one]))
+    assert pairs["margin"][0] == pytest.approx(2 / 3)  # (1 + 1) / (1 + 2), not 1.0
+    ten = pd.DataFrame([{**one, "rater": f"u{i}", "event_ids": [f"e{i}"]} for i in range(10)])
+    assert aggregate_votes(ten)[0]["margin"][0] == pytest.approx(11 / 12)
+    scale = torch.tensor([vote_share(1, 1), vote_share(3, 3), vote_share(10, 10), 0.5])
+    assert margin_from_share(scale, 1.0).tolist() == pytest.approx([1 / 3, 3 / 5, 5 / 6, 0.0])
 
 
 def test_unpaired_labels():

@@ -91,6 +91,40 @@ def test_log_probabilities_from_generation_and_from_the_response_positions_equal
     assert torch.allclose(ro.logprobs * ro.mask, from_full * ro.mask, atol=1e-4)
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_at_a_temperature_every_log_probability_is_log_softmax_of_logits_over_it(lm_tok, temperature):
+    """The sampler's, the trainer's (token_logprobs) and the gate's KL all read log_softmax(logits / T)."""
+    from training.config import GateRecipe
+    from training.evaluation import answer
+    from training.policy.ppo import sample, token_logprobs
+    from training.policy.ppo_math import kl_k3
+
+    lm, tok = lm_tok
+    torch.manual_seed(5)
+    ro = sample(lm, tok, PROMPTS, max_new_tokens=10, temperature=temperature, max_prompt_tokens=32, with_logprobs=True)
+    with torch.no_grad():
+        logits = lm(input_ids=ro.input_ids, attention_mask=ro.attention_mask).logits
+    ids = ro.input_ids[:, ro.prompt_len:, None]
+    want = torch.log_softmax(logits[:, ro.prompt_len - 1:-1].float() / temperature, -1).gather(2, ids)[..., 0]
+    assert torch.allclose(ro.logprobs * ro.mask, want * ro.mask, atol=1e-4)
+    assert torch.allclose(token_logprobs(logits, ro.input_ids, ro.prompt_len, temperature) * ro.mask,
+                          want * ro.mask, atol=1e-5)
+    at_one = token_logprobs(logits, ro.input_ids, ro.prompt_len)
+    assert not torch.allclose(at_one * ro.mask, want * ro.mask, atol=1e-3)
+
+    ref = tiny_causal_lm(len(tok), seed=2)
+    recipe = GateRecipe(max_new_tokens=10, max_prompt_tokens=32, temperature=temperature, seed=9)
+    got = answer(lm, tok, ref, PROMPTS[:1], recipe)
+    torch.manual_seed(9)
+    one = sample(lm, tok, PROMPTS[:1], max_new_tokens=10, temperature=temperature, max_prompt_tokens=32)
+    with torch.no_grad():
+        lp = torch.log_softmax(lm(input_ids=one.input_ids).logits[:, one.prompt_len - 1:-1] / temperature, -1)
+        rp = torch.log_softmax(ref(input_ids=one.input_ids).logits[:, one.prompt_len - 1:-1] / temperature, -1)
+    i = one.input_ids[:, one.prompt_len:, None]
+    want_kl = float((kl_k3(lp.gather(2, i)[..., 0], rp.gather(2, i)[..., 0]) * one.mask).sum())
+    assert got.kl[0] == pytest.approx(want_kl, rel=1e-3, abs=1e-5) and want_kl > 0
+
+
 def test_the_chat_services_batches_and_the_gates_answers_come_back_in_the_prompts_order(lm_tok):
     from serving.policy import PolicyHandle
     from training.config import GateRecipe

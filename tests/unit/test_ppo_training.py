@@ -36,12 +36,12 @@ def env(tmp_path):
 
 def recipe(policy: str, reward: str, **kw) -> PPORecipe:
     base = dict(policy=policy, reward_model=reward, prompts=16, eval_prompts=4, max_new_tokens=8, rollout_batch=4,
-                minibatch=2, ppo_epochs=2, steps=3, lr=1e-3, value_lr=1e-3, threads=1)
+                minibatch=2, ppo_epochs=2, steps=3, lr=1e-3, value_lr=1e-3, threads=1, samples_per_prompt=2)
     return PPORecipe(**{**base, **kw})
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_a_few_ppo_steps_train_log_and_register(env, lora):
+@pytest.mark.parametrize(("lora", "advantage"), [(False, "gae"), (True, "rloo")])
+def test_a_few_ppo_steps_train_log_and_register(env, lora, advantage):
     from mlflow import MlflowClient
 
     from training.policy.ppo import train_ppo
@@ -61,13 +61,14 @@ def test_a_few_ppo_steps_train_log_and_register(env, lora):
         mlflow.set_tracking_uri("sqlite:///" + str(Path(settings.home) / "elsewhere.db"))  # train_ppo must set it
         reward = "models:/flywheel-reward@challenger"
     before = AutoModelForCausalLM.from_pretrained(policy).state_dict()
-    res = train_ppo(settings, recipe(policy, reward, lora=lora, lora_targets=("q_proj", "v_proj")), uri)
+    res = train_ppo(settings, recipe(policy, reward, lora=lora, lora_targets=("q_proj", "v_proj"), advantage=advantage,
+                                     samples_per_prompt=2 if advantage == "rloo" else 1), uri)
     assert res["steps"] == 3 and res["version"] == "1"
     after = AutoModelForCausalLM.from_pretrained(res["policy_dir"]).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "the policy did not change"
     client = MlflowClient(settings.mlflow.tracking_uri)
     for key in ("ppo/reward", "ppo/kl", "ppo/entropy", "ppo/response_length", "ppo/clipfrac", "ppo/approx_kl",
-                "ppo/value_loss", "ppo/policy_loss"):
+                "ppo/policy_loss", *(["ppo/value_loss"] if advantage == "gae" else [])):
         hist = client.get_metric_history(res["run_id"], key)
         assert [m.step for m in hist] == [1, 2, 3] and all(math.isfinite(m.value) for m in hist), key
     run = client.get_run(res["run_id"])
@@ -118,26 +119,55 @@ def test_scores_are_normalised_by_batch_or_by_the_reward_models_own_statistics(e
     assert torch.equal(norm(reward_norm="none"), torch.tensor([1.0, 3.0, 5.0, 5.0]))
 
 
-def test_past_the_kl_guard_updates_pull_the_policy_back_towards_the_reference(env):
+def test_past_the_kl_guard_a_steps_remaining_updates_are_skipped(env):
     from transformers import AutoModelForCausalLM
 
     from training.policy.ppo import PPOTrainer
 
     _settings, policy, reward, _uri = env
-    prompts = ["hello world", "what is the capital of france", "how are you", "why is the sky"]
+    prompts = ["hello world", "what is the capital of france"]
 
     def kls(**kw):
         torch.manual_seed(0)
         trainer = PPOTrainer(recipe(policy, reward, lr=3e-2, ppo_epochs=4, target_kl=0.5, **kw),
                              AutoModelForCausalLM.from_pretrained(policy), tiny_tokenizer(), RewardModel.load(reward))
         steps = [trainer.train_step(prompts) for _ in range(6)]
-        return [s["ppo/kl"] for s in steps], [s["ppo/kl_pullback_share"] for s in steps]
+        return [s["ppo/kl"] for s in steps], [s["ppo/early_stop"] for s in steps], [s["ppo/updates"] for s in steps]
 
-    free, free_pullbacks = kls()
-    guarded, pullbacks = kls(kl_guard=1.0)
-    assert set(free_pullbacks) == {0.0} and max(free[1:]) > 0.5  # unconstrained, the policy leaves the target
-    assert any(p > 0 for p in pullbacks), pullbacks  # the guard acted ...
+    free, free_stops, free_updates = kls()
+    guarded, stops, updates = kls(kl_guard=1.0)
+    assert set(free_stops) == {0.0} and set(free_updates) == {8.0} and max(free[1:]) > 0.5  # it leaves the target
+    assert any(s == 1.0 for s in stops) and min(updates) < 8, (stops, updates)  # the guard acted ...
     assert np.mean(guarded[2:]) < np.mean(free[2:])  # ... and kept the policy closer to the reference
+    with pytest.raises(ValueError, match="kl_guard must be 0"):
+        recipe(policy, reward, kl_guard=0.8)
+
+
+def test_the_trainers_log_probabilities_are_the_samplers_at_the_sampling_temperature(env):
+    """Old log-probabilities come from the sampler (no second pass) and equal log_softmax(logits / T) of a
+    forward pass of the policy; the reference's are read at T too."""
+    from transformers import AutoModelForCausalLM
+
+    from training.policy.ppo import PPOTrainer
+
+    _settings, policy, reward, _uri = env
+    trainer = PPOTrainer(recipe(policy, reward, temperature=0.7), AutoModelForCausalLM.from_pretrained(policy),
+                         tiny_tokenizer(), RewardModel.load(reward))
+    torch.manual_seed(0)
+    ro = trainer.generate(["hello world", "what is the capital of france"], samples=2)
+    logp, ref_logp, values = trainer.logprobs_values(ro)
+    assert values is None  # rloo: no critic
+    with torch.no_grad():
+        logits = trainer.model.lm(input_ids=ro.input_ids, attention_mask=ro.attention_mask).logits
+        with trainer._reference() as ref:
+            ref_logits = ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask).logits
+    ids = ro.input_ids[:, ro.prompt_len:, None]
+    want = torch.log_softmax(logits[:, ro.prompt_len - 1:-1].float() / 0.7, -1).gather(2, ids)[..., 0]
+    want_ref = torch.log_softmax(ref_logits[:, ro.prompt_len - 1:-1].float() / 0.7, -1).gather(2, ids)[..., 0]
+    assert torch.allclose(logp * ro.mask, want * ro.mask, atol=1e-4)
+    assert torch.allclose(ref_logp * ro.mask, want_ref * ro.mask, atol=1e-4)
+    at_one = torch.log_softmax(logits[:, ro.prompt_len - 1:-1].float(), -1).gather(2, ids)[..., 0]
+    assert not torch.allclose(logp * ro.mask, at_one * ro.mask, atol=1e-3)  # the temperature matters here
 
 
 def test_a_killed_ppo_run_resumes_from_its_checkpoint(env, tmp_path):
@@ -145,7 +175,7 @@ def test_a_killed_ppo_run_resumes_from_its_checkpoint(env, tmp_path):
     ckpt = tmp_path / "ckpt"
     recipe_file = tmp_path / "ppo.yaml"
     recipe_file.write_text(f"kind: ppo\npolicy: {policy}\nreward_model: {reward}\nprompts: 16\neval_prompts: 2\n"
-                           "max_new_tokens: 4\nrollout_batch: 2\nminibatch: 2\nppo_epochs: 1\nsteps: 300\n"
+                           "max_new_tokens: 4\nsamples_per_prompt: 2\nrollout_batch: 2\nminibatch: 2\nppo_epochs: 1\nsteps: 300\n"
                            "checkpoint_every: 2\nthreads: 1\n")
     cmd = [sys.executable, "-m", "flywheel.cli", "train", "policy", "--dataset", uri, "--recipe", str(recipe_file),
            "--checkpoint-dir", str(ckpt)]

@@ -14,6 +14,7 @@ from training.policy.ppo_math import (
     kl_k1,
     kl_k3,
     policy_loss,
+    rloo_advantages,
     token_rewards,
     value_loss,
     whiten,
@@ -93,3 +94,21 @@ def test_clipped_surrogate_and_value_losses():
     assert loss.item() == pytest.approx(-1.2) and stats["clipfrac"].item() == 1.0
     # value moved from 0 to 1 with clip 0.2: clipped prediction 0.2; return 2 -> max(1, 3.24) / 2
     assert value_loss(t([[1.0]]), t([[0.0]]), t([[2.0]]), torch.ones(1, 1), clip=0.2).item() == pytest.approx(1.62)
+
+
+def test_rloo_advantages_hand_computed():
+    # two prompts, three answers each: each answer minus the mean of its prompt's other two
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    want = torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0.0])
+    assert torch.allclose(rloo_advantages(rewards, 3), want)
+    grouped = rewards.reshape(2, 3)  # = k/(k-1) x (reward - the prompt's mean): each prompt's advantages sum to 0
+    assert torch.allclose(rloo_advantages(rewards, 3), (1.5 * (grouped - grouped.mean(1, keepdim=True))).reshape(-1))
+    with pytest.raises(ValueError):
+        rloo_advantages(rewards, 1)
+
+
+def test_k3_clamps_the_log_ratio():
+    logp, ref = torch.tensor([0.0, -0.1]), torch.tensor([-40.0, -0.2])
+    got = kl_k3(logp, ref)
+    assert got[0] == pytest.approx(math.expm1(-10.0) + 10.0)  # d = 40 clamped to 10
+    assert got[1] == pytest.approx(math.expm1(-0.1) + 0.1, rel=1e-5)

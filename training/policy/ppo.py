@@ -1,35 +1,39 @@
 """PPO for a causal LM against a learned reward, with a KL penalty to the frozen reference (ours: TRL 1.16
 has no PPO). The arithmetic is in :mod:`training.policy.ppo_math`; this module runs the loop.
 
-Objective (InstructGPT, Ouyang et al. 2022; Ziegler et al. 2019), for prompts x and responses y ~ π(·|x):
+Objective (InstructGPT, Ouyang et al. 2022; Ziegler et al. 2019), for prompts x and responses y ~ π_T(·|x):
 
-    maximise  E[ R(x, y) ]  -  β · KL( π(·|x) ‖ π_ref(·|x) )
+    maximise  E[ R(x, y) ]  -  β · KL( π_T(·|x) ‖ π_ref,T(·|x) )
 
-optimised with PPO's clipped surrogate (Schulman et al. 2017) on per-token advantages from GAE, a value
-head on the policy's last hidden state (a shared trunk), and an entropy bonus:
+where π_T = softmax(logits / T) is the policy at the sampling temperature T: the answers are drawn from it, so
+the ratio, the KL penalty, the controller's KL and the gate's KL are all read from logits / T (as OpenRLHF, verl
+and TRL do). Optimised with PPO's clipped surrogate (Schulman et al. 2017) on per-token advantages from one of:
 
-    L = L_clip(θ) + c_v · L_value + c_H · (-entropy)
+- ``advantage: rloo`` (the default): ``samples_per_prompt`` answers a prompt (the prompt is read once and its
+  keys and values shared), each answer's KL-penalised reward ``score - β Σ kl`` minus the mean of its prompt's
+  other answers' (REINFORCE leave-one-out, Ahmadian et al. 2024), on each of its tokens. No critic, and no
+  forward pass of the policy before the update: the sampler's own log-probabilities are the old ones.
+- ``advantage: gae``: a value head on the policy's last hidden state (a shared trunk), the KL penalty per token
+  and the sequence score on the last token, GAE (λ = 1 by default), ``L = L_clip + c_v · L_value``.
 
-One round (``steps`` of them): sample ``rollout_batch`` prompts -> generate -> score with the reward model ->
-per-token rewards (-β·KL, plus the sequence score on the last token) -> GAE -> ``ppo_epochs`` passes over
-minibatches -> update β (adaptive controller) -> log -> checkpoint.
+One round (``steps`` of them): sample -> score with the reward model -> advantages -> ``ppo_epochs`` passes
+over minibatches -> update β (adaptive controller) -> log -> checkpoint.
 
 Deviations from the textbook, on purpose:
 
-- The KL penalty is in the reward (per token, estimator ``k1`` or ``k3`` from the recipe), not in the loss;
-  ``target_kl`` is the per-sequence KL the adaptive controller steers β towards (β never below
-  ``min_kl_coef``). The controller alone reacts too slowly at 8 samples a step (measured: KL 12 against a
-  target of 6; stopping a step's epochs at the limit still let each step's first update push it up), so
-  ``kl_guard`` adds a hard constraint: a minibatch whose KL to the reference (k3, on the step's samples,
-  summed per response) is past ``kl_guard · target_kl`` is updated to *reduce* that KL (its loss is the
-  per-token KL, plus the value loss) instead of the PPO loss. ``ppo/kl_pullback_share`` logs how often.
+- ``target_kl`` is the per-sequence KL the adaptive controller steers β towards (β never below
+  ``min_kl_coef``). The controller alone reacts slowly at 16 samples a step, so ``kl_guard`` (>= 1) stops a
+  step's remaining updates once a minibatch's KL to the reference passes ``kl_guard · target_kl``, and
+  ``max_approx_kl`` once the policy has moved that far from the sampler; ``ppo/early_stop`` logs it. The
+  loss is never replaced, and k3 clamps its log-ratio to ±10.
 - Sequence scores are normalised (``reward_norm``: whitened over the rollout batch, or standardised with the
   reward model's own training statistics, which keeps the KL lower late in training), then clipped to
   ±``reward_clip`` (raw scores are what we report); a response that never emits EOS within
   ``max_new_tokens`` gets ``no_eos_penalty`` added to its raw score first (otherwise the policy learns to
   ramble past the window the RM sees).
 - Advantages are whitened over the batch's response tokens. Values are clipped around their rollout values.
-- With ``lora: true`` only LoRA adapters (peft) and the value head train, and the reference model is the
+  The entropy is computed outside the autograd graph unless ``entropy_coef`` is set.
+- With ``lora: true`` only LoRA adapters (peft) (and the value head) train, and the reference model is the
   same network with the adapters disabled, so no second copy of the weights is kept.
 - Prompts are left-padded; response tokens after the first EOS are masked out of every loss.
 
@@ -74,6 +78,7 @@ from training.policy.ppo_math import (
     kl_k3,
     masked_mean,
     policy_loss,
+    rloo_advantages,
     token_rewards,
     value_loss,
     whiten,
@@ -186,8 +191,10 @@ def sample(lm: nn.Module, tok: Any, prompts: list[str], *, max_new_tokens: int, 
 
     ``samples`` > 1 answers each prompt that many times (rows ``i * samples .. (i + 1) * samples - 1`` answer
     prompt i): each prompt is read once and its keys and values are copied to every sample. ``with_logprobs``
-    fills ``Rollout.logprobs`` with log π(token) of each response token under ``lm``, from the logits the
-    generation computes anyway (the numbers a second forward pass would give, without it).
+    fills ``Rollout.logprobs`` with log π_T(token) of each response token, π_T = softmax(logits / temperature)
+    being the distribution it was drawn from (logits / 1 when greedy), from the logits the generation computes
+    anyway (the numbers :func:`token_logprobs` of a second forward pass would give, without it). ``top_k``
+    truncation is not in them (no recipe of ours uses it with training).
 
     The decoding loop is ours, not ``generate``'s: keys and values are written in place into a preallocated
     cache (``StaticCache``; a growing one copies itself at every token) and a token is drawn with one random
@@ -222,8 +229,9 @@ def sample(lm: nn.Module, tok: Any, prompts: list[str], *, max_new_tokens: int, 
             nxt = _next_tokens(logits, temperature=temperature, top_k=top_k, greedy=greedy)
             nxt = nxt.masked_fill(done, pad)  # _encode_prompts gave the tokenizer a pad token
             tokens.append(nxt)
-            if with_logprobs:
-                logprobs.append(F.log_softmax(logits.float(), -1).gather(1, nxt[:, None]).squeeze(1))
+            if with_logprobs:  # of the distribution the token was drawn from: softmax(logits / T)
+                scaled = logits.float() / logprob_temperature(temperature, greedy)
+                logprobs.append(F.log_softmax(scaled, -1).gather(1, nxt[:, None]).squeeze(1))
             if eos is not None:
                 done |= nxt == eos
             if t == max_new_tokens - 1 or bool(done.all()):
@@ -244,6 +252,11 @@ def sample(lm: nn.Module, tok: Any, prompts: list[str], *, max_new_tokens: int, 
     return Rollout(seq, attn_out, mask, plen, texts, finished, lp)
 
 
+def logprob_temperature(temperature: float, greedy: bool = False) -> float:
+    """The temperature log-probabilities are read at: the sampling temperature, or 1 for greedy decoding."""
+    return 1.0 if greedy or temperature <= 0 else temperature
+
+
 def response_logits_to_keep(ids: torch.Tensor, prompt_len: int) -> int:
     """How many trailing positions' logits the response needs: the last prompt position and every response
     position (pass it as ``logits_to_keep``: the LM head then skips the prompt, a fifth of SmolLM2's
@@ -257,16 +270,18 @@ def response_logits(logits: torch.Tensor, ids: torch.Tensor, prompt_len: int) ->
     return logits[:, -response_logits_to_keep(ids, prompt_len):-1]
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """log π(token_t | prefix) for the response tokens (positions prompt_len..end), from the logits of every
-    position or of the last ``response_logits_to_keep(ids, prompt_len)`` ones."""
-    logits = response_logits(logits, ids, prompt_len).float()
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, prompt_len: int, temperature: float = 1.0) -> torch.Tensor:
+    """log π_T(token_t | prefix) = log_softmax(logits / T) at the response tokens (positions prompt_len..end),
+    from the logits of every position or of the last ``response_logits_to_keep(ids, prompt_len)`` ones. Pass
+    the sampling temperature: the ratio, the KL and the gate must all be about the policy that sampled."""
+    logits = response_logits(logits, ids, prompt_len).float() / temperature
     return torch.gather(F.log_softmax(logits, -1), 2, ids[:, prompt_len:, None]).squeeze(-1)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    p = F.softmax(logits.float(), -1)
-    return torch.logsumexp(logits.float(), -1) - (p * logits.float()).sum(-1)
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    scaled = logits.float() / temperature
+    p = F.softmax(scaled, -1)
+    return torch.logsumexp(scaled, -1) - (p * scaled).sum(-1)
 
 
 class PPOTrainer:
@@ -276,6 +291,8 @@ class PPOTrainer:
         self.dist = dist or Dist()
         check_divisible("rollout_batch", recipe.rollout_batch, self.dist.world)
         check_divisible("minibatch", recipe.minibatch, self.dist.world)
+        check_divisible("rollout_batch / samples_per_prompt", recipe.rollout_batch // recipe.samples_per_prompt,
+                        self.dist.world)
         policy.to(self.dist.device)
         reward.to(self.dist.device)
         if tokenizer.pad_token_id is None:
@@ -290,10 +307,15 @@ class PPOTrainer:
         else:
             self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
         self.model = PolicyWithValue(policy).to(self.dist.device)
+        self.critic = recipe.advantage == "gae"
+        if not self.critic:  # RLOO: no value head to train (and none for DistributedDataParallel to wait for)
+            self.model.value_head.requires_grad_(False)
         self.net = self.dist.wrap(self.model)  # the update's forward: DistributedDataParallel under torchrun
         self.reward.eval().requires_grad_(False)
-        params = [{"params": [p for p in self.model.lm.parameters() if p.requires_grad], "lr": recipe.lr},
-                  {"params": self.model.value_head.parameters(), "lr": recipe.value_lr}]
+        self.temperature = logprob_temperature(recipe.temperature)
+        params = [{"params": [p for p in self.model.lm.parameters() if p.requires_grad], "lr": recipe.lr}]
+        if self.critic:
+            params.append({"params": self.model.value_head.parameters(), "lr": recipe.value_lr})
         self.opt = torch.optim.AdamW(params, eps=1e-5)
         self.kl_ctl = (AdaptiveKLController(recipe.init_kl_coef, recipe.target_kl, recipe.kl_horizon, recipe.min_kl_coef)
                        if recipe.kl_controller == "adaptive" else FixedKLController(recipe.init_kl_coef))
@@ -308,10 +330,13 @@ class PPOTrainer:
             with self.model.lm.disable_adapter():
                 yield self.model.lm
 
-    def generate(self, prompts: list[str], *, greedy: bool = False) -> Rollout:
+    def generate(self, prompts: list[str], *, greedy: bool = False, samples: int = 1) -> Rollout:
+        """Answers (``samples`` a prompt, rows grouped by prompt) with the sampler's log-probabilities, which
+        serve as the update's old log-probabilities: no second pass of the policy."""
         r = self.r
         return sample(self.model.lm, self.tok, prompts, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                      top_k=r.top_k, max_prompt_tokens=r.max_prompt_tokens, greedy=greedy)
+                      top_k=r.top_k, max_prompt_tokens=r.max_prompt_tokens, greedy=greedy, samples=samples,
+                      with_logprobs=True)
 
     @torch.no_grad()
     def score(self, prompts: list[str], ro: Rollout) -> torch.Tensor:
@@ -320,14 +345,21 @@ class PPOTrainer:
         return scores + (~ro.finished).float() * self.r.no_eos_penalty
 
     @torch.no_grad()
-    def logprobs_values(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def logprobs_values(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(the policy's log-probabilities of the response tokens, the reference's, the values or None), all at
+        the sampling temperature. The policy's come from the sampler when it kept them; the policy's forward
+        pass runs only for the critic's values."""
         keep = response_logits_to_keep(ro.input_ids, ro.prompt_len)
-        logits, values = self.model(ro.input_ids, ro.attention_mask, logits_to_keep=keep)
-        logp = token_logprobs(logits, ro.input_ids, ro.prompt_len)
+        logp, values = ro.logprobs, None
+        if self.critic or logp is None:
+            logits, all_values = self.model(ro.input_ids, ro.attention_mask, logits_to_keep=keep)
+            values = all_values[:, ro.prompt_len - 1:-1] if self.critic else None
+            if logp is None:
+                logp = token_logprobs(logits, ro.input_ids, ro.prompt_len, self.temperature)
         with self._reference() as ref:
             ref_logits = ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask, logits_to_keep=keep).logits
-        ref_logp = token_logprobs(ref_logits, ro.input_ids, ro.prompt_len)
-        return logp, ref_logp, values[:, ro.prompt_len - 1:-1]
+        ref_logp = token_logprobs(ref_logits, ro.input_ids, ro.prompt_len, self.temperature)
+        return logp, ref_logp, values
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         """Sequence scores as the policy sees them (``reward_norm``), clipped to ±``reward_clip``."""
@@ -341,58 +373,88 @@ class PPOTrainer:
     def kl(self, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
         return kl_k3(logp, ref_logp) if self.r.kl_estimator == "k3" else kl_k1(logp, ref_logp)
 
+    def advantages(self, score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                   values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token advantages (whitened over every rank's response tokens) and the critic's returns (None
+        for RLOO). GAE: the KL penalty on every token and the score on the last. RLOO: one advantage per
+        answer, its KL-penalised reward minus the mean of its prompt's other answers', on each of its tokens."""
+        r = self.r
+        if self.critic:
+            assert values is not None
+            rewards = token_rewards(score, kl, mask, self.kl_ctl.beta)
+            adv, returns = gae(rewards, values, mask, r.gamma, r.lam)
+        else:
+            seq = rloo_advantages(score - self.kl_ctl.beta * kl.sum(1), r.samples_per_prompt)
+            adv, returns = seq[:, None].expand_as(mask).contiguous(), None
+        return whiten(adv, mask, all_sum=self.dist.sum) * mask, returns
+
     # ------------------------------------------------------------------------------------------- update
     def train_step(self, prompts: list[str]) -> dict[str, float]:
+        """One round on ``prompts`` (``rollout_batch / samples_per_prompt`` of them, on this rank): sample
+        ``samples_per_prompt`` answers each, score, advantages, ``ppo_epochs`` passes of clipped updates."""
         r = self.r
+        k = r.samples_per_prompt
         t0 = time.perf_counter()
-        ro = self.generate(prompts)
+        ro = self.generate(prompts, samples=k)
+        answered = [p for p in prompts for _ in range(k)]
         t1 = time.perf_counter()
-        raw = self.score(prompts, ro)
+        raw = self.score(answered, ro)
         t2 = time.perf_counter()
         old_logp, ref_logp, old_values = self.logprobs_values(ro)
         mask = ro.mask
         kl = self.kl(old_logp, ref_logp) * mask
         seq_kl = kl.sum(1)
-        score = self.normalise(raw)
-        rewards = token_rewards(score, kl, mask, self.kl_ctl.beta)
-        adv, returns = gae(rewards, old_values, mask, r.gamma, r.lam)
-        adv = whiten(adv, mask, all_sum=self.dist.sum) * mask  # over every rank's response tokens
+        adv, returns = self.advantages(self.normalise(raw), kl, mask, old_values)
         t3 = time.perf_counter()
 
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")}
+        stats: dict[str, list[float]] = {k_: [] for k_ in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl")}
         self.model.train()
-        n = len(prompts)
+        n = len(answered)
         minibatch = r.minibatch // self.dist.world  # this rank's share of a minibatch
         guard = r.kl_guard * r.target_kl if r.kl_guard > 0 else float("inf")
-        pullbacks = updates = 0
+        stopped = updates = 0
+        keep = response_logits_to_keep(ro.input_ids, ro.prompt_len)
         for _epoch in range(r.ppo_epochs):
             order = torch.randperm(n, device=mask.device)
             for i in range(0, n, minibatch):
                 idx = order[i:i + minibatch]
-                logits, values = self.net(ro.input_ids[idx], ro.attention_mask[idx],
-                                          response_logits_to_keep(ro.input_ids, ro.prompt_len))
-                logp = token_logprobs(logits, ro.input_ids[idx], ro.prompt_len)
-                values = values[:, ro.prompt_len - 1:-1]
                 m = mask[idx]
+                logits, values = self.net(ro.input_ids[idx], ro.attention_mask[idx], keep)
+                logp = token_logprobs(logits, ro.input_ids[idx], ro.prompt_len, self.temperature)
                 pl, pstats = policy_loss(logp, old_logp[idx], adv[idx], m, r.clip)
-                vl = value_loss(values, old_values[idx], returns[idx], m, r.value_clip)
-                ent = masked_mean(entropy_from_logits(response_logits(logits, ro.input_ids, ro.prompt_len)), m)
-                loss = pl + r.value_coef * vl - r.entropy_coef * ent
-                if guard < float("inf"):
-                    seq = (kl_k3(logp, ref_logp[idx]) * m).sum(1).mean()
-                    # past the guard (on all ranks' mean, so every rank takes the same branch): pull this
-                    # minibatch back towards the reference
-                    if float(self.dist.mean(seq.detach())) > guard:
-                        loss = seq / m.sum(1).mean().clamp(min=1) + r.value_coef * vl
-                        pullbacks += 1
+                loss = pl
+                if self.critic:
+                    assert old_values is not None and returns is not None
+                    vl = value_loss(values[:, ro.prompt_len - 1:-1], old_values[idx], returns[idx], m, r.value_clip)
+                    loss = loss + r.value_coef * vl
+                    stats["value_loss"].append(float(vl.detach()))
+                if r.entropy_coef:
+                    ent = masked_mean(entropy_from_logits(response_logits(logits, ro.input_ids, ro.prompt_len),
+                                                          self.temperature), m)
+                    loss = loss - r.entropy_coef * ent
+                else:  # reported, not optimised: no graph over the vocabulary
+                    with torch.no_grad():
+                        ent = masked_mean(entropy_from_logits(response_logits(logits.detach(), ro.input_ids,
+                                                                              ro.prompt_len), self.temperature), m)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.max_grad_norm)
                 self.opt.step()
                 updates += 1
-                for k, v in (("policy_loss", pl), ("value_loss", vl), ("entropy", ent),
-                             ("clipfrac", pstats["clipfrac"]), ("approx_kl", pstats["approx_kl"])):
-                    stats[k].append(float(v.detach()))
+                for k_, v in (("policy_loss", pl), ("entropy", ent), ("clipfrac", pstats["clipfrac"]),
+                              ("approx_kl", pstats["approx_kl"])):
+                    stats[k_].append(float(v.detach()))
+                # early stopping (on every rank's mean, so all ranks stop together): this step has moved the
+                # policy far enough from the sampler (``max_approx_kl``) or from the reference (``kl_guard``)
+                with torch.no_grad():
+                    seq = (kl_k3(logp.detach(), ref_logp[idx]) * m).sum(1).mean()
+                far = torch.stack([pstats["approx_kl"], seq]).double()
+                approx, ref_kl = (float(x) for x in self.dist.mean(far))
+                if (r.max_approx_kl and approx > r.max_approx_kl) or ref_kl > guard:
+                    stopped = 1
+                    break
+            if stopped:
+                break
         t4 = time.perf_counter()
         mean_kl = float(self.dist.mean(seq_kl.mean()))
         beta = self.kl_ctl.beta
@@ -401,8 +463,8 @@ class PPOTrainer:
         all_raw = self.dist.gather(raw)
         local = {"ppo/response_length": float(mask.sum(1).mean()),
                  "ppo/no_eos_share": float((~ro.finished).float().mean()),
-                 "ppo/kl_pullback_share": pullbacks / max(updates, 1),
-                 **{f"ppo/{k}": float(np.mean(v)) if v else float("nan") for k, v in stats.items()},
+                 "ppo/early_stop": float(stopped), "ppo/updates": float(updates),
+                 **{f"ppo/{k_}": float(np.mean(v)) if v else float("nan") for k_, v in stats.items()},
                  "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/prepare_s": t3 - t2,
                  "time/update_s": t4 - t3}
         means = self.dist.mean(torch.tensor(list(local.values()), dtype=torch.float64)).tolist()
@@ -513,7 +575,8 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
         bar = progress_bar(recipe.steps, trainer.step, f"PPO {recipe.name}", "step", disable=not dist.main)
         while trainer.step < recipe.steps:
             rng.seed(recipe.seed * 100_003 + trainer.step)  # the batch of a step is a function of the step
-            batch = rng.sample(train_prompts, min(recipe.rollout_batch, len(train_prompts)))
+            per_step = recipe.rollout_batch // recipe.samples_per_prompt  # prompts a step
+            batch = rng.sample(train_prompts, min(per_step, len(train_prompts)))
             metrics = trainer.train_step(dist.shard(batch))
             history.append(metrics)
             bar.update(1)

@@ -5,7 +5,10 @@ Per token t of a sampled response (state = prompt + tokens so far, action = the 
 
 - KL estimators of KL(π ‖ π_ref) from the log-ratio ``d = log π(a) - log π_ref(a)`` of the sampled token
   (Schulman, "Approximating KL divergence"): ``k1 = d`` (unbiased, can be negative per token) and
-  ``k3 = exp(-d) - 1 + d`` (unbiased, always >= 0, lower variance).
+  ``k3 = exp(-d) - 1 + d`` (unbiased, always >= 0, lower variance; ``d`` clamped to ±10). Every
+  log-probability is of the distribution the tokens were sampled from: ``log_softmax(logits / T)``.
+- RLOO (the CPU default): k answers a prompt, the sequence reward ``R = score - β Σ_t kl_t``, and each answer's
+  advantage ``R_i - mean_{j≠i} R_j`` on every one of its tokens.
 - Reward per token: ``r_t = -β · kl_t`` for every token, plus the (whitened, clipped) sequence reward on the
   last token (InstructGPT / Ziegler et al. 2019).
 - Advantages by GAE: ``δ_t = r_t + γ V_{t+1} - V_t``, ``A_t = Σ (γλ)^k δ_{t+k}``, returns ``A_t + V_t``.
@@ -32,9 +35,22 @@ def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return logp - ref_logp
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    d = logp - ref_logp
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
+    """k3 with the log-ratio clamped to ±``clamp`` (as OpenRLHF clamps it): one token the reference finds
+    nearly impossible would otherwise give exp(20) and swamp a batch's reward and gradient."""
+    d = (logp - ref_logp).clamp(-clamp, clamp)
     return torch.expm1(-d) + d
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, as TRL's RLOOTrainer): rows ``i*k .. i*k+k-1`` answer
+    the same prompt; each answer's advantage is its reward minus the mean reward of the prompt's other
+    ``k - 1`` answers. An unbiased baseline that costs no critic and no extra forward pass."""
+    if k < 2:
+        raise ValueError(f"RLOO needs at least 2 answers a prompt, got {k}")
+    grouped = rewards.reshape(-1, k)
+    others = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - others).reshape(-1)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,

@@ -52,7 +52,7 @@ def load_hh(data_dir: str | Path = DEFAULT_DIR, limit: int = 0) -> pd.DataFrame:
                     continue
                 prompt, c, r = parts
                 bucket = int(stable_hash(prompt)[:8], 16) % 100
-                rows.append({"subset": subset, "prompt": prompt, "chosen": c, "rejected": r, "margin": 1.0,
+                rows.append({"subset": subset, "prompt": prompt, "chosen": c, "rejected": r, "margin": 0.5,
                              "split": "eval" if bucket < 20 else "train"})
                 n += 1
                 if limit and n >= limit:

@@ -4,9 +4,11 @@ Bradley-Terry: P(chosen ≻ rejected) = sigmoid(r_c - r_r). The loss is the nega
 
     L = -mean( log sigmoid(r_c - r_r - m) ) + centering * mean( (r_c + r_r)^2 )
 
-- ``m`` (optional) is a margin the reward gap must exceed, from the dataset's ``margin`` column (the vote
-  share of the winning side, in (0.5, 1]): ``m = margin_scale * (2 * margin - 1)``, 0 for a bare majority and
-  ``margin_scale`` for a unanimous pair (Llama 2's margin loss, with the margin taken from rater agreement).
+- ``m`` (optional) is a margin the reward gap must exceed, from the dataset's ``margin`` column (the winning
+  side's vote share counting the number of votes, ``(wins + 1) / (votes + 2)``, in [0.5, 1)):
+  ``m = margin_scale * (2 * margin - 1)``: 1/3 of ``margin_scale`` for a single vote, 0 where the data carries no
+  strength information (``margin`` 0.5, e.g. HH-RLHF), approaching ``margin_scale`` as unanimous votes add up
+  (Llama 2's margin loss, with the margin taken from rater agreement).
 - centering (Eisenstein et al. 2023, "auxiliary loss") pulls the mean reward of a pair towards zero so that
   rewards stay comparable across runs and PPO's reward scale does not drift; BT itself is shift-invariant.
 """
