@@ -164,12 +164,18 @@ class GateRecipe:
     max_prompt_tokens: int = 128
     # policy gate
     min_win_rate: float = 0.55  # judged by the champion reward model
+    # ... and the lower end of the win rate's 95% Wilson interval must lie above this: a point estimate alone lets
+    # a challenger no better than the champion through on sampling noise (0 = no interval check)
+    min_win_rate_ci_low: float = 0.5
     # added to the judge's score of an answer cut off at max_new_tokens (no EOS), as PPO's reward adds its
     # no_eos_penalty: the judge scores what a user gets, and a reward model reads a cut-off answer as if it were
     # whole (0 = the reward model's score alone)
     no_eos_penalty: float = 0.0
     min_lc_win_rate: float = 0.45  # at equal response length: not worse than the champion
-    max_kl: float = 10.0
+    max_kl: float = 10.0  # KL to the policy the challenger was trained from (this cycle's drift)
+    # KL to the original base model, following each version's recorded reference back to it: the drift budget of
+    # all promotions together (0 = not checked)
+    max_total_kl: float = 0.0
     max_length_drift: float = 0.5  # relative change of the mean response length vs the champion
     max_no_eos_share: float = 0.10
     min_refusal_rate: float = 0.0

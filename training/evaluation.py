@@ -129,10 +129,13 @@ class Answers:
     lengths: np.ndarray  # tokens, up to and including EOS
     finished: np.ndarray
     kl: np.ndarray  # per response, vs the reference
+    kl_base: np.ndarray | None = None  # per response, vs the original base model (when asked for)
 
 
-def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateRecipe, batch: int = 50) -> Answers:
-    """Sampled answers (seeded), with each one's KL to ``ref`` (0 when ``ref`` is None), in the prompts' order.
+def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateRecipe, batch: int = 50,
+           base: Any | None = None) -> Answers:
+    """Sampled answers (seeded), with each one's KL to ``ref`` (0 when ``ref`` is None) and, given ``base``, to
+    it as well (``kl_base``), in the prompts' order.
     Prompts of similar length share a batch; the policy's log-probabilities come from its own generation, the
     reference's from one forward pass over the responses."""
     from training.policy.ppo import (
@@ -148,26 +151,29 @@ def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateR
     torch.manual_seed(recipe.seed)
     order = shortest_first(tok, prompts, recipe.max_prompt_tokens)
     texts: list[str] = []
-    lengths, finished, kls = [], [], []
+    lengths, finished, kls, base_kls = [], [], [], []
+    temperature = logprob_temperature(recipe.temperature)
+
+    def kl_to(model: Any, ro: Any) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                           logits_to_keep=response_logits_to_keep(ro.input_ids, ro.prompt_len)).logits
+        return (kl_k3(ro.logprobs, token_logprobs(logits, ro.input_ids, ro.prompt_len, temperature)) * ro.mask).sum(1)
+
     for i in range(0, len(order), batch):
         ro = sample(lm, tok, [prompts[j] for j in order[i:i + batch]], max_new_tokens=recipe.max_new_tokens,
                     temperature=recipe.temperature, greedy=recipe.temperature <= 0,
-                    max_prompt_tokens=recipe.max_prompt_tokens, with_logprobs=ref is not None)
+                    max_prompt_tokens=recipe.max_prompt_tokens, with_logprobs=ref is not None or base is not None)
         texts += ro.texts
         lengths.append(ro.mask.sum(1))
         finished.append(ro.finished)
-        if ref is not None:
-            with torch.no_grad():
-                ref_logp = token_logprobs(ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
-                                              logits_to_keep=response_logits_to_keep(ro.input_ids, ro.prompt_len)).logits,
-                                          ro.input_ids, ro.prompt_len, logprob_temperature(recipe.temperature))
-            kls.append((kl_k3(ro.logprobs, ref_logp) * ro.mask).sum(1))
-        else:
-            kls.append(torch.zeros(len(ro.texts)))
+        kls.append(kl_to(ref, ro) if ref is not None else torch.zeros(len(ro.texts)))
+        if base is not None:
+            base_kls.append(kl_to(base, ro))
     torch.set_rng_state(state)
     back = np.argsort(order)  # position in generation order of each prompt
     return Answers([texts[k] for k in back], torch.cat(lengths).numpy()[back], torch.cat(finished).numpy()[back],
-                   torch.cat(kls).numpy()[back])
+                   torch.cat(kls).numpy()[back], torch.cat(base_kls).numpy()[back] if base is not None else None)
 
 
 def judge_scores(judge: Any, prompts: list[str], ans: Answers, recipe: GateRecipe) -> np.ndarray:
@@ -196,7 +202,8 @@ def probe(lm: Any, tok: Any, probes: Probes, recipe: GateRecipe) -> tuple[float,
 
 
 def _answers_and_probes(model: tuple[Any, Any], ref: Any | None, prompts: list[str], recipe: GateRecipe,
-                        probes: Probes, cache: dict[str, Any] | None, key: str | None) -> tuple[Answers, tuple[float, float]]:
+                        probes: Probes, cache: dict[str, Any] | None, key: str | None,
+                        base: Any | None = None) -> tuple[Answers, tuple[float, float]]:
     """A policy's answers and probe rates, from ``cache[key]`` when an identical evaluation was already run
     (same version, prompts and sampling settings: the sampling is seeded, so the answers are too). A cached
     side keeps the KL measured then, against the reference of that evaluation."""
@@ -208,9 +215,10 @@ def _answers_and_probes(model: tuple[Any, Any], ref: Any | None, prompts: list[s
         spec = json.dumps([key, prompts, recipe.max_new_tokens, recipe.max_prompt_tokens, recipe.temperature,
                            recipe.seed, recipe.probes, recipe.probe_temperature])
         full_key = hashlib.sha256(spec.encode()).hexdigest()
-        if full_key in cache:
-            return cache[full_key]
-    out = (answer(*model, ref, prompts, recipe), probe(*model, probes, recipe))
+        hit = cache.get(full_key)
+        if hit is not None and (base is None or hit[0].kl_base is not None):
+            return hit
+    out = (answer(*model, ref, prompts, recipe, base=base), probe(*model, probes, recipe))
     if full_key is not None:
         cache[full_key] = out
     return out
@@ -219,16 +227,20 @@ def _answers_and_probes(model: tuple[Any, Any], ref: Any | None, prompts: list[s
 def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], reference: tuple[Any, Any] | None,
                      judge: Any, prompts: list[str], recipe: GateRecipe, probes: Probes,
                      eval_pairs: Any | None = None, *, cache: dict[str, Any] | None = None,
-                     keys: tuple[str, str] | None = None, champion_is_reference: bool = False) -> dict[str, Any]:
+                     keys: tuple[str, str] | None = None, champion_is_reference: bool = False,
+                     base: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """The evaluation report of a challenger policy against the champion (models and tokenizers given).
     ``cache`` with ``keys`` (an identity for each side, e.g. its registered version) reuses answers.
     ``champion_is_reference``: the champion is the reference model itself (the base policy, v1), so its KL is
-    0 by definition and the reference's forward pass over its answers is skipped (as long as generating them)."""
+    0 by definition and the reference's forward pass over its answers is skipped (as long as generating them).
+    ``base``: the original base model when it is not ``reference`` (the challenger's ``kl_base``, the drift
+    budget); without it the challenger's ``kl_base`` is its ``kl``."""
     from training.reward.train import evaluate as rm_evaluate
 
     ref = reference[0] if reference is not None else None
     k_ch, k_cp = keys or (None, None)
-    a_ch, probes_ch = _answers_and_probes(challenger, ref, prompts, recipe, probes, cache, k_ch)
+    a_ch, probes_ch = _answers_and_probes(challenger, ref, prompts, recipe, probes, cache, k_ch,
+                                          base=base[0] if base is not None else None)
     a_cp, probes_cp = _answers_and_probes(champion, None if champion_is_reference else ref, prompts, recipe, probes,
                                           cache, k_cp)
     r_ch, r_cp = judge_scores(judge, prompts, a_ch, recipe), judge_scores(judge, prompts, a_cp, recipe)
@@ -240,6 +252,7 @@ def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], ref
     cp = policy_stats(a_cp, r_cp, probes_cp)
     rm_eval = rm_evaluate(judge, eval_pairs) if eval_pairs is not None and len(eval_pairs) else {}
     rm_acc, rm_pairs = rm_eval.get("accuracy"), rm_eval.get("pairs")
+    ch["kl_base"] = float(a_ch.kl_base.mean()) if base is not None and a_ch.kl_base is not None else ch["kl"]
     ch |= {"win_rate": float(outcome.mean()), "win_rate_ci_low": low, "win_rate_ci_high": high, "lc_win_rate": lc,
            "length_coef": length_coef, "length_change": ch["length_mean"] / max(cp["length_mean"], 1e-9) - 1,
            "rm_accuracy": rm_acc, "rm_pairs": rm_pairs}
@@ -260,6 +273,20 @@ def compare_reward_models(challenger: Any, champion: Any | None, eval_pairs: Any
 
     return {"pairs": len(eval_pairs), "challenger": side(challenger),
             "champion": side(champion) if champion is not None else None}
+
+
+def original_base(client: Any, model: str, reference: str) -> str:
+    """Follow registered versions' ``reference`` tags (each version names the policy it was trained from) back to
+    the base model: ``models:/flywheel-policy/3`` -> ``models:/flywheel-policy/2`` -> ``smollm2``."""
+    seen: set[str] = set()
+    prefix = f"models:/{model}/"
+    while reference.startswith(prefix) and reference not in seen:
+        seen.add(reference)
+        parent = client.get_model_version(model, reference.removeprefix(prefix)).tags.get("reference")
+        if not parent:
+            break
+        reference = parent
+    return reference
 
 
 def evaluate_challenger(settings: Settings, model: str, challenger: str, *, dataset: str | None = None,
@@ -311,13 +338,16 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
         reference = recipe.reference or mv.tags.get("reference") or "smollm2"
         champion_is_reference = cp_dir is not None and pointer_base(cp_dir) == reference
         ref = load_causal_lm(reference)
+        root = original_base(client, model, reference)
+        base = load_causal_lm(root) if root != reference and recipe.max_total_kl else None
         prompts = list(prompts) if prompts is not None else _prompts(ds, "eval", recipe.eval_prompts, recipe.seed)
         if not prompts:
             raise ValueError(f"dataset {ds.version} has no eval prompts")
         keys = (f"{model}/{challenger}", f"{model}/{champion}")
-        report |= {"judge": f"{REWARD_MODEL}/{judge_version}", "reference": reference,
+        report |= {"judge": f"{REWARD_MODEL}/{judge_version}", "reference": reference, "base": root,
                    **compare_policies(ch, cp, ref, judge, prompts, recipe, Probes.load(recipe.probes), eval_pairs,
-                                      cache=cache, keys=keys, champion_is_reference=champion_is_reference)}
+                                      cache=cache, keys=keys, champion_is_reference=champion_is_reference,
+                                      base=base)}
         kind = "policy"
     else:
         raise ValueError(f"model must be {POLICY_MODEL} or {REWARD_MODEL}, got {model!r}")

@@ -8,10 +8,14 @@ says what was looked at and not only what failed.
 
 Policy checks (challenger vs the serving champion, both judged by the champion reward model, plus the recipe's
 ``no_eos_penalty`` on each answer cut off at the token limit, as PPO's reward scores it):
-  win rate >= ``min_win_rate`` and length-controlled win rate >= ``min_lc_win_rate`` (the second asks that
+  win rate >= ``min_win_rate`` with the lower end of its 95% Wilson interval above ``min_win_rate_ci_low``
+  (both policies answer with the same seed, so a challenger with the champion's own weights gives the same
+  answers, ties only, 0.5 and an interval that reaches below 0.5: always refused), and length-controlled win rate >= ``min_lc_win_rate`` (the second asks that
   the challenger not be worse than the champion at equal length: a win that is only a length change in
   the direction users reward passes, a win bought with worse answers at equal length does not, and
-  ``max_length_drift`` bounds how far the length may move in one promotion); KL(challenger ‖ reference) <= ``max_kl``; mean length
+  ``max_length_drift`` bounds how far the length may move in one promotion); KL(challenger ‖ reference) <= ``max_kl``
+  (the policy it was trained from) and KL(challenger ‖ original base) <= ``max_total_kl`` (every promotion's drift
+  together, the reference chain followed back to the base); mean length
   within ``max_length_drift`` (relative) of the champion's; share of responses that never end <=
   ``max_no_eos_share`` or <= the champion's own share; harmful probes refused >= ``min_refusal_rate`` and no worse than the champion by more
   than ``max_probe_drop``; harmless probes answered >= ``min_helpful_rate`` (same drop rule); the reward
@@ -126,6 +130,10 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: 
             wr = get("win_rate")
             _check(checks, "win_rate", wr, wr is not None and wr >= policy.min_win_rate,
                    f">= {policy.min_win_rate}", "win rate vs the champion")
+            if policy.min_win_rate_ci_low:
+                low = get("win_rate_ci_low")
+                _check(checks, "win_rate_ci_low", low, low is not None and low > policy.min_win_rate_ci_low,
+                       f"> {policy.min_win_rate_ci_low}", "lower end of the win rate's 95% interval")
             lc = get("lc_win_rate")
             _check(checks, "lc_win_rate", lc, lc is not None and lc >= policy.min_lc_win_rate,
                    f">= {policy.min_lc_win_rate}", "length-controlled win rate vs the champion")
@@ -135,6 +143,10 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: 
         kl = get("kl")
         _check(checks, "kl", kl, kl is not None and kl <= policy.max_kl, f"<= {policy.max_kl}",
                "KL(policy ‖ reference) per response")
+        if policy.max_total_kl:
+            total = get("kl_base")
+            _check(checks, "total_kl", total, total is not None and total <= policy.max_total_kl,
+                   f"<= {policy.max_total_kl}", "KL(policy ‖ original base model) per response, the drift budget")
         # never-ending answers: at most max_no_eos_share, or no more than the champion already has (a base
         # model that rambles past the evaluation's token budget must not block the challenger that fixes it)
         no_eos = get("no_eos_share")

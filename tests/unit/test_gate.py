@@ -9,7 +9,7 @@ from training.config import GateRecipe
 from training.evaluation import AuditSet, Probes, judge_scores, length_controlled_win_rate, wilson
 from training.gate import decide
 
-GOOD = {"lc_win_rate": 0.70, "win_rate": 0.72, "kl": 4.0, "length_change": 0.1, "no_eos_share": 0.02,
+GOOD = {"lc_win_rate": 0.70, "win_rate": 0.72, "win_rate_ci_low": 0.65, "kl": 4.0, "kl_base": 8.0, "length_change": 0.1, "no_eos_share": 0.02,
         "refusal_rate": 0.5, "helpful_rate": 0.9, "rm_accuracy": 0.9}
 CHAMP = {"refusal_rate": 0.5, "helpful_rate": 0.9, "kl": 0.0, "no_eos_share": 0.02}
 
@@ -25,6 +25,8 @@ def test_a_challenger_that_passes_every_check_is_promoted_and_every_check_is_rep
     ({"lc_win_rate": 0.40}, "length-controlled win rate vs the champion 0.400 (needs >= 0.45)"),
     ({"win_rate": 0.52}, "win rate vs the champion 0.520 (needs >= 0.55)"),
     ({"kl": 25.0}, "KL(policy ‖ reference) per response 25.000 (needs <= 10.0)"),
+    ({"win_rate_ci_low": 0.49}, "lower end of the win rate's 95% interval 0.490 (needs > 0.5)"),
+    ({"kl_base": 21.0}, "KL(policy ‖ original base model) per response, the drift budget 21.000 (needs <= 20.0)"),
     ({"length_change": 1.8}, "relative change of mean response length 1.800 (needs |x| <= 0.5)"),
     ({"length_change": -0.7}, "relative change of mean response length -0.700"),
     ({"no_eos_share": 0.6}, "share of responses that never end 0.600 (needs <= 0.1)"),
@@ -35,7 +37,7 @@ def test_a_challenger_that_passes_every_check_is_promoted_and_every_check_is_rep
     ({"lc_win_rate": float("nan")}, "length-controlled win rate vs the champion missing"),
 ])
 def test_each_failed_check_refuses_with_its_reason(change, fragment):
-    d = decide({**GOOD, **change}, CHAMP, GateRecipe())
+    d = decide({**GOOD, **change}, CHAMP, GateRecipe(max_total_kl=20.0))
     assert not d.promote
     assert any(fragment in r for r in d.reasons), d.reasons
     # only the broken number is blamed (a probe rate may break its floor and its no-worse-than-champion rule)
@@ -285,3 +287,61 @@ def test_a_champion_that_is_the_reference_gets_kl_zero_without_the_references_fo
                             champion_is_reference=True)
     assert ref.calls == 1 and fast["champion"]["kl"] == 0.0  # the challenger's KL still measured
     assert fast["answers"] == full["answers"] and fast["challenger"] == full["challenger"]
+    assert full["challenger"]["kl_base"] == full["challenger"]["kl"]  # no other base: the reference is the base
+    other = tiny_causal_lm(len(tok), seed=5)
+    drift = compare_policies((trained, tok), (base, tok), (ref, tok), Judge(), prompts, recipe, probes,
+                             base=(other, tok))
+    assert drift["challenger"]["kl"] == pytest.approx(full["challenger"]["kl"])
+    assert drift["challenger"]["kl_base"] > 0 and drift["challenger"]["kl_base"] != pytest.approx(drift["challenger"]["kl"])
+
+
+def test_a_challenger_with_the_champions_own_weights_is_refused_on_20_seeds_out_of_20():
+    """Both sides answer with the gate's seed, so the same weights give the same answers: ties, a win rate of
+    0.5, an interval reaching below 0.5. A point threshold alone would still be one bad seed away from noise."""
+    import copy
+    import dataclasses
+    import re
+
+    import torch
+
+    from tests.tiny import WORDS, tiny_causal_lm, tiny_tokenizer
+    from training.evaluation import compare_policies
+
+    tok = tiny_tokenizer()
+    champion = tiny_causal_lm(len(tok), seed=3)
+    twin = copy.deepcopy(champion)
+
+    class Judge:  # a noisy judge: scores vary with the text, so any answer difference would show
+        def score(self, prompts, texts):
+            return torch.tensor([float(hash(t) % 997) for t in texts])
+
+    prompts = [f"how {w} is the capital of {v}" for w in WORDS[:8] for v in WORDS[8:13]]
+    probes = Probes(prompts[:2], prompts[2:4], [re.compile("never matches this")])
+    refused = 0
+    for seed in range(20):
+        recipe = dataclasses.replace(GateRecipe(), max_new_tokens=6, max_prompt_tokens=16, temperature=1.0, seed=seed)
+        rep = compare_policies((twin, tok), (champion, tok), (champion, tok), Judge(), prompts, recipe, probes)
+        assert rep["challenger"]["win_rate"] == 0.5 and rep["challenger"]["win_rate_ci_low"] < 0.5
+        d = decide({**rep["challenger"], "rm_accuracy": 0.9}, rep["champion"], recipe)
+        refused += not d.promote
+        assert any("lower end of the win rate" in r for r in d.reasons), d.reasons
+    assert refused == 20
+
+
+def test_the_drift_budget_follows_the_reference_chain_back_to_the_base():
+    from training.evaluation import original_base
+
+    class Version:
+        def __init__(self, reference):
+            self.tags = {"reference": reference} if reference else {}
+
+    chain = {"3": "models:/flywheel-policy/2", "2": "models:/flywheel-policy/1", "1": "smollm2"}
+
+    class Client:
+        def get_model_version(self, _model, version):
+            return Version(chain.get(version))
+
+    assert original_base(Client(), "flywheel-policy", "models:/flywheel-policy/3") == "smollm2"
+    assert original_base(Client(), "flywheel-policy", "smollm2") == "smollm2"
+    chain["1"] = "models:/flywheel-policy/3"  # a loop in the tags ends where it started over
+    assert original_base(Client(), "flywheel-policy", "models:/flywheel-policy/3").startswith("models:/")
