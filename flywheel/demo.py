@@ -113,9 +113,11 @@ class _Timer:
         self.into[self.name] = round(time.monotonic() - self.t, 1)
 
 
-def run_settings(settings: Settings, run_dir: Path) -> Settings:
+def run_settings(settings: Settings, run_dir: Path, hours: int = 1) -> Settings:
     """The settings of one demo run: everything embedded under ``run_dir`` (a broker of its own on a free port,
-    unless an external Kafka is configured), the demo recipes, one-hour cycles."""
+    unless an external Kafka is configured), the demo recipes, one-hour cycles, and a training window of all
+    ``hours`` of the run: each cycle's reward model learns from every hour so far, and it, the judge and the
+    gate are measured on the eval pairs of every hour so far, not of one hour."""
     from flywheel import stack
 
     s = settings.model_copy(deep=True)
@@ -130,7 +132,7 @@ def run_settings(settings: Settings, run_dir: Path) -> Settings:
     s.loop.reward_recipe = "reward-minilm-demo.yaml"
     s.loop.policy_recipe = "policy-ppo-demo.yaml"
     s.loop.gate_recipe = "gate-demo.yaml"
-    s.loop.train_window_h = 1.0  # each cycle's models learn from that cycle's hour of feedback
+    s.loop.train_window_h = float(hours)
     s.loop.min_new_pairs = 0
     s.api.gate_recipe = "gate-demo.yaml"
     s.api.policy_from_registry = True
@@ -174,7 +176,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     run_dir = (run_dir or settings.home / "demo" / f"{stamp}-{cfg.scenario}-seed{cfg.seed}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    s = run_settings(settings, run_dir)
+    s = run_settings(settings, run_dir, cfg.cycles)
     _say(f"flywheel demo ({cfg.scenario}, seed {cfg.seed}, {cfg.cycles} cycle(s), {cfg.users} users a cycle of "
          f"whom {cfg.users - cfg.honest_users} adversaries): {run_dir}")
 
@@ -260,8 +262,8 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
                      f"{cur['pairs']} pairs")
                 # 3. reward model, its gate
                 with _Timer(cyc.seconds, "reward"):
-                    rm = loop.train_reward_model(cyc.end, s)
-                    pairs = ds.table("pairs")
+                    rm = loop.train_reward_model(cyc.end, s)  # on every hour so far
+                    pairs = open_dataset(rm["dataset"], s).table("pairs")
                     eval_pairs = pairs[pairs["split"] == "eval"].reset_index(drop=True)
                     acc = hidden_preference_accuracy(load_registered_reward(f"models:/{REWARD_MODEL}/{rm['version']}"),
                                                      eval_pairs, truth)
@@ -279,7 +281,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
                      f"gate: {gate_rm['action'].upper()} ({'; '.join(gate_rm['reasons'])})")
                 # 4. policy: PPO, evaluation, gate, promotion
                 with _Timer(cyc.seconds, "policy"):
-                    cyc.policy = _policy_cycle(s, cfg, cur["dataset"], held_out, cache, answers, truth, v1)
+                    cyc.policy = _policy_cycle(s, cfg, rm["dataset"], held_out, cache, answers, truth, v1)
                 if cyc.policy.get("promoted"):
                     new = cyc.policy["version"]
                     with _Timer(cyc.seconds, "serving_swap"):
