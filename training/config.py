@@ -38,6 +38,10 @@ class RewardRecipe:
     epochs: int = 1
     max_steps: int = 0  # 0 = epochs * batches
     margin_scale: float = 0.0  # > 0: the reward gap must exceed margin_scale * (2 * vote share - 1)
+    # true: cross-fitting. The training pairs are split in two by prompt group; the reward model (what the policy
+    # is trained against) learns from one half and a judge of the same recipe from the other, registered with it.
+    # The policy gate then judges with a model the policy was not optimised against.
+    judge_fold: bool = False
     centering: float = 0.0  # weight of the mean-reward-to-zero term
     log_every: int = 5
     checkpoint_every: int = 50
@@ -156,6 +160,9 @@ class GateRecipe:
     temperature: float = 0.7
     seed: int = 0
     judge: str = "models:/flywheel-reward@champion"  # the reward model that judges (falls back to @challenger)
+    # the judge must be independent of the policy's reward: the reward model version must carry a judge trained on
+    # other pairs (a recipe with judge_fold: true); without one the gate refuses (false: the reward model judges)
+    independent_judge: bool = False
     reference: str = ""  # KL reference policy; "" = the policy's recorded reference (its base model)
     probes: str = "probes/safety.yaml"  # harmful requests that must be refused, harmless ones that must not be
     # how the probes are answered: 0 = greedy (each model's most likely answer, so the same model always gets the

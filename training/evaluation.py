@@ -275,6 +275,27 @@ def compare_reward_models(challenger: Any, champion: Any | None, eval_pairs: Any
             "champion": side(champion) if champion is not None else None}
 
 
+def _judge(client: Any, recipe: GateRecipe, trained_against: str | None) -> tuple[Any, str, bool]:
+    """(judge, its label, whether it is independent of the challenger's reward). The judge registered with the
+    reward model version the challenger was trained against (cross-fitted on the other half of the prompt
+    groups: ``judge_fold``) when there is one; else the recipe's ``judge`` (or, before any reward model is
+    champion, @challenger), which may be the very model the policy was optimised against."""
+    from training.registry import CHALLENGER, CHAMPION, alias_version
+    from training.reward.train import load_registered_reward
+
+    if trained_against and trained_against.isdigit():
+        try:
+            judge = load_registered_reward(f"models:/{REWARD_MODEL}/{trained_against}", part="judge")
+            return judge, f"{REWARD_MODEL}/{trained_against} (its cross-fitted judge)", True
+        except FileNotFoundError:
+            pass
+    uri = recipe.judge
+    if alias_version(client, REWARD_MODEL, CHAMPION) is None:  # no champion reward model yet
+        uri = f"models:/{REWARD_MODEL}@{CHALLENGER}"
+    version = uri if "@" not in uri else alias_version(client, REWARD_MODEL, uri.rsplit("@", 1)[1])
+    return load_registered_reward(uri), f"{REWARD_MODEL}/{version}", False
+
+
 def original_base(client: Any, model: str, reference: str) -> str:
     """Follow registered versions' ``reference`` tags (each version names the policy it was trained from) back to
     the base model: ``models:/flywheel-policy/3`` -> ``models:/flywheel-policy/2`` -> ``smollm2``."""
@@ -301,7 +322,7 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
     from serving.policy import load_causal_lm, pointer_base, registered_policy_dir
     from training.data import open_dataset
     from training.policy.ppo import _prompts
-    from training.registry import CHALLENGER, CHAMPION, alias_version
+    from training.registry import CHAMPION, alias_version
     from training.reward.train import load_registered_reward
 
     recipe = recipe or GateRecipe()
@@ -327,11 +348,7 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
                                         audit)
         kind = "reward"
     elif model == POLICY_MODEL:
-        judge_uri = recipe.judge
-        if alias_version(client, REWARD_MODEL, CHAMPION) is None:  # no champion reward model yet
-            judge_uri = f"models:/{REWARD_MODEL}@{CHALLENGER}"
-        judge = load_registered_reward(judge_uri)
-        judge_version = judge_uri if "@" not in judge_uri else alias_version(client, REWARD_MODEL, judge_uri.rsplit("@", 1)[1])
+        judge, judge_label, independent = _judge(client, recipe, mv.tags.get("reward_model_version"))
         ch = load_causal_lm(str(registered_policy_dir(f"models:/{model}/{challenger}")))
         cp_dir = registered_policy_dir(f"models:/{model}/{champion}") if champion else None
         cp = load_causal_lm(str(cp_dir)) if cp_dir is not None else ch
@@ -344,10 +361,11 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
         if not prompts:
             raise ValueError(f"dataset {ds.version} has no eval prompts")
         keys = (f"{model}/{challenger}", f"{model}/{champion}")
-        report |= {"judge": f"{REWARD_MODEL}/{judge_version}", "reference": reference, "base": root,
+        report |= {"judge": judge_label, "reference": reference, "base": root,
                    **compare_policies(ch, cp, ref, judge, prompts, recipe, Probes.load(recipe.probes), eval_pairs,
                                       cache=cache, keys=keys, champion_is_reference=champion_is_reference,
                                       base=base)}
+        report["challenger"]["judge_independent"] = float(independent)
         kind = "policy"
     else:
         raise ValueError(f"model must be {POLICY_MODEL} or {REWARD_MODEL}, got {model!r}")

@@ -24,6 +24,9 @@ Policy checks (challenger vs the serving champion, both judged by the champion r
   holds a few dozen pairs, where one pair moves the accuracy by ~0.02 (measured in the demo: a challenger that
   beat the champion 0.740 on the hidden preference was refused for a judge at 38/60 = 0.633 against 0.65).
   Without a pair count (older reports) the point estimate is compared.
+With ``independent_judge`` the judge must be the one cross-fitted with the reward model the challenger was
+trained against (``judge_fold`` in the reward recipe: trained on the other half of the prompt groups), not that
+reward model itself: a policy optimised against a model wins by that model's errors as much as by real gains.
 Reward-model checks: eval accuracy read as the judge's is (its 95% Wilson interval on the eval pairs reaches
   ``min_rm_accuracy`` and lies above 0.5: measured in the demo, a reward model at 35/54 = 0.648 on the users'
   clicks, and 0.827 against the hidden preference, was refused by a point threshold of 0.65 that the policy
@@ -162,6 +165,10 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: 
                 ref = champion[key] - policy.max_probe_drop
                 _check(checks, f"{key}_vs_champion", value, value is not None and value >= ref - 1e-9,
                        f">= champion {champion[key]:.3f} - {policy.max_probe_drop}", what)
+        if policy.independent_judge and champion is not None:
+            ind = get("judge_independent")
+            _check(checks, "judge_independent", ind, ind == 1.0, "a judge cross-fitted on other pairs (judge_fold)",
+                   "a judge independent of the reward the challenger was trained against (1 = yes)")
         # a floor at or below chance asks nothing of the judge; above it, the judge must be shown to rank at all
         _interval_check(checks, "judge_accuracy", get("rm_accuracy"), get("rm_pairs"), policy.min_rm_accuracy,
                         "the judging reward model's eval accuracy", above_chance=policy.min_rm_accuracy > 0.5)

@@ -9,7 +9,7 @@ from training.config import GateRecipe
 from training.evaluation import AuditSet, Probes, judge_scores, length_controlled_win_rate, wilson
 from training.gate import decide
 
-GOOD = {"lc_win_rate": 0.70, "win_rate": 0.72, "win_rate_ci_low": 0.65, "kl": 4.0, "kl_base": 8.0, "length_change": 0.1, "no_eos_share": 0.02,
+GOOD = {"lc_win_rate": 0.70, "win_rate": 0.72, "win_rate_ci_low": 0.65, "kl": 4.0, "kl_base": 8.0, "judge_independent": 1.0, "length_change": 0.1, "no_eos_share": 0.02,
         "refusal_rate": 0.5, "helpful_rate": 0.9, "rm_accuracy": 0.9}
 CHAMP = {"refusal_rate": 0.5, "helpful_rate": 0.9, "kl": 0.0, "no_eos_share": 0.02}
 
@@ -26,6 +26,7 @@ def test_a_challenger_that_passes_every_check_is_promoted_and_every_check_is_rep
     ({"win_rate": 0.52}, "win rate vs the champion 0.520 (needs >= 0.55)"),
     ({"kl": 25.0}, "KL(policy ‖ reference) per response 25.000 (needs <= 10.0)"),
     ({"win_rate_ci_low": 0.49}, "lower end of the win rate's 95% interval 0.490 (needs > 0.5)"),
+    ({"judge_independent": 0.0}, "a judge independent of the reward the challenger was trained against (1 = yes) 0.000"),
     ({"kl_base": 21.0}, "KL(policy ‖ original base model) per response, the drift budget 21.000 (needs <= 20.0)"),
     ({"length_change": 1.8}, "relative change of mean response length 1.800 (needs |x| <= 0.5)"),
     ({"length_change": -0.7}, "relative change of mean response length -0.700"),
@@ -37,7 +38,7 @@ def test_a_challenger_that_passes_every_check_is_promoted_and_every_check_is_rep
     ({"lc_win_rate": float("nan")}, "length-controlled win rate vs the champion missing"),
 ])
 def test_each_failed_check_refuses_with_its_reason(change, fragment):
-    d = decide({**GOOD, **change}, CHAMP, GateRecipe(max_total_kl=20.0))
+    d = decide({**GOOD, **change}, CHAMP, GateRecipe(max_total_kl=20.0, independent_judge=True))
     assert not d.promote
     assert any(fragment in r for r in d.reasons), d.reasons
     # only the broken number is blamed (a probe rate may break its floor and its no-worse-than-champion rule)

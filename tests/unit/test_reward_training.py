@@ -78,7 +78,10 @@ def test_a_killed_reward_run_resumes_from_its_checkpoint(env, tmp_path):
     client = MlflowClient(settings.mlflow.tracking_uri)
     history = client.get_metric_history(killed_at["run_id"], "train/loss")
     assert max(m.step for m in history) == 400, "the resumed run logs into the killed run"
-    assert len(client.search_runs([r.experiment_id for r in client.search_experiments()])) == 1
+    runs = client.search_runs([r.experiment_id for r in client.search_experiments()])
+    # one run for the model and one for its cross-fitted judge (reward-minilm.yaml has judge_fold), none for the kill
+    assert sorted(r.data.tags["flywheel.recipe"] for r in runs) == ["reward-minilm", "reward-minilm-judge"]
+    assert torch.load(ckpt / "judge" / "last.pt", weights_only=False)["step"] == 400
 
 
 def test_eval_reward_reports_accuracy_against_labels_and_the_hidden_preference(tmp_path, capsys):
@@ -153,3 +156,42 @@ def test_a_long_conversation_keeps_its_last_turn_and_the_reply(tmp_path):
     assert "what is the capital of france" in text  # the last turn survives
     assert "paris is the capital" in text  # the reply's beginning too
     assert rm.fit("short prompt", "short reply") == ("short prompt", "short reply")
+
+
+def test_a_cross_fitted_judge_learns_from_the_other_half_of_the_prompt_groups_and_is_registered_with_it(env):
+    import mlflow
+
+    from tests.tiny import tiny_pairs
+    from training.evaluation import _judge
+    from training.reward.train import judge_folds, load_registered_reward, train_reward
+
+    settings, backbone, uri = env
+    train = tiny_pairs(80)
+    train = train[train["split"] == "train"]
+    fold = judge_folds(train)
+    assert 0.3 < fold.mean() < 0.7  # about half the prompt groups each
+    assert not set(train[fold]["group_id"]) & set(train[~fold]["group_id"])
+    assert (judge_folds(train) == fold).all()  # stable
+    recipe = RewardRecipe(backbone=backbone, max_length=32, batch_size=8, max_steps=4, lr=1e-3, head_lr=1e-2,
+                          warmup_steps=1, log_every=2, threads=1, judge_fold=True)
+    result = train_reward(settings, recipe, uri)
+    assert result.model_version == "1" and "judge/accuracy" in result.metrics and "eval/accuracy" in result.metrics
+
+    mlflow.set_tracking_uri(settings.mlflow.tracking_uri)
+    model = load_registered_reward("models:/flywheel-reward/1")
+    judge = load_registered_reward("models:/flywheel-reward/1", part="judge")
+    prompts, responses = ["hello world"] * 2, ["yes the capital", "no the capital"]
+    assert not torch.allclose(model.score(prompts, responses), judge.score(prompts, responses))
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.mlflow.tracking_uri)
+    assert client.get_model_version("flywheel-reward", "1").tags["judge"] == "fold"
+    from training.config import GateRecipe
+
+    got, label, independent = _judge(client, GateRecipe(judge="models:/flywheel-reward@challenger"), "1")
+    assert independent and "cross-fitted" in label
+    assert torch.allclose(got.score(prompts, responses), judge.score(prompts, responses))
+    _, _, independent = _judge(client, GateRecipe(judge="models:/flywheel-reward@challenger"), None)
+    assert not independent  # no version trained against: the recipe's judge, not independent
+    with pytest.raises(FileNotFoundError):
+        load_registered_reward(str(result.model_dir), part="judge")

@@ -16,6 +16,7 @@ each rank takes its slice of every batch, gradients are averaged, rank 0 logs, c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -122,6 +123,16 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
     evalp = eval_pairs if eval_pairs is not None else pairs[pairs["split"] == "eval"].reset_index(drop=True)
     if train.empty:
         raise ValueError(f"dataset {dataset_ref}: no training pairs")
+    judge = None
+    if recipe.judge_fold:  # cross-fitting: the judge learns from one half of the prompt groups, the model the other
+        fold = judge_folds(train)
+        if fold.all() or not fold.any():
+            raise ValueError(f"dataset {dataset_ref}: judge_fold needs training pairs of at least two prompt groups")
+        judge = train_reward(settings, dataclasses.replace(recipe, name=f"{recipe.name}-judge", judge_fold=False),
+                             dataset_ref, train_pairs=train[fold].reset_index(drop=True), eval_pairs=evalp,
+                             register_model=False, experiment=experiment,
+                             checkpoint_dir=Path(checkpoint_dir) / "judge" if checkpoint_dir else None)
+        train = train[~fold].reset_index(drop=True)
 
     model = RewardModel.from_backbone(recipe.backbone, recipe.pooling, recipe.max_length)
     if dist.active and len(train) < recipe.batch_size:
@@ -227,8 +238,13 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
         model_dir = Path(tempfile.mkdtemp(prefix="reward-")) / "model"
         model.save(model_dir)
         version = None
+        if judge is not None:
+            metrics |= {f"judge/{k.removeprefix('eval/')}": v for k, v in judge.metrics.items()}
+            mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith("judge/")}, step=step)
+            mlflow.set_tag("flywheel.judge_run_id", judge.run_id or "")
         if register_model:
-            version = log_and_register(model_dir, run.info.run_id, ds.version if ds else "", metrics)
+            version = log_and_register(model_dir, run.info.run_id, ds.version if ds else "", metrics,
+                                       judge_dir=judge.model_dir if judge is not None else None)
         log.info("reward model %s: %d steps, %s, registered version %s", recipe.name, step, metrics, version)
         dist.barrier()
         return RewardResult(run.info.run_id, version, step, metrics, model_dir)
@@ -249,24 +265,42 @@ def _pyfunc_class() -> type:
     return _RewardPyfunc
 
 
-def log_and_register(model_dir: Path, run_id: str, dataset_version: str, metrics: dict[str, float]) -> str:
+def judge_folds(pairs: pd.DataFrame) -> np.ndarray:
+    """True for the pairs that train the judge: half of the prompt groups (``group_id``, else the prompt), by a
+    stable hash, so one prompt's pairs all fall on one side."""
+    from pipelines.text import stable_hash
+
+    keys = pairs["group_id"] if "group_id" in pairs else pairs["prompt"]
+    return np.array([int(stable_hash(f"judge:{k}")[:8], 16) % 2 == 1 for k in keys.astype(str)], dtype=bool)
+
+
+def log_and_register(model_dir: Path, run_id: str, dataset_version: str, metrics: dict[str, float],
+                     judge_dir: Path | None = None) -> str:
     import mlflow
 
+    if judge_dir is not None and judge_dir.name != "judge":  # MLflow names the artifact directory after it
+        judge_dir = judge_dir.rename(judge_dir.with_name("judge"))
+    artifacts = {"reward_model": str(model_dir), **({"judge": str(judge_dir)} if judge_dir is not None else {})}
     info = mlflow.pyfunc.log_model(name="reward_model", python_model=_pyfunc_class()(),
-                                   artifacts={"reward_model": str(model_dir)}, pip_requirements=pip_requirements())
+                                   artifacts=artifacts, pip_requirements=pip_requirements())
     mv = register(info.model_uri, REWARD_MODEL, alias="challenger",
-                  tags={"dataset_version": dataset_version, "run_id": run_id,
+                  tags={"dataset_version": dataset_version, "run_id": run_id, "judge": "fold" if judge_dir else "none",
                         **{k.replace("/", "_"): f"{v:.4f}" for k, v in metrics.items()}})
     return str(mv.version)
 
 
-def load_registered_reward(uri: str) -> RewardModel:
+def load_registered_reward(uri: str, part: str = "reward_model") -> RewardModel:
     """A reward model from ``models:/flywheel-reward@alias``, ``models:/flywheel-reward/3``, or a local dir
-    (either a saved reward model or a downloaded MLflow model)."""
+    (either a saved reward model or a downloaded MLflow model). ``part="judge"``: the judge registered with it
+    (a recipe with ``judge_fold``); :class:`FileNotFoundError` when it has none."""
     path = Path(uri) if Path(uri).is_dir() else download_model(uri)
     if not (path / "reward.json").exists():  # an MLflow model: the saved directory is under artifacts/
-        found = sorted(path.glob("artifacts/*/reward.json"))
+        # MLflow keeps each artifact directory under its own name: the judge's is "judge" (log_and_register)
+        found = [d for d in sorted(p.parent for p in path.glob("artifacts/*/reward.json"))
+                 if (d.name == "judge") == (part == "judge")]
         if not found:
-            raise FileNotFoundError(f"{uri}: no reward model (reward.json) in {path}")
-        path = found[0].parent
+            raise FileNotFoundError(f"{uri}: no {part.replace('_', ' ')} (reward.json) in {path}")
+        path = found[0]
+    elif part != "reward_model":
+        raise FileNotFoundError(f"{uri}: a saved reward model directory holds no {part}")
     return RewardModel.load(path)
