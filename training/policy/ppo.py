@@ -396,7 +396,9 @@ class PPOTrainer:
         k = r.samples_per_prompt
         t0 = time.perf_counter()
         ro = self.generate(prompts, samples=k)
-        answered = [p for p in prompts for _ in range(k)]
+        # scored on the prompt as the policy saw it (cut to max_prompt_tokens), not on text it never read
+        seen = fit_prompts(self.tok, prompts, r.max_prompt_tokens)
+        answered = [p for p in seen for _ in range(k)]
         t1 = time.perf_counter()
         raw = self.score(answered, ro)
         t2 = time.perf_counter()
@@ -485,7 +487,7 @@ class PPOTrainer:
         for i in range(0, len(prompts), self.r.rollout_batch):
             batch = prompts[i:i + self.r.rollout_batch]
             ro = self.generate(batch)
-            rewards.append(self.score(batch, ro))
+            rewards.append(self.score(fit_prompts(self.tok, batch, self.r.max_prompt_tokens), ro))
             logp, ref_logp, _ = self.logprobs_values(ro)
             kls.append((self.kl(logp, ref_logp) * ro.mask).sum(1))
             lengths.append(ro.mask.sum(1))
