@@ -49,10 +49,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from pipelines.sharegpt import chat_samples
-    from serving.policy import PolicyHandle, load_causal_lm
+    from serving.policy import PolicyHandle
     from training.config import GateRecipe
     from training.evaluation import answer
-    from training.policy.ppo import Rollout, _encode_prompts, response_logits_to_keep, sample, token_logprobs
+    from training.generation import (
+        Rollout,
+        encode_prompts,
+        load_causal_lm,
+        response_logits_to_keep,
+        sample,
+        token_logprobs,
+    )
     from training.policy.ppo_math import kl_k3
 
     lm, tok = load_causal_lm("smollm2")
@@ -62,7 +69,7 @@ def main() -> None:
 
     def hf_sample(batch: list[str]) -> Rollout:
         """What ``sample`` did before it had its own decoding loop: transformers' ``generate``."""
-        enc = _encode_prompts(tok, batch, 64, "cpu")
+        enc = encode_prompts(tok, batch, 64, "cpu")
         seq = lm.generate(**enc, max_new_tokens=32, do_sample=True, temperature=0.7, top_k=None, top_p=None,
                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         plen = enc["input_ids"].shape[1]

@@ -33,9 +33,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from flywheel.simulate import simulated_dataset
-    from serving.policy import load_causal_lm
     from training.config import PPORecipe
-    from training.policy.ppo import PPOTrainer, _format_prompt
+    from training.generation import load_causal_lm, render_prompt
+    from training.policy.ppo import PPOTrainer
     from training.reward.model import RewardModel
 
     ds = simulated_dataset(users=300, seed=3)
@@ -91,7 +91,7 @@ def main() -> None:
         return scores
 
     n_prompts = args.batch // 2  # RLOO needs >= 2 samples per prompt: 2 each, the same responses per step
-    data = Dataset.from_dict({"prompt": [_format_prompt(tok, p) for p in prompts]})
+    data = Dataset.from_dict({"prompt": [render_prompt(tok, p) for p in prompts]})
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RLOOConfig(output_dir=tmp, per_device_train_batch_size=args.batch, num_generations=2,
                          max_completion_length=args.new_tokens, max_steps=args.steps, learning_rate=2e-4,

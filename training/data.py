@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -40,3 +41,12 @@ def open_dataset(ref: str, settings: Settings) -> CuratedDataset:
             raise FileNotFoundError(f"no curated dataset at {ref} (manifest.json missing)") from e
         raise
     return CuratedDataset(ref, manifest["version"], manifest, storage)
+
+
+def split_prompts(ds: Any, split: str, n: int, seed: int) -> list[str]:
+    """``n`` prompts of a dataset's ``split`` (``train``/``eval``), in a seeded random order."""
+    df = ds.table("prompts")
+    df = df[df["split"] == split].sort_values("prompt_id")
+    texts = df["prompt"].tolist()
+    random.Random(seed).shuffle(texts)
+    return texts[:n]

@@ -138,7 +138,7 @@ def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateR
     it as well (``kl_base``), in the prompts' order.
     Prompts of similar length share a batch; the policy's log-probabilities come from its own generation, the
     reference's from one forward pass over the responses."""
-    from training.policy.ppo import (
+    from training.generation import (
         logprob_temperature,
         response_logits_to_keep,
         sample,
@@ -243,7 +243,7 @@ def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], ref
                                           base=base[0] if base is not None else None)
     a_cp, probes_cp = _answers_and_probes(champion, None if champion_is_reference else ref, prompts, recipe, probes,
                                           cache, k_cp)
-    from training.policy.ppo import fit_prompts
+    from training.generation import fit_prompts
 
     seen = fit_prompts(challenger[1], prompts, recipe.max_prompt_tokens)  # judged on the prompt the policies read
     r_ch, r_cp = judge_scores(judge, seen, a_ch, recipe), judge_scores(judge, seen, a_cp, recipe)
@@ -322,9 +322,8 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
     import mlflow
     from mlflow import MlflowClient
 
-    from serving.policy import load_causal_lm, pointer_base, registered_policy_dir
-    from training.data import open_dataset
-    from training.policy.ppo import _prompts
+    from training.data import open_dataset, split_prompts
+    from training.generation import load_causal_lm, pointer_base, registered_policy_dir
     from training.registry import CHAMPION, alias_version
     from training.reward.train import load_registered_reward
 
@@ -360,7 +359,7 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
         ref = load_causal_lm(reference)
         root = original_base(client, model, reference)
         base = load_causal_lm(root) if root != reference and recipe.max_total_kl else None
-        prompts = list(prompts) if prompts is not None else _prompts(ds, "eval", recipe.eval_prompts, recipe.seed)
+        prompts = list(prompts) if prompts is not None else split_prompts(ds, "eval", recipe.eval_prompts, recipe.seed)
         if not prompts:
             raise ValueError(f"dataset {ds.version} has no eval prompts")
         keys = (f"{model}/{challenger}", f"{model}/{champion}")

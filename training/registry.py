@@ -188,7 +188,7 @@ def bootstrap_policy(settings: Settings, base: str = "smollm2", *, version_label
 
     import mlflow
 
-    from training.policy.ppo import _policy_pyfunc
+    from training.policy.ppo import policy_pyfunc
     from training.tracking import pip_requirements, register, use_tracking
 
     client = registry_client(settings)
@@ -201,7 +201,7 @@ def bootstrap_policy(settings: Settings, base: str = "smollm2", *, version_label
         pointer.mkdir()
         (pointer / "policy.json").write_text(json.dumps({"base": base, "label": version_label}))
         mlflow.set_tags({"flywheel.kind": "base-policy", "flywheel.reference": base})
-        info = mlflow.pyfunc.log_model(name="policy", python_model=_policy_pyfunc()(), artifacts={"policy": str(pointer)},
+        info = mlflow.pyfunc.log_model(name="policy", python_model=policy_pyfunc()(), artifacts={"policy": str(pointer)},
                                        pip_requirements=pip_requirements())
         mv = register(info.model_uri, POLICY_MODEL, alias=None,
                       tags={"reference": base, "label": version_label, "run_id": run.info.run_id})

@@ -1,4 +1,4 @@
-"""Our decoding loop (``training.policy.ppo.sample``) against transformers' ``generate``, and the batch paths
+"""Our decoding loop (``training.generation.sample``) against transformers' ``generate``, and the batch paths
 built on it (the chat service's ``generate_many``, the gate's ``answer``): same answers, the prompts' order
 kept, the sampling distribution the one asked for, log-probabilities equal to a forward pass."""
 
@@ -21,10 +21,10 @@ def lm_tok():
 
 
 def test_greedy_answers_are_generates_and_a_prompt_read_once_for_many_samples_answers_the_same(lm_tok):
-    from training.policy.ppo import _encode_prompts, sample
+    from training.generation import encode_prompts, sample
 
     lm, tok = lm_tok
-    enc = _encode_prompts(tok, PROMPTS, 32, "cpu")
+    enc = encode_prompts(tok, PROMPTS, 32, "cpu")
     assert (enc["attention_mask"] == 0).any()  # prompts of different lengths: rows are left-padded
     want = lm.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
                        eos_token_id=tok.eos_token_id)
@@ -36,7 +36,7 @@ def test_greedy_answers_are_generates_and_a_prompt_read_once_for_many_samples_an
 
 
 def test_after_eos_a_row_gets_padding_and_the_loop_stops_once_every_row_has_ended(lm_tok):
-    from training.policy.ppo import sample
+    from training.generation import sample
 
     lm, tok = lm_tok
     biased = tiny_causal_lm(len(tok), seed=1)
@@ -55,26 +55,26 @@ def test_after_eos_a_row_gets_padding_and_the_loop_stops_once_every_row_has_ende
 
 
 def test_a_token_is_drawn_from_the_softmax_at_the_temperature_and_within_the_top_k():
-    from training.policy.ppo import _next_tokens
+    from training.generation import next_tokens
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0])
     rows = 40_000
     torch.manual_seed(0)
     for temperature in (0.7, 1.5):
-        drawn = _next_tokens(logits.expand(rows, -1), temperature=temperature, top_k=0, greedy=False)
+        drawn = next_tokens(logits.expand(rows, -1), temperature=temperature, top_k=0, greedy=False)
         freq = np.bincount(drawn.numpy(), minlength=len(logits)) / rows
         want = torch.softmax(logits / temperature, -1).numpy()
         # 4.5 binomial standard deviations: a wrong distribution (or temperature) is far outside, a right one inside
         assert np.all(np.abs(freq - want) <= 4.5 * np.sqrt(want * (1 - want) / rows) + 1e-9), (temperature, freq, want)
-    drawn = _next_tokens(logits.expand(rows, -1), temperature=1.0, top_k=2, greedy=False)
+    drawn = next_tokens(logits.expand(rows, -1), temperature=1.0, top_k=2, greedy=False)
     freq = np.bincount(drawn.numpy(), minlength=len(logits)) / rows
     assert freq[2:].sum() == 0
     assert abs(freq[0] - torch.softmax(logits[:2], -1)[0].item()) < 0.02
-    assert _next_tokens(logits.expand(3, -1), temperature=1.0, top_k=0, greedy=True).tolist() == [0, 0, 0]
+    assert next_tokens(logits.expand(3, -1), temperature=1.0, top_k=0, greedy=True).tolist() == [0, 0, 0]
 
 
 def test_log_probabilities_from_generation_and_from_the_response_positions_equal_a_full_forward_pass(lm_tok):
-    from training.policy.ppo import response_logits_to_keep, sample, token_logprobs
+    from training.generation import response_logits_to_keep, sample, token_logprobs
 
     lm, tok = lm_tok
     torch.manual_seed(3)
@@ -96,7 +96,7 @@ def test_at_a_temperature_every_log_probability_is_log_softmax_of_logits_over_it
     """The sampler's, the trainer's (token_logprobs) and the gate's KL all read log_softmax(logits / T)."""
     from training.config import GateRecipe
     from training.evaluation import answer
-    from training.policy.ppo import sample, token_logprobs
+    from training.generation import sample, token_logprobs
     from training.policy.ppo_math import kl_k3
 
     lm, tok = lm_tok
@@ -129,7 +129,7 @@ def test_the_chat_services_batches_and_the_gates_answers_come_back_in_the_prompt
     from serving.policy import PolicyHandle
     from training.config import GateRecipe
     from training.evaluation import answer
-    from training.policy.ppo import sample
+    from training.generation import sample
     from training.policy.ppo_math import kl_k3
 
     lm, tok = lm_tok

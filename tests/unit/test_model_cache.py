@@ -12,12 +12,12 @@ from tests.tiny import tiny_causal_lm, tiny_tokenizer
 
 
 def test_smollm2_is_dequantized_once_and_read_back_from_the_cache_with_the_same_weights(tmp_path, monkeypatch):
-    from serving import policy
+    from training import generation as policy
 
     monkeypatch.setenv("FLYWHEEL_MODEL_CACHE", str(tmp_path / "models"))
     converted: list[tuple] = []
-    real = policy._load_smollm2_gguf
-    monkeypatch.setattr(policy, "_load_smollm2_gguf", lambda: converted.append(real()) or converted[-1])
+    real = policy.dequantize_smollm2_gguf
+    monkeypatch.setattr(policy, "dequantize_smollm2_gguf", lambda: converted.append(real()) or converted[-1])
 
     lm, tok = policy.load_causal_lm("smollm2")  # converts, then loads the converted directory
     again, tok_again = policy.load_causal_lm("smollm2")
@@ -36,7 +36,7 @@ def test_smollm2_is_dequantized_once_and_read_back_from_the_cache_with_the_same_
 @pytest.fixture
 def tiny_gguf(monkeypatch):
     """The GGUF conversion replaced by a tiny model, counting its calls."""
-    from serving import policy
+    from training import generation as policy
 
     calls = []
 
@@ -45,12 +45,12 @@ def tiny_gguf(monkeypatch):
         tok = tiny_tokenizer()
         return tiny_causal_lm(len(tok)), tok
 
-    monkeypatch.setattr(policy, "_load_smollm2_gguf", convert)
+    monkeypatch.setattr(policy, "dequantize_smollm2_gguf", convert)
     return calls
 
 
 def test_a_cache_that_cannot_be_written_falls_back_to_the_gguf_with_a_warning(tmp_path, monkeypatch, tiny_gguf):
-    from serving import policy
+    from training import generation as policy
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -58,18 +58,18 @@ def test_a_cache_that_cannot_be_written_falls_back_to_the_gguf_with_a_warning(tm
     warned: list[str] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("serving.policy").addHandler(handler)
+    logging.getLogger("training.generation").addHandler(handler)
     try:
         lm, _tok = policy.load_causal_lm("smollm2")
     finally:
-        logging.getLogger("serving.policy").removeHandler(handler)
+        logging.getLogger("training.generation").removeHandler(handler)
     assert lm.config.vocab_size == len(tiny_tokenizer())
     assert any("not writable" in w for w in warned)
     assert len(tiny_gguf) == 1  # the cache directory could not be made: no conversion wasted on it
 
 
 def test_a_directory_without_its_config_is_not_taken_for_a_conversion_and_is_replaced(tmp_path, monkeypatch, tiny_gguf):
-    from serving import policy
+    from training import generation as policy
 
     monkeypatch.setenv("FLYWHEEL_MODEL_CACHE", str(tmp_path))
     target = policy.smollm2_converted_dir()

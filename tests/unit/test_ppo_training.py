@@ -195,28 +195,47 @@ def test_dpo_and_kto_recipes_train_through_trl_and_register(env, tmp_path, kind)
     from training.config import PreferenceOptRecipe
     from training.policy.prefopt import train_preference_opt
 
-    settings, policy, _reward, uri = env
+    settings, _policy, _reward, uri = env
+    policy = tiny_policy_dir(tmp_path / "chat-policy", chat_template=True)
     d = Path(uri.removeprefix("file://"))
     pairs = pd.read_parquet(d / "pairs.parquet")
     unpaired = pd.concat([pairs.assign(completion=pairs["chosen"], label=True),
                           pairs.assign(completion=pairs["rejected"], label=False)])
     unpaired[["prompt", "completion", "label", "source", "group_id", "split", "event_ids"]].to_parquet(d / "unpaired.parquet")
     res = train_preference_opt(settings, PreferenceOptRecipe(kind=kind, policy=policy, max_steps=2, batch_size=4,
-                                                             max_length=32, lr=1e-3, threads=1), uri)
+                                                             max_length=32, lr=1e-3, threads=1, lora=True,
+                                                             lora_targets=("q_proj", "o_proj")), uri)
     assert res["steps"] == 2 and math.isfinite(res["train_loss"])
     client = MlflowClient(settings.mlflow.tracking_uri)
     assert client.get_run(res["run_id"]).data.tags["flywheel.kind"] == kind
     assert client.get_model_version_by_alias("flywheel-policy", "challenger").run_id == res["run_id"]
 
 
+def test_dpo_and_kto_rows_are_rendered_with_the_chat_template_as_ppo_and_serving_render_them(tmp_path):
+    import pandas as pd
+    from transformers import AutoTokenizer
+    from trl import maybe_apply_chat_template
+
+    from training.generation import render_prompt
+    from training.policy.prefopt import conversational
+
+    tok = AutoTokenizer.from_pretrained(tiny_policy_dir(tmp_path / "p", chat_template=True))
+    rows = conversational(pd.DataFrame({"prompt": ["what is the capital"], "chosen": ["paris"], "rejected": ["no"]}))
+    got = maybe_apply_chat_template(rows.iloc[0].to_dict(), tok)
+    assert got["prompt"] == render_prompt(tok, "what is the capital") == "<s> user what is the capital </s> <s> assistant "
+    assert got["chosen"].startswith("paris") and got["rejected"].startswith("no")
+    one = conversational(pd.DataFrame({"prompt": ["why"], "completion": ["because"], "label": [True]}))
+    assert maybe_apply_chat_template(one.iloc[0].to_dict(), tok)["prompt"] == render_prompt(tok, "why")
+
+
 def test_long_prompts_are_cut_in_the_users_text_so_the_assistant_turn_survives():
     from tests.tiny import tiny_tokenizer
-    from training.policy.ppo import _format_prompt, fit_prompts
+    from training.generation import fit_prompts, render_prompt
 
     tok = tiny_tokenizer()
     long = " ".join(["hello"] * 200)
     (cut,) = fit_prompts(tok, [long], 32)
-    formatted = _format_prompt(tok, cut)
+    formatted = render_prompt(tok, cut)
     assert len(tok(formatted, add_special_tokens=False)["input_ids"]) <= 32
     assert formatted.rstrip().endswith("assistant:")  # the answer prompt is still there
     assert fit_prompts(tok, ["hello there"], 32) == ["hello there"]

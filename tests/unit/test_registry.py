@@ -16,7 +16,7 @@ from tests.tiny import tiny_encoder_dir, tiny_fixed_policy_dir, tiny_pairs, tiny
 from training.config import GateRecipe
 from training.reward.model import RewardModel
 
-LOOSE = dict(min_win_rate=0.0, min_lc_win_rate=0.0, max_kl=1e9, max_length_drift=1e9, max_no_eos_share=1.0, min_helpful_rate=0.0,
+LOOSE = dict(min_win_rate=0.0, min_win_rate_ci_low=0.0, min_lc_win_rate=0.0, max_kl=1e9, max_length_drift=1e9, max_no_eos_share=1.0, min_helpful_rate=0.0,
              min_rm_accuracy=0.0, min_audit_accuracy=0.0)
 
 

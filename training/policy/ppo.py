@@ -54,22 +54,31 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from flywheel.settings import Settings
-from serving.policy import load_causal_lm
 from training.config import PPORecipe, recipe_dict
-from training.data import open_dataset
+from training.data import open_dataset, split_prompts
 from training.distributed import Dist, check_divisible, optimizer_to
 from training.distributed import setup as setup_distributed
+from training.generation import (
+    Rollout,
+    entropy_from_logits,
+    fit_prompts,
+    load_causal_lm,
+    logprob_temperature,
+    render_prompt,
+    response_logits,
+    response_logits_to_keep,
+    sample,
+    token_logprobs,
+)
 from training.policy.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -113,175 +122,6 @@ class PolicyWithValue(nn.Module):
                       logits_to_keep=logits_to_keep)
         values = self.value_head(out.hidden_states[-1]).squeeze(-1)
         return out.logits, values
-
-
-@dataclass
-class Rollout:
-    input_ids: torch.Tensor  # prompt (left-padded) + response
-    attention_mask: torch.Tensor
-    mask: torch.Tensor  # 1 on response tokens up to and including EOS, over the response positions
-    prompt_len: int
-    texts: list[str]
-    finished: torch.Tensor
-    # log π(token) of each response token under the sampling model, read off the logits generation computed
-    # anyway (``sample(..., with_logprobs=True)``); None when not asked for
-    logprobs: torch.Tensor | None = None
-
-
-def _format_prompt(tok: Any, prompt: str) -> str:
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                       tokenize=False)
-    return f"user: {prompt}\nassistant:"
-
-
-def fit_prompts(tok: Any, prompts: list[str], max_prompt_tokens: int) -> list[str]:
-    """Prompts cut (at the end of the user's text) so that the chat-formatted prompt fits ``max_prompt_tokens``.
-    Truncating the formatted string instead would cut off the template's assistant turn, and the model would
-    continue the user's text rather than answer it."""
-    overhead = len(tok(_format_prompt(tok, ""), add_special_tokens=False)["input_ids"])
-    budget = max(max_prompt_tokens - overhead, 1)
-    out = []
-    for p in prompts:
-        ids = tok(p, add_special_tokens=False)["input_ids"]
-        out.append(p if len(ids) <= budget else tok.decode(ids[:budget]))
-    return out
-
-
-def shortest_first(tok: Any, prompts: list[str], max_prompt_tokens: int) -> list[int]:
-    """Indices of ``prompts`` from the shortest to the longest once chat-formatted and cut to
-    ``max_prompt_tokens`` (stable): batches of prompts of similar length carry less left padding, which costs
-    as much compute as the prompt itself."""
-    lengths = [len(tok(_format_prompt(tok, p), add_special_tokens=False)["input_ids"])
-               for p in fit_prompts(tok, prompts, max_prompt_tokens)]
-    return sorted(range(len(prompts)), key=lengths.__getitem__)
-
-
-def _encode_prompts(tok: Any, prompts: list[str], max_prompt_tokens: int, device: Any) -> dict[str, torch.Tensor]:
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    enc = tok([_format_prompt(tok, p) for p in fit_prompts(tok, prompts, max_prompt_tokens)], return_tensors="pt",
-              padding=True, truncation=True, max_length=max_prompt_tokens, add_special_tokens=False)
-    return {k: v.to(device) for k, v in enc.items()}
-
-
-def _next_tokens(logits: torch.Tensor, *, temperature: float, top_k: int, greedy: bool) -> torch.Tensor:
-    """One token a row: the most likely (greedy), or drawn from softmax(logits / temperature) (the ``top_k``
-    most likely only, when set) by inverting the cumulative distribution at one uniform draw a row (a row
-    costs one random number, where ``torch.multinomial`` draws one a vocabulary entry: a fifth of a 32-token
-    batch's time on SmolLM2's 49k vocabulary)."""
-    if greedy:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand(len(cdf), 1, device=cdf.device).clamp_min(1e-12) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[-1] - 1)
-
-
-@torch.no_grad()
-def sample(lm: nn.Module, tok: Any, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
-           top_k: int = 0, max_prompt_tokens: int = 128, greedy: bool = False, samples: int = 1,
-           with_logprobs: bool = False) -> Rollout:
-    """Responses to ``prompts`` (chat-formatted, left-padded, one batch); the mask keeps each response up to
-    and including its first EOS.
-
-    ``samples`` > 1 answers each prompt that many times (rows ``i * samples .. (i + 1) * samples - 1`` answer
-    prompt i): each prompt is read once and its keys and values are copied to every sample. ``with_logprobs``
-    fills ``Rollout.logprobs`` with log π_T(token) of each response token, π_T = softmax(logits / temperature)
-    being the distribution it was drawn from (logits / 1 when greedy), from the logits the generation computes
-    anyway (the numbers :func:`token_logprobs` of a second forward pass would give, without it). ``top_k``
-    truncation is not in them (no recipe of ours uses it with training).
-
-    The decoding loop is ours, not ``generate``'s: keys and values are written in place into a preallocated
-    cache (``StaticCache``; a growing one copies itself at every token) and a token is drawn with one random
-    number a row (:func:`_next_tokens`). After a row's EOS it gets padding, as ``generate`` gives it, and the
-    loop stops once every row has ended."""
-    from transformers import DynamicCache, StaticCache
-
-    device = next(lm.parameters()).device
-    enc = _encode_prompts(tok, prompts, max_prompt_tokens, device)
-    ids, am = enc["input_ids"], enc["attention_mask"]
-    lm.eval()
-    n, plen = ids.shape
-    rows = n * samples
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    # positions count from each row's first token, not from the padding (as ``generate`` counts them)
-    positions = (am.long().cumsum(-1) - 1).masked_fill(am == 0, 1)
-    tokens: list[torch.Tensor] = []
-    logprobs: list[torch.Tensor] = []
-    if max_new_tokens > 0:
-        prefill = DynamicCache()
-        logits = lm(input_ids=ids, attention_mask=am, position_ids=positions, past_key_values=prefill, use_cache=True,
-                    logits_to_keep=1).logits[:, -1].repeat_interleave(samples, 0)
-        cache = StaticCache(config=lm.config, max_cache_len=plen + max_new_tokens)
-        for i, layer in enumerate(prefill.layers):
-            cache.update(layer.keys.repeat_interleave(samples, 0), layer.values.repeat_interleave(samples, 0), i)
-        del prefill
-        attn = torch.zeros(rows, plen + max_new_tokens, dtype=am.dtype, device=device)
-        attn[:, :plen] = am.repeat_interleave(samples, 0)
-        pos = positions[:, -1:].repeat_interleave(samples, 0)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        for t in range(max_new_tokens):
-            nxt = _next_tokens(logits, temperature=temperature, top_k=top_k, greedy=greedy)
-            nxt = nxt.masked_fill(done, pad)  # _encode_prompts gave the tokenizer a pad token
-            tokens.append(nxt)
-            if with_logprobs:  # of the distribution the token was drawn from: softmax(logits / T)
-                scaled = logits.float() / logprob_temperature(temperature, greedy)
-                logprobs.append(F.log_softmax(scaled, -1).gather(1, nxt[:, None]).squeeze(1))
-            if eos is not None:
-                done |= nxt == eos
-            if t == max_new_tokens - 1 or bool(done.all()):
-                break
-            attn[:, plen + t] = 1
-            pos = pos + 1
-            logits = lm(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
-                        cache_position=torch.tensor([plen + t], device=device), use_cache=True).logits[:, -1]
-    resp = torch.stack(tokens, 1) if tokens else ids.new_zeros(rows, 0)
-    seq = torch.cat([ids.repeat_interleave(samples, 0), resp], 1)
-    is_eos = resp == eos
-    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0  # response tokens up to and including the first EOS
-    mask = (~after_eos).float()
-    finished = is_eos.any(1)
-    attn_out = torch.cat([am.repeat_interleave(samples, 0), mask.long()], 1)
-    texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(resp, mask, strict=True)]
-    lp = (torch.stack(logprobs, 1) if logprobs else torch.zeros(rows, 0, device=device)) if with_logprobs else None
-    return Rollout(seq, attn_out, mask, plen, texts, finished, lp)
-
-
-def logprob_temperature(temperature: float, greedy: bool = False) -> float:
-    """The temperature log-probabilities are read at: the sampling temperature, or 1 for greedy decoding."""
-    return 1.0 if greedy or temperature <= 0 else temperature
-
-
-def response_logits_to_keep(ids: torch.Tensor, prompt_len: int) -> int:
-    """How many trailing positions' logits the response needs: the last prompt position and every response
-    position (pass it as ``logits_to_keep``: the LM head then skips the prompt, a fifth of SmolLM2's
-    compute per position)."""
-    return ids.shape[1] - prompt_len + 1
-
-
-def response_logits(logits: torch.Tensor, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """The logits that predict the response tokens (positions prompt_len-1..end-1), from the logits of every
-    position or of the last ``response_logits_to_keep`` ones."""
-    return logits[:, -response_logits_to_keep(ids, prompt_len):-1]
-
-
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, prompt_len: int, temperature: float = 1.0) -> torch.Tensor:
-    """log π_T(token_t | prefix) = log_softmax(logits / T) at the response tokens (positions prompt_len..end),
-    from the logits of every position or of the last ``response_logits_to_keep(ids, prompt_len)`` ones. Pass
-    the sampling temperature: the ratio, the KL and the gate must all be about the policy that sampled."""
-    logits = response_logits(logits, ids, prompt_len).float() / temperature
-    return torch.gather(F.log_softmax(logits, -1), 2, ids[:, prompt_len:, None]).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    scaled = logits.float() / temperature
-    p = F.softmax(scaled, -1)
-    return torch.logsumexp(scaled, -1) - (p * scaled).sum(-1)
 
 
 class PPOTrainer:
@@ -518,14 +358,6 @@ class PPOTrainer:
         return path
 
 
-def _prompts(ds: Any, split: str, n: int, seed: int) -> list[str]:
-    df = ds.table("prompts")
-    df = df[df["split"] == split].sort_values("prompt_id")
-    texts = df["prompt"].tolist()
-    random.Random(seed).shuffle(texts)
-    return texts[:n]
-
-
 def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkpoint_dir: str | Path | None = None,
               experiment: str = "flywheel-policy", register_model: bool = True) -> dict[str, Any]:
     import mlflow
@@ -535,8 +367,8 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
     dist = setup_distributed(recipe.device)
     torch.manual_seed(recipe.seed + dist.rank)  # ranks sample independently (DDP starts them from rank 0's weights)
     ds = open_dataset(dataset_ref, settings)
-    train_prompts = _prompts(ds, "train", recipe.prompts, recipe.seed)
-    eval_prompts = _prompts(ds, "eval", recipe.eval_prompts, recipe.seed)
+    train_prompts = split_prompts(ds, "train", recipe.prompts, recipe.seed)
+    eval_prompts = split_prompts(ds, "eval", recipe.eval_prompts, recipe.seed)
     if not train_prompts:
         raise ValueError(f"dataset {dataset_ref}: no training prompts")
     if dist.main:
@@ -641,7 +473,7 @@ def _log_plots(history: list[dict[str, float]]) -> None:
     plt.close(fig)
 
 
-def _policy_pyfunc() -> type:
+def policy_pyfunc() -> type:
     import mlflow
 
     class _PolicyPyfunc(mlflow.pyfunc.PythonModel):
@@ -653,7 +485,7 @@ def _policy_pyfunc() -> type:
         def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> list[str]:  # noqa: ARG002
             out = []
             for prompt in model_input["prompt"]:
-                enc = self.tok(_format_prompt(self.tok, prompt), return_tensors="pt", add_special_tokens=False)
+                enc = self.tok(render_prompt(self.tok, prompt), return_tensors="pt", add_special_tokens=False)
                 with torch.no_grad():
                     ids = self.lm.generate(**enc, max_new_tokens=128, do_sample=False)
                 out.append(self.tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
@@ -666,7 +498,7 @@ def log_and_register_policy(policy_dir: Path, run_id: str, dataset_version: str,
                             metrics: dict[str, float], reference: str = "smollm2") -> str:
     import mlflow
 
-    info = mlflow.pyfunc.log_model(name="policy", python_model=_policy_pyfunc()(), artifacts={"policy": str(policy_dir)},
+    info = mlflow.pyfunc.log_model(name="policy", python_model=policy_pyfunc()(), artifacts={"policy": str(policy_dir)},
                                    pip_requirements=pip_requirements())
     mv = register(info.model_uri, POLICY_MODEL, alias="challenger",
                   tags={"dataset_version": dataset_version, "reward_model_version": reward_version, "run_id": run_id,

@@ -4,6 +4,10 @@
 - ``kto`` (Ethayarajh et al. 2024) trains on the ``unpaired`` set (prompt, completion, thumbs-style label),
   which uses feedback that never formed a pair.
 
+Rows are given to TRL in its conversational format (the prompt as the user's message, the answers as the
+assistant's), so TRL renders them with the model's chat template: the same tokens PPO samples from and
+serving answers with, not a plain string the model never sees in production.
+
 The reference model is an explicit frozen copy (TRL would otherwise try to fetch one by name). TRL's
 ``report_to`` is off; a callback forwards its logs into our MLflow run, which carries the same tags and
 artifacts as a PPO run, and the result is registered as ``flywheel-policy@challenger``.
@@ -19,10 +23,21 @@ from typing import Any
 import torch
 
 from flywheel.settings import Settings
-from serving.policy import load_causal_lm
 from training.config import PreferenceOptRecipe, recipe_dict
 from training.data import open_dataset
+from training.generation import load_causal_lm
 from training.tracking import flat_params, log_dict_artifact, use_tracking
+
+
+def conversational(table: Any) -> Any:
+    """Preference rows in TRL's conversational format: ``prompt`` as a one-message user turn, each answer
+    column (``chosen``/``rejected`` or ``completion``) as an assistant turn."""
+    out = table.copy()
+    out["prompt"] = [[{"role": "user", "content": p}] for p in table["prompt"]]
+    for col in ("chosen", "rejected", "completion"):
+        if col in out:
+            out[col] = [[{"role": "assistant", "content": a}] for a in table[col]]
+    return out
 
 
 def train_preference_opt(settings: Settings, recipe: PreferenceOptRecipe, dataset_ref: str, *,
@@ -44,6 +59,7 @@ def train_preference_opt(settings: Settings, recipe: PreferenceOptRecipe, datase
         table = table[table["split"] == "train"][["prompt", "completion", "label"]]
     if table.empty:
         raise ValueError(f"dataset {dataset_ref}: no training rows for {recipe.kind}")
+    table = conversational(table)
     lm, tok = load_causal_lm(recipe.policy)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -52,7 +68,7 @@ def train_preference_opt(settings: Settings, recipe: PreferenceOptRecipe, datase
     if recipe.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=["q_proj", "v_proj"],
+        peft_config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=list(recipe.lora_targets),
                                  task_type="CAUSAL_LM")
         ref = None  # with adapters, TRL uses the base weights as the reference
 

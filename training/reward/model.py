@@ -25,7 +25,7 @@ def resolve_backbone(name: str) -> tuple[str, str | None]:
 
         return str(get_model_path()), None
     if name == "smollm2":
-        from serving.policy import smollm2_gguf_path
+        from training.generation import smollm2_gguf_path
 
         gguf = smollm2_gguf_path()
         return str(gguf.parent), gguf.name
@@ -34,11 +34,17 @@ def resolve_backbone(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+# "mean": over every token of prompt + response (sentence-transformers' pooling); "response": over the response's
+# tokens only (the second segment of the pair: the prompt neither dilutes the response by its share of the tokens
+# nor hands the model a length channel); "last": the last real token (causal LMs); "cls": the first token
+POOLINGS = ("mean", "response", "last", "cls")
+
+
 class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, tokenizer: Any, pooling: str = "mean", max_length: int = 256):
         super().__init__()
-        if pooling not in ("mean", "last"):
-            raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.backbone, self.tokenizer, self.pooling, self.max_length = backbone, tokenizer, pooling, max_length
         self.head = nn.Linear(backbone.config.hidden_size, 1)
         nn.init.normal_(self.head.weight, std=1.0 / (backbone.config.hidden_size ** 0.5))
@@ -81,11 +87,21 @@ class RewardModel(nn.Module):
         return self.tokenizer([p for p, _ in pairs], [r for _, r in pairs], truncation="longest_first",
                               max_length=self.max_length, padding=True, return_tensors="pt")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        if self.pooling == "mean":
+        if self.pooling == "response":
+            if token_type_ids is None:
+                raise ValueError("pooling 'response' needs a tokenizer that marks the pair's second segment "
+                                 "(token_type_ids): an encoder such as MiniLM")
+            keep = attention_mask * token_type_ids
+        else:
+            keep = attention_mask
+        mask = keep.unsqueeze(-1).to(hidden.dtype)
+        if self.pooling in ("mean", "response"):
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        elif self.pooling == "cls":
+            pooled = hidden[:, 0]
         else:
             last = attention_mask.sum(1) - 1
             pooled = hidden[torch.arange(hidden.shape[0]), last]
