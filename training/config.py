@@ -70,7 +70,9 @@ class PPORecipe:
     eval_prompts: int = 32  # held-out prompts (eval split) scored before and after
     max_prompt_tokens: int = 128
     max_new_tokens: int = 48
-    temperature: float = 1.0  # sampling temperature; every log-probability (ratio, KL) is read at it too
+    # sampling temperature (training.generation.SAMPLING: what serving and the gate sample with too); every
+    # log-probability (ratio, KL) is read at it
+    temperature: float = 0.7
     top_k: int = 0
     # "rloo": each answer's advantage is its reward minus the mean of the other samples_per_prompt - 1 answers to
     # its prompt (REINFORCE leave-one-out, no critic, no policy forward pass before the update); "gae": PPO's

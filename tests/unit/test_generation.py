@@ -153,3 +153,15 @@ def test_the_chat_services_batches_and_the_gates_answers_come_back_in_the_prompt
         want = float((kl_k3(logp.gather(2, ids)[..., 0], ref_logp.gather(2, ids)[..., 0]) * ro.mask).sum())
         assert kl == pytest.approx(want, rel=1e-3, abs=1e-5) and want > 0
         assert length == ro.mask.sum()
+
+
+def test_serving_rollouts_and_the_gate_sample_the_same_way():
+    from serving.policy import PolicyHandle
+    from training.config import GateRecipe, PPORecipe, load_recipe
+    from training.generation import SAMPLING
+
+    handle = PolicyHandle(None, None, "v")
+    assert (handle.temperature, handle.top_p) == (SAMPLING.temperature, SAMPLING.top_p) == (0.7, 1.0)
+    assert PPORecipe().temperature == GateRecipe().temperature == SAMPLING.temperature
+    for name in ("policy-ppo.yaml", "policy-ppo-demo.yaml", "policy-ppo-lora.yaml", "gate.yaml", "gate-demo.yaml"):
+        assert load_recipe(name).temperature == SAMPLING.temperature, name
