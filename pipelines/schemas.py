@@ -42,6 +42,9 @@ PROMPTS = pa.DataFrameSchema(
     {
         "prompt_id": pa.Column(str, unique=True),
         "prompt": pa.Column(str, _text),
+        # the conversation as JSON messages ({"role", "content"}), PII masked: what training renders with the chat
+        # template, as serving renders it; ``prompt`` is its flattened text (what reward models read)
+        "messages": pa.Column(str, _text),
         "group_id": pa.Column(str),
         "split": pa.Column(str, pa.Check.isin(_SPLITS)),
         "n_turns": pa.Column(int, pa.Check.ge(1)),

@@ -73,7 +73,7 @@ class PolicyHandle:
         lm, tok = load_causal_lm(model)
         return cls(lm, tok, version)
 
-    def _prompt_ids(self, messages: list[dict[str, str]]) -> Any:
+    def prompt_ids(self, messages: list[dict[str, str]]) -> Any:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -89,7 +89,7 @@ class PolicyHandle:
     def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         """How many tokens the model reads for ``messages``: the chat-formatted prompt :meth:`generate` feeds it.
         Tokenizes only: no lock, so it never waits on a generation."""
-        return int(self._prompt_ids(messages).shape[1])
+        return int(self.prompt_ids(messages).shape[1])
 
     def generate(self, messages: list[dict[str, str]], max_new_tokens: int, *, seed: int | None = None,
                  between: Callable[[], None] | None = None) -> Reply:
@@ -100,7 +100,7 @@ class PolicyHandle:
         import torch
 
         with self._lock:
-            ids = self._prompt_ids(messages)
+            ids = self.prompt_ids(messages)
             if seed is not None:
                 torch.manual_seed(seed)
             eos = self.tokenizer.eos_token_id

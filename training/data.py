@@ -43,10 +43,18 @@ def open_dataset(ref: str, settings: Settings) -> CuratedDataset:
     return CuratedDataset(ref, manifest["version"], manifest, storage)
 
 
-def split_prompts(ds: Any, split: str, n: int, seed: int) -> list[str]:
-    """``n`` prompts of a dataset's ``split`` (``train``/``eval``), in a seeded random order."""
+def conversation(messages_json: str) -> Any:
+    """A prompt from a dataset's ``messages`` column: the user's text for a single user message, else the list of
+    messages (training.generation renders either with the chat template, as serving renders the same messages)."""
+    msgs = json.loads(messages_json)
+    return msgs[0]["content"] if len(msgs) == 1 and msgs[0].get("role") == "user" else msgs
+
+
+def split_prompts(ds: Any, split: str, n: int, seed: int) -> list[Any]:
+    """``n`` prompts of a dataset's ``split`` (``train``/``eval``), in a seeded random order: strings, or message
+    lists for conversations (datasets that have a ``messages`` column)."""
     df = ds.table("prompts")
     df = df[df["split"] == split].sort_values("prompt_id")
-    texts = df["prompt"].tolist()
+    texts = [conversation(m) for m in df["messages"]] if "messages" in df else df["prompt"].tolist()
     random.Random(seed).shuffle(texts)
     return texts[:n]

@@ -243,9 +243,9 @@ def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], ref
                                           base=base[0] if base is not None else None)
     a_cp, probes_cp = _answers_and_probes(champion, None if champion_is_reference else ref, prompts, recipe, probes,
                                           cache, k_cp)
-    from training.generation import fit_prompts
+    from training.generation import fit_prompts, flatten_prompt
 
-    seen = fit_prompts(challenger[1], prompts, recipe.max_prompt_tokens)  # judged on the prompt the policies read
+    seen = [flatten_prompt(p) for p in fit_prompts(challenger[1], prompts, recipe.max_prompt_tokens)]  # judged on the prompt the policies read
     r_ch, r_cp = judge_scores(judge, seen, a_ch, recipe), judge_scores(judge, seen, a_cp, recipe)
     outcome = (r_ch > r_cp).astype(float) + 0.5 * (r_ch == r_cp)
     n = len(prompts)

@@ -185,27 +185,60 @@ class Rollout:
     logprobs: torch.Tensor | None = None
 
 
-def render_prompt(tok: Any, prompt: str) -> str:
+Prompt = str | list[dict[str, str]]  # one user message, or a conversation (``{"role", "content"}`` messages)
+
+
+def as_messages(prompt: Prompt) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def flatten_prompt(prompt: Prompt) -> str:
+    """A prompt as one text, the way curation writes a pair's ``prompt`` (what reward models read): the user's
+    message, or the role-tagged conversation."""
+    msgs = as_messages(prompt)
+    if len(msgs) == 1:
+        return str(msgs[0]["content"])
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in msgs)
+
+
+def render_prompt(tok: Any, prompt: Prompt) -> str:
+    """The text the model reads: the chat template over the real messages, ending with the assistant's turn
+    (what serving's ``/v1/chat`` feeds the model for the same messages)."""
+    msgs = as_messages(prompt)
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                       tokenize=False)
-    return f"user: {prompt}\nassistant:"
+        return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
 
 
-def fit_prompts(tok: Any, prompts: list[str], max_prompt_tokens: int) -> list[str]:
-    """Prompts cut (at the end of the user's text) so that the chat-formatted prompt fits ``max_prompt_tokens``.
-    Truncating the formatted string instead would cut off the template's assistant turn, and the model would
-    continue the user's text rather than answer it."""
+def _cut(tok: Any, text: str, budget: int) -> str:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= budget else tok.decode(ids[:max(budget, 1)])
+
+
+def fit_prompts(tok: Any, prompts: list[Prompt], max_prompt_tokens: int) -> list[Prompt]:
+    """Prompts cut so that the chat-formatted prompt fits ``max_prompt_tokens``: a user message at the end of its
+    text; a conversation by dropping its oldest messages first (the last is the one to answer), then cutting what
+    is left as a message. Truncating the formatted string instead would cut off the template's assistant turn, and
+    the model would continue the user's text rather than answer it."""
     overhead = len(tok(render_prompt(tok, ""), add_special_tokens=False)["input_ids"])
     budget = max(max_prompt_tokens - overhead, 1)
-    out = []
+    out: list[Prompt] = []
     for p in prompts:
-        ids = tok(p, add_special_tokens=False)["input_ids"]
-        out.append(p if len(ids) <= budget else tok.decode(ids[:budget]))
+        if isinstance(p, str):
+            out.append(_cut(tok, p, budget))
+            continue
+        msgs = as_messages(p)
+        while len(msgs) > 1 and len(tok(render_prompt(tok, msgs), add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
+            msgs = msgs[1:]
+            while len(msgs) > 1 and msgs[0].get("role") == "assistant":  # a conversation starts with the user
+                msgs = msgs[1:]
+        if len(tok(render_prompt(tok, msgs), add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
+            msgs = [{**msgs[-1], "content": _cut(tok, msgs[-1]["content"], budget)}]
+        out.append(msgs)
     return out
 
 
-def shortest_first(tok: Any, prompts: list[str], max_prompt_tokens: int) -> list[int]:
+def shortest_first(tok: Any, prompts: list[Prompt], max_prompt_tokens: int) -> list[int]:
     """Indices of ``prompts`` from the shortest to the longest once chat-formatted and cut to
     ``max_prompt_tokens`` (stable): batches of prompts of similar length carry less left padding, which costs
     as much compute as the prompt itself."""
@@ -214,7 +247,7 @@ def shortest_first(tok: Any, prompts: list[str], max_prompt_tokens: int) -> list
     return sorted(range(len(prompts)), key=lengths.__getitem__)
 
 
-def encode_prompts(tok: Any, prompts: list[str], max_prompt_tokens: int, device: Any) -> dict[str, torch.Tensor]:
+def encode_prompts(tok: Any, prompts: list[Prompt], max_prompt_tokens: int, device: Any) -> dict[str, torch.Tensor]:
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -240,7 +273,7 @@ def next_tokens(logits: torch.Tensor, *, temperature: float, top_k: int, greedy:
 
 
 @torch.no_grad()
-def sample(lm: nn.Module, tok: Any, prompts: list[str], *, max_new_tokens: int, temperature: float = 1.0,
+def sample(lm: nn.Module, tok: Any, prompts: list[Prompt], *, max_new_tokens: int, temperature: float = 1.0,
            top_k: int = 0, max_prompt_tokens: int = 128, greedy: bool = False, samples: int = 1,
            with_logprobs: bool = False) -> Rollout:
     """Responses to ``prompts`` (chat-formatted, left-padded, one batch); the mask keeps each response up to

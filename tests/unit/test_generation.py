@@ -165,3 +165,55 @@ def test_serving_rollouts_and_the_gate_sample_the_same_way():
     assert PPORecipe().temperature == GateRecipe().temperature == SAMPLING.temperature
     for name in ("policy-ppo.yaml", "policy-ppo-demo.yaml", "policy-ppo-lora.yaml", "gate.yaml", "gate-demo.yaml"):
         assert load_recipe(name).temperature == SAMPLING.temperature, name
+
+
+def test_a_multi_turn_conversation_gives_the_same_token_ids_from_the_lake_to_training_as_in_serving(tmp_path):
+    """Curation keeps the conversation's messages; training renders them with the chat template; the token ids
+    equal the ones serving feeds the model for the same messages on /v1/chat."""
+    from datetime import UTC, datetime
+
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from ingest.filters import FilterConfig
+    from pipelines.curation import build_dataset
+    from serving.policy import PolicyHandle
+    from tests.tiny import tiny_policy_dir
+    from training.data import conversation
+    from training.generation import encode_prompts, flatten_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_policy_dir(tmp_path / "p", chat_template=True))
+    messages = [{"role": "user", "content": "what is the capital of france"},
+                {"role": "assistant", "content": "paris"},
+                {"role": "user", "content": "why is paris the capital"}]
+    at = pd.Timestamp(datetime(2026, 11, 22, 10, tzinfo=UTC))
+    raw = pd.DataFrame([{"event_id": "t1", "response_id": "r1", "user_id": "u", "occurred_at": at, "response": "yes",
+                         "model_version": "m@1", "messages": messages}])
+    feedback = pd.DataFrame(columns=["event_id", "type", "user_id", "occurred_at", "response_id", "other_response_id",
+                                     "value", "corrected_text"]).astype({"occurred_at": "datetime64[us, UTC]"})
+    ds = build_dataset(raw, feedback, FilterConfig())
+    prompt = conversation(ds.prompts["messages"][0])
+    assert prompt == messages  # the conversation itself, not its flattened text
+    assert flatten_prompt(prompt) == ds.prompts["prompt"][0]  # ... which is what reward models read
+    enc = encode_prompts(tok, [prompt], 512, "cpu")
+    training_ids = enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist()
+    serving_ids = PolicyHandle(None, tok, "v").prompt_ids(messages)[0].tolist()
+    assert training_ids == serving_ids
+    assert conversation('[{"role": "user", "content": "hi"}]') == "hi"  # one user message stays a plain prompt
+
+
+def test_a_conversation_too_long_for_the_budget_loses_its_oldest_messages_first(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.tiny import tiny_policy_dir
+    from training.generation import fit_prompts, render_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_policy_dir(tmp_path / "p", chat_template=True))
+    old = {"role": "user", "content": " ".join(["capital"] * 30)}
+    last = {"role": "user", "content": "why is paris the capital"}
+    (fitted,) = fit_prompts(tok, [[old, {"role": "assistant", "content": "paris"}, last]], 24)
+    assert fitted == [last]  # the message to answer survives whole
+    assert len(tok(render_prompt(tok, fitted), add_special_tokens=False)["input_ids"]) <= 24
+    (cut,) = fit_prompts(tok, [[{"role": "user", "content": " ".join(["paris"] * 40)}]], 24)
+    assert len(tok(render_prompt(tok, cut), add_special_tokens=False)["input_ids"]) <= 24
+    assert render_prompt(tok, cut).endswith("<s> assistant ")  # cut in the user's text, the assistant turn kept

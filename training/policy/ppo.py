@@ -71,6 +71,7 @@ from training.generation import (
     Rollout,
     entropy_from_logits,
     fit_prompts,
+    flatten_prompt,
     load_causal_lm,
     logprob_temperature,
     render_prompt,
@@ -237,7 +238,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         ro = self.generate(prompts, samples=k)
         # scored on the prompt as the policy saw it (cut to max_prompt_tokens), not on text it never read
-        seen = fit_prompts(self.tok, prompts, r.max_prompt_tokens)
+        seen = [flatten_prompt(p) for p in fit_prompts(self.tok, prompts, r.max_prompt_tokens)]
         answered = [p for p in seen for _ in range(k)]
         t1 = time.perf_counter()
         raw = self.score(answered, ro)
@@ -327,7 +328,7 @@ class PPOTrainer:
         for i in range(0, len(prompts), self.r.rollout_batch):
             batch = prompts[i:i + self.r.rollout_batch]
             ro = self.generate(batch)
-            rewards.append(self.score(fit_prompts(self.tok, batch, self.r.max_prompt_tokens), ro))
+            rewards.append(self.score([flatten_prompt(p) for p in fit_prompts(self.tok, batch, self.r.max_prompt_tokens)], ro))
             logp, ref_logp, _ = self.logprobs_values(ro)
             kls.append((self.kl(logp, ref_logp) * ro.mask).sum(1))
             lengths.append(ro.mask.sum(1))
