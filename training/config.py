@@ -87,6 +87,9 @@ class PPORecipe:
     value_lr: float = 1e-4
     gamma: float = 1.0
     lam: float = 1.0  # GAE's lambda (gae only): 1 = Monte Carlo returns, OpenRLHF's and verl's default
+    # gae only: the first critic_warmup_steps steps train the value head alone (the policy is not updated), so the
+    # critic starts from values fitted to the reward model's returns rather than from zero
+    critic_warmup_steps: int = 0
     clip: float = 0.2
     value_clip: float = 0.2
     value_coef: float = 0.5

@@ -239,3 +239,22 @@ def test_long_prompts_are_cut_in_the_users_text_so_the_assistant_turn_survives()
     assert len(tok(formatted, add_special_tokens=False)["input_ids"]) <= 32
     assert formatted.rstrip().endswith("assistant:")  # the answer prompt is still there
     assert fit_prompts(tok, ["hello there"], 32) == ["hello there"]
+
+
+def test_during_the_critic_warm_up_only_the_value_head_learns(env):
+    from transformers import AutoModelForCausalLM
+
+    from training.policy.ppo import PPOTrainer
+
+    _settings, policy, reward, _uri = env
+    trainer = PPOTrainer(recipe(policy, reward, advantage="gae", samples_per_prompt=1, critic_warmup_steps=1),
+                         AutoModelForCausalLM.from_pretrained(policy), tiny_tokenizer(), RewardModel.load(reward))
+    lm_before = {k: v.clone() for k, v in trainer.model.lm.state_dict().items()}
+    head_before = trainer.model.value_head.weight.clone()
+    torch.manual_seed(0)
+    first = trainer.train_step(["hello world", "what is the capital of france", "how are you", "why"])
+    assert first["ppo/critic_warmup"] == 1.0
+    assert all(torch.equal(v, lm_before[k]) for k, v in trainer.model.lm.state_dict().items())  # the policy waited
+    assert not torch.equal(trainer.model.value_head.weight, head_before)  # the critic learned
+    trainer.train_step(["hello world", "what is the capital of france", "how are you", "why"])
+    assert any(not torch.equal(v, lm_before[k]) for k, v in trainer.model.lm.state_dict().items())

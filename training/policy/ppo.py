@@ -14,7 +14,8 @@ and TRL do). Optimised with PPO's clipped surrogate (Schulman et al. 2017) on pe
   other answers' (REINFORCE leave-one-out, Ahmadian et al. 2024), on each of its tokens. No critic, and no
   forward pass of the policy before the update: the sampler's own log-probabilities are the old ones.
 - ``advantage: gae``: a value head on the policy's last hidden state (a shared trunk), the KL penalty per token
-  and the sequence score on the last token, GAE (λ = 1 by default), ``L = L_clip + c_v · L_value``.
+  and the sequence score on the last token, GAE (λ = 1 by default), ``L = L_clip + c_v · L_value``;
+  ``critic_warmup_steps`` first fits the value head alone to the reward model's returns (the policy waits).
 
 One round (``steps`` of them): sample -> score with the reward model -> advantages -> ``ppo_epochs`` passes
 over minibatches -> update β (adaptive controller) -> log -> checkpoint.
@@ -265,13 +266,14 @@ class PPOTrainer:
                 logits, values = self.net(ro.input_ids[idx], ro.attention_mask[idx], keep)
                 logp = token_logprobs(logits, ro.input_ids[idx], ro.prompt_len, self.temperature)
                 pl, pstats = policy_loss(logp, old_logp[idx], adv[idx], m, r.clip)
-                loss = pl
+                warming = self.critic and self.step < r.critic_warmup_steps
+                loss = pl.detach() if warming else pl  # warm-up: the critic learns, the policy stays
                 if self.critic:
                     assert old_values is not None and returns is not None
                     vl = value_loss(values[:, ro.prompt_len - 1:-1], old_values[idx], returns[idx], m, r.value_clip)
                     loss = loss + r.value_coef * vl
                     stats["value_loss"].append(float(vl.detach()))
-                if r.entropy_coef:
+                if r.entropy_coef and not warming:
                     ent = masked_mean(entropy_from_logits(response_logits(logits, ro.input_ids, ro.prompt_len),
                                                           self.temperature), m)
                     loss = loss - r.entropy_coef * ent
@@ -281,6 +283,9 @@ class PPOTrainer:
                                                                               ro.prompt_len), self.temperature), m)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if warming:  # no gradient at all (not a zero one): AdamW would still decay the weights
+                    for p in self.opt.param_groups[0]["params"]:
+                        p.grad = None
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.max_grad_norm)
                 self.opt.step()
                 updates += 1
@@ -305,6 +310,7 @@ class PPOTrainer:
         self.step += 1
         all_raw = self.dist.gather(raw)
         local = {"ppo/response_length": float(mask.sum(1).mean()),
+                 "ppo/critic_warmup": float(self.critic and self.step <= r.critic_warmup_steps),
                  "ppo/no_eos_share": float((~ro.finished).float().mean()),
                  "ppo/early_stop": float(stopped), "ppo/updates": float(updates),
                  **{f"ppo/{k_}": float(np.mean(v)) if v else float("nan") for k_, v in stats.items()},
