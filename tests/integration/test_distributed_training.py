@@ -56,7 +56,9 @@ def test_two_processes_train_the_reward_model_to_the_single_process_result(tmp_p
     models = {}
     for home, res in (("one", single), ("two", ddp)):
         client = MlflowClient(Settings(home=tmp_path / home).mlflow.tracking_uri)
-        assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == 1
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        # the model and its cross-fitted judge (reward-minilm.yaml has judge_fold), one run each, on rank 0 only
+        assert sorted(r.data.tags["flywheel.recipe"] for r in runs) == ["reward-minilm", "reward-minilm-judge"]
         run = client.get_run(res["run_id"])
         assert [m.step for m in client.get_metric_history(res["run_id"], "train/loss")] == [2, 4, 6]
         if home == "two":
