@@ -133,10 +133,6 @@ def run_settings(settings: Settings, run_dir: Path, hours: int = 1) -> Settings:
     s.loop.policy_recipe = "policy-ppo-demo.yaml"
     s.loop.gate_recipe = "gate-demo.yaml"
     s.loop.train_window_h = float(hours)
-    # a fifth of the prompt groups held out, not a tenth: an hour's eval split is then ~100 pairs, on which a gate's
-    # 95% interval is +-0.09 (on the ~50 pairs of a tenth, +-0.13: an honest first reward model at 0.635 was refused
-    # for a lower bound of 0.499)
-    s.curation.eval_share = 0.2
     s.loop.min_new_pairs = 0
     s.api.gate_recipe = "gate-demo.yaml"
     s.api.policy_from_registry = True
