@@ -3,8 +3,8 @@
 ``EventPublisher.publish`` returns only once every event is durable somewhere:
 
 1. normally it sends to the topic and waits for the broker's acknowledgement (``acks=all``);
-2. if the broker does not acknowledge in time (down, partitioned, paused), the events are appended to the fsynced local spool instead and the publisher switches to *spooling* (the circuit
-   breaker opens): every other request still waiting for an ack is released to the spool at once, and later
+2. if the broker does not acknowledge in time (down, partitioned, paused), the events are appended to the
+   fsynced local spool instead and the publisher switches to *spooling* (the circuit breaker opens): every other request still waiting for an ack is released to the spool at once, and later
    events go straight to the spool without trying the broker, so the topic receives them in the order they
    were accepted and no client waits on a dead broker more than once. "In time" adapts to the broker's own
    ack latency the way TCP's retransmission timer does (RFC 6298: smoothed latency plus four times its

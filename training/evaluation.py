@@ -235,6 +235,7 @@ def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], ref
     0 by definition and the reference's forward pass over its answers is skipped (as long as generating them).
     ``base``: the original base model when it is not ``reference`` (the challenger's ``kl_base``, the drift
     budget); without it the challenger's ``kl_base`` is its ``kl``."""
+    from training.generation import fit_prompts, flatten_prompt
     from training.reward.train import evaluate as rm_evaluate
 
     ref = reference[0] if reference is not None else None
@@ -243,9 +244,8 @@ def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], ref
                                           base=base[0] if base is not None else None)
     a_cp, probes_cp = _answers_and_probes(champion, None if champion_is_reference else ref, prompts, recipe, probes,
                                           cache, k_cp)
-    from training.generation import fit_prompts, flatten_prompt
-
-    seen = [flatten_prompt(p) for p in fit_prompts(challenger[1], prompts, recipe.max_prompt_tokens)]  # judged on the prompt the policies read
+    # judged on the prompt the policies read (cut to max_prompt_tokens)
+    seen = [flatten_prompt(p) for p in fit_prompts(challenger[1], prompts, recipe.max_prompt_tokens)]
     r_ch, r_cp = judge_scores(judge, seen, a_ch, recipe), judge_scores(judge, seen, a_cp, recipe)
     outcome = (r_ch > r_cp).astype(float) + 0.5 * (r_ch == r_cp)
     n = len(prompts)

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,8 @@ class Rollout:
     # log π(token) of each response token under the sampling model, read off the logits generation computed
     # anyway (``sample(..., with_logprobs=True)``); None when not asked for
     logprobs: torch.Tensor | None = None
+    # the prompts as the model read them (cut by :func:`fit_prompts`), one per prompt, not per sample
+    prompts: list[Any] = field(default_factory=list)
 
 
 Prompt = str | list[dict[str, str]]  # one user message, or a conversation (``{"role", "content"}`` messages)
@@ -248,11 +250,17 @@ def shortest_first(tok: Any, prompts: list[Prompt], max_prompt_tokens: int) -> l
 
 
 def encode_prompts(tok: Any, prompts: list[Prompt], max_prompt_tokens: int, device: Any) -> dict[str, torch.Tensor]:
+    """``prompts`` cut to fit (:func:`fit_prompts`), chat-formatted and left-padded into one batch."""
+    return encode_fitted(tok, fit_prompts(tok, prompts, max_prompt_tokens), max_prompt_tokens, device)
+
+
+def encode_fitted(tok: Any, fitted: list[Prompt], max_prompt_tokens: int, device: Any) -> dict[str, torch.Tensor]:
+    """Prompts already cut by :func:`fit_prompts`, chat-formatted and left-padded into one batch."""
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    enc = tok([render_prompt(tok, p) for p in fit_prompts(tok, prompts, max_prompt_tokens)], return_tensors="pt",
-              padding=True, truncation=True, max_length=max_prompt_tokens, add_special_tokens=False)
+    enc = tok([render_prompt(tok, p) for p in fitted], return_tensors="pt", padding=True, truncation=True,
+              max_length=max_prompt_tokens, add_special_tokens=False)
     return {k: v.to(device) for k, v in enc.items()}
 
 
@@ -293,7 +301,8 @@ def sample(lm: nn.Module, tok: Any, prompts: list[Prompt], *, max_new_tokens: in
     from transformers import DynamicCache, StaticCache
 
     device = next(lm.parameters()).device
-    enc = encode_prompts(tok, prompts, max_prompt_tokens, device)
+    fitted = fit_prompts(tok, prompts, max_prompt_tokens)
+    enc = encode_fitted(tok, fitted, max_prompt_tokens, device)
     ids, am = enc["input_ids"], enc["attention_mask"]
     lm.eval()
     n, plen = ids.shape
@@ -339,7 +348,7 @@ def sample(lm: nn.Module, tok: Any, prompts: list[Prompt], *, max_new_tokens: in
     attn_out = torch.cat([am.repeat_interleave(samples, 0), mask.long()], 1)
     texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(resp, mask, strict=True)]
     lp = (torch.stack(logprobs, 1) if logprobs else torch.zeros(rows, 0, device=device)) if with_logprobs else None
-    return Rollout(seq, attn_out, mask, plen, texts, finished, lp)
+    return Rollout(seq, attn_out, mask, plen, texts, finished, lp, fitted)
 
 
 def logprob_temperature(temperature: float, greedy: bool = False) -> float:

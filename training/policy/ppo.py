@@ -71,7 +71,6 @@ from training.distributed import setup as setup_distributed
 from training.generation import (
     Rollout,
     entropy_from_logits,
-    fit_prompts,
     flatten_prompt,
     load_causal_lm,
     logprob_temperature,
@@ -189,15 +188,15 @@ class PPOTrainer:
     @torch.no_grad()
     def logprobs_values(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(the policy's log-probabilities of the response tokens, the reference's, the values or None), all at
-        the sampling temperature. The policy's come from the sampler when it kept them; the policy's forward
-        pass runs only for the critic's values."""
+        the sampling temperature. The policy's are the sampler's (:meth:`generate` keeps them); the policy's
+        forward pass runs only for the critic's values."""
+        if ro.logprobs is None:
+            raise ValueError("the rollout has no log-probabilities: sample it with with_logprobs=True")
         keep = response_logits_to_keep(ro.input_ids, ro.prompt_len)
         logp, values = ro.logprobs, None
-        if self.critic or logp is None:
-            logits, all_values = self.model(ro.input_ids, ro.attention_mask, logits_to_keep=keep)
-            values = all_values[:, ro.prompt_len - 1:-1] if self.critic else None
-            if logp is None:
-                logp = token_logprobs(logits, ro.input_ids, ro.prompt_len, self.temperature)
+        if self.critic:
+            _logits, all_values = self.model(ro.input_ids, ro.attention_mask, logits_to_keep=keep)
+            values = all_values[:, ro.prompt_len - 1:-1]
         with self._reference() as ref:
             ref_logits = ref(input_ids=ro.input_ids, attention_mask=ro.attention_mask, logits_to_keep=keep).logits
         ref_logp = token_logprobs(ref_logits, ro.input_ids, ro.prompt_len, self.temperature)
@@ -238,9 +237,8 @@ class PPOTrainer:
         k = r.samples_per_prompt
         t0 = time.perf_counter()
         ro = self.generate(prompts, samples=k)
-        # scored on the prompt as the policy saw it (cut to max_prompt_tokens), not on text it never read
-        seen = [flatten_prompt(p) for p in fit_prompts(self.tok, prompts, r.max_prompt_tokens)]
-        answered = [p for p in seen for _ in range(k)]
+        # scored on the prompt as the policy read it (cut to max_prompt_tokens), not on text it never saw
+        answered = [flatten_prompt(p) for p in ro.prompts for _ in range(k)]
         t1 = time.perf_counter()
         raw = self.score(answered, ro)
         t2 = time.perf_counter()
@@ -334,7 +332,7 @@ class PPOTrainer:
         for i in range(0, len(prompts), self.r.rollout_batch):
             batch = prompts[i:i + self.r.rollout_batch]
             ro = self.generate(batch)
-            rewards.append(self.score([flatten_prompt(p) for p in fit_prompts(self.tok, batch, self.r.max_prompt_tokens)], ro))
+            rewards.append(self.score([flatten_prompt(p) for p in ro.prompts], ro))
             logp, ref_logp, _ = self.logprobs_values(ro)
             kls.append((self.kl(logp, ref_logp) * ro.mask).sum(1))
             lengths.append(ro.mask.sum(1))
