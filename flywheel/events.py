@@ -69,6 +69,15 @@ class Message(BaseModel):
     content: Text
 
 
+def flatten_messages(messages: Any) -> str:
+    """A conversation as one text (what curated pairs' ``prompt`` holds and reward models read): the user's
+    message alone, or each message as ``role: content``, separated by blank lines."""
+    msgs = list(messages)
+    if len(msgs) == 1:
+        return str(msgs[0]["content"])
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in msgs)
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

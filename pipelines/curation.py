@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flywheel.events import flatten_messages
 from flywheel.settings import Settings
 from flywheel.storage import Storage, open_storage
 from ingest.filters import FEEDBACK_COLUMNS, REASONS, FilterConfig, apply_filters
@@ -42,14 +43,6 @@ PAIR_COLUMNS = ["pair_id", "prompt", "chosen", "rejected", "source", "margin", "
 
 
 # --------------------------------------------------------------------------------------------- tables
-def render_prompt(messages: Any) -> str:
-    """The text a policy is prompted with: the user message, or the role-tagged conversation."""
-    msgs = list(messages)
-    if len(msgs) == 1:
-        return str(msgs[0]["content"])
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in msgs)
-
-
 def prepare_turns(turns: pd.DataFrame) -> pd.DataFrame:
     """Lake turns -> ``event_id, response_id, user_id, occurred_at, prompt, response, prompt_key, response_key``."""
     if turns.empty:
@@ -57,7 +50,7 @@ def prepare_turns(turns: pd.DataFrame) -> pd.DataFrame:
             "event_id", "response_id", "user_id", "occurred_at", "prompt", "response", "prompt_key", "response_key",
             "model_version", "messages")}).astype({"occurred_at": "datetime64[us, UTC]"})
     out = turns[["event_id", "response_id", "user_id", "occurred_at", "response", "model_version"]].copy()
-    out["prompt"] = [render_prompt(m) for m in turns["messages"]]
+    out["prompt"] = [flatten_messages(m) for m in turns["messages"]]
     out["messages"] = [json.dumps([{"role": str(x["role"]), "content": str(x["content"])} for x in m], ensure_ascii=False)
                        for m in turns["messages"]]
     keys: dict[str, str] = {}
@@ -316,4 +309,4 @@ def curate(settings: Settings, start: datetime, end: datetime) -> CurationResult
     return result
 
 
-__all__ = ["REASONS", "Dataset", "build_dataset", "curate", "publish_dataset", "render_prompt"]
+__all__ = ["REASONS", "Dataset", "build_dataset", "curate", "publish_dataset"]

@@ -44,7 +44,7 @@ from pipelines.text import stable_hash
 def vote_share(wins: np.ndarray | float, votes: np.ndarray | float) -> np.ndarray | float:
     """The winning side's share of the votes, with the number of votes counted: the mean of the Beta posterior
     under a uniform prior (Laplace's rule of succession), ``(wins + 1) / (votes + 2)``."""
-    return (np.asarray(wins) + 1.0) / (np.asarray(votes) + 2.0) if not np.isscalar(wins) else (wins + 1.0) / (votes + 2.0)
+    return (wins + 1.0) / (votes + 2.0)
 
 
 VOTE_COLUMNS = ["prompt_key", "prompt", "x_key", "x", "y_key", "y", "source", "rater", "event_ids"]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from training.generation import SAMPLING, load_causal_lm, sample, shortest_first
+from training.generation import SAMPLING, load_causal_lm, render_prompt, sample, shortest_first
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,10 @@ class PolicyHandle:
         return cls(lm, tok, version)
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> Any:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)["input_ids"]
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return tok(text, return_tensors="pt")["input_ids"]
+        """The token ids the model reads for ``messages``: the chat template rendered by the generation layer,
+        as training renders the same conversation."""
+        return self.tokenizer(render_prompt(self.tokenizer, messages), return_tensors="pt",
+                              add_special_tokens=False)["input_ids"]
 
     def pick(self) -> PolicyHandle:
         """The handle that answers the next chat: this one (a :class:`~serving.champion.ChampionPolicy` picks

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from flywheel.events import flatten_messages
+
 log = logging.getLogger(__name__)
 _convert_lock = threading.Lock()
 
@@ -195,12 +197,8 @@ def as_messages(prompt: Prompt) -> list[dict[str, str]]:
 
 
 def flatten_prompt(prompt: Prompt) -> str:
-    """A prompt as one text, the way curation writes a pair's ``prompt`` (what reward models read): the user's
-    message, or the role-tagged conversation."""
-    msgs = as_messages(prompt)
-    if len(msgs) == 1:
-        return str(msgs[0]["content"])
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in msgs)
+    """A prompt as one text, the way curation writes a pair's ``prompt`` (what reward models read)."""
+    return flatten_messages(as_messages(prompt))
 
 
 def render_prompt(tok: Any, prompt: Prompt) -> str:
