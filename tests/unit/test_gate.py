@@ -329,20 +329,18 @@ def test_a_challenger_with_the_champions_own_weights_is_refused_on_20_seeds_out_
     assert refused == 20
 
 
-def test_the_drift_budget_follows_the_reference_chain_back_to_the_base():
+def test_the_drift_budget_follows_the_reference_chain_back_to_the_base(tmp_path):
+    """On a real MLflow registry (SQLite): each version's ``reference`` tag names the policy it was trained from."""
+    from mlflow import MlflowClient
+
     from training.evaluation import original_base
 
-    class Version:
-        def __init__(self, reference):
-            self.tags = {"reference": reference} if reference else {}
-
-    chain = {"3": "models:/flywheel-policy/2", "2": "models:/flywheel-policy/1", "1": "smollm2"}
-
-    class Client:
-        def get_model_version(self, _model, version):
-            return Version(chain.get(version))
-
-    assert original_base(Client(), "flywheel-policy", "models:/flywheel-policy/3") == "smollm2"
-    assert original_base(Client(), "flywheel-policy", "smollm2") == "smollm2"
-    chain["1"] = "models:/flywheel-policy/3"  # a loop in the tags ends where it started over
-    assert original_base(Client(), "flywheel-policy", "models:/flywheel-policy/3").startswith("models:/")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("flywheel-policy")
+    for reference in ("smollm2", "models:/flywheel-policy/1", "models:/flywheel-policy/2"):  # versions 1, 2, 3
+        client.create_model_version("flywheel-policy", (tmp_path / "artifacts").as_uri(), tags={"reference": reference})
+    assert original_base(client, "flywheel-policy", "models:/flywheel-policy/3") == "smollm2"
+    assert original_base(client, "flywheel-policy", "smollm2") == "smollm2"
+    client.set_model_version_tag("flywheel-policy", "1", "reference", "models:/flywheel-policy/3")
+    # a loop in the tags ends where it started over, instead of running forever
+    assert original_base(client, "flywheel-policy", "models:/flywheel-policy/3").startswith("models:/")
