@@ -254,7 +254,15 @@ def _eval_hh(args: argparse.Namespace, settings: Settings) -> int:
     recipe = load_recipe(args.recipe, _overrides(args.set))
     if not isinstance(recipe, RewardRecipe):
         raise SystemExit(f"{args.recipe}: not a reward recipe")
-    print(json.dumps(evaluate_hh(settings, recipe, args.data or DEFAULT_DIR, args.limit), indent=2))
+    for f in args.eval_file or []:
+        if not Path(f).is_file():
+            raise SystemExit(f"--eval-file {f}: no such file")
+    report = evaluate_hh(settings, recipe, args.data or DEFAULT_DIR, args.limit, args.eval_file)
+    print(json.dumps(report, indent=2))
+    line = "{name}: accuracy {accuracy:.3f} [{ci_low:.3f}, {ci_high:.3f}] on {pairs} pairs"
+    print(line.format(name="HH-RLHF held-out", **report))
+    for name, m in report["eval_files"].items():
+        print(line.format(name=name, **m))
     return 0
 
 
@@ -431,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field (repeatable)")
     s.add_argument("--data", help="directory with the HH-RLHF files (default: ../shared/data/hh-rlhf)")
     s.add_argument("--limit", type=int, default=0, help="at most this many pairs per subset (0 = all)")
+    s.add_argument("--eval-file", action="append", metavar="F",
+                   help="after training, also score this JSONL file of {prompt, chosen, rejected} lines (repeatable)")
     s.set_defaults(func=_eval_hh)
 
     models = ["flywheel-policy", "flywheel-reward"]
