@@ -48,7 +48,7 @@ def bare_app():  # imported by uvicorn in the baseline server process
 
 
 def wait_port(port: int, timeout: float = 60.0) -> None:
-    from flywheel.stack import port_open
+    from flywheel.app.stack import port_open
 
     deadline = time.monotonic() + timeout
     while not port_open(port):
@@ -162,8 +162,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=500.0)
     args = ap.parse_args()
 
+    from flywheel.app.stack import ensure_topics, free_port, start_broker
     from flywheel.settings import Settings, hash_api_key
-    from flywheel.stack import ensure_topics, free_port, start_broker
 
     token = "bench-" + uuid.uuid4().hex
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,7 +179,7 @@ def main() -> None:
                    "FLYWHEEL_API__RATE_PER_S": "1000000", "FLYWHEEL_API__RATE_BURST": "1000000"}
             ours_port, bare_port = free_port(), free_port()
             servers.append(subprocess.Popen(
-                [sys.executable, "-m", "flywheel.cli", "serve", "--no-policy", "--port", str(ours_port)],
+                [sys.executable, "-m", "flywheel.app.cli", "serve", "--no-policy", "--port", str(ours_port)],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             servers.append(subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--factory", "bench.api:bare_app", "--port", str(bare_port),

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
-from flywheel.simulate import SimConfig, lake_tables, simulate_events  # noqa: E402
+from flywheel.app.simulate import SimConfig, lake_tables, simulate_events  # noqa: E402
 from flywheel.storage import LocalStorage  # noqa: E402
 from ingest.filters import FilterConfig  # noqa: E402
 from pipelines.curation import build_dataset, publish_dataset, unify_feedback  # noqa: E402

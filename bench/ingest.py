@@ -32,9 +32,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from flywheel.app.stack import ensure_topics, free_port, start_broker  # noqa: E402
+from flywheel.app.traffic import example_traffic  # noqa: E402
 from flywheel.settings import Settings  # noqa: E402
-from flywheel.stack import ensure_topics, free_port, start_broker  # noqa: E402
-from flywheel.traffic import example_traffic  # noqa: E402
 from ingest.service import run_ingest  # noqa: E402
 from pipelines.sharegpt import chat_samples  # noqa: E402
 

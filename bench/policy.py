@@ -33,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from flywheel.simulate import simulated_dataset
+    from flywheel.app.simulate import simulated_dataset
     from training.config import PPORecipe
     from training.generation import load_causal_lm, render_prompt
     from training.policy.ppo import PPOTrainer

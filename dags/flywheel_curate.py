@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from airflow.sdk import CronDataIntervalTimetable, dag, task
 
-from flywheel.dag_defaults import DATASETS, DEFAULT_ARGS, START
+from flywheel.app.dag_defaults import DATASETS, DEFAULT_ARGS, START
 
 
 @dag(schedule=CronDataIntervalTimetable("0 * * * *", timezone="UTC"),  # runs at h+1 for [h, h+1)
@@ -25,7 +25,7 @@ from flywheel.dag_defaults import DATASETS, DEFAULT_ARGS, START
 def flywheel_curate():
     @task(outlets=[DATASETS])
     def curate(data_interval_start=None, data_interval_end=None, outlet_events=None) -> dict:
-        from pipelines.loop import curate_interval
+        from flywheel.app.loop import curate_interval
 
         result = curate_interval(data_interval_start, data_interval_end)
         outlet_events[DATASETS].extra = {"dataset": result["dataset"], "end": result["end"], "pairs": result["pairs"]}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 
-from flywheel.dag_defaults import (
+from flywheel.app.dag_defaults import (
     DEFAULT_ARGS,
     POLICY_CHALLENGER,
     REWARD_CHAMPION,
@@ -36,7 +36,7 @@ from flywheel.dag_defaults import (
 def flywheel_policy():
     @task
     def dataset() -> dict:
-        from pipelines.loop import latest_dataset
+        from flywheel.app.loop import latest_dataset
 
         return latest_dataset(interval_end())
 
@@ -44,7 +44,7 @@ def flywheel_policy():
     def train(data: dict, outlet_events=None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipelines.loop import NoRewardModel, train_policy
+        from flywheel.app.loop import NoRewardModel, train_policy
 
         try:
             result = train_policy(data["dataset"])

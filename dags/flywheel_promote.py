@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from airflow.sdk import dag, task
 
-from flywheel.dag_defaults import DEFAULT_ARGS, POLICY_CHALLENGER, START
+from flywheel.app.dag_defaults import DEFAULT_ARGS, POLICY_CHALLENGER, START
 
 
 @dag(schedule=[POLICY_CHALLENGER], start_date=START, catchup=False, max_active_runs=1, default_args=DEFAULT_ARGS,
@@ -25,7 +25,7 @@ from flywheel.dag_defaults import DEFAULT_ARGS, POLICY_CHALLENGER, START
 def flywheel_promote():
     @task
     def gate(triggering_asset_events=None, dag_run=None) -> dict:
-        from pipelines.loop import evaluate_and_promote
+        from flywheel.app.loop import evaluate_and_promote
         from training.registry import CHALLENGER, alias_version, registry_client
 
         conf = (dag_run.conf if dag_run else None) or {}

@@ -20,7 +20,14 @@ from __future__ import annotations
 
 from airflow.sdk import dag, task
 
-from flywheel.dag_defaults import DATASETS, DEFAULT_ARGS, REWARD_CHAMPION, START, TRAINING_POOL, interval_end
+from flywheel.app.dag_defaults import (
+    DATASETS,
+    DEFAULT_ARGS,
+    REWARD_CHAMPION,
+    START,
+    TRAINING_POOL,
+    interval_end,
+)
 
 
 @dag(schedule=[DATASETS], start_date=START, catchup=False, max_active_runs=1, default_args=DEFAULT_ARGS,
@@ -28,13 +35,13 @@ from flywheel.dag_defaults import DATASETS, DEFAULT_ARGS, REWARD_CHAMPION, START
 def flywheel_reward():
     @task.short_circuit
     def increment() -> bool:
-        from pipelines.loop import reward_increment
+        from flywheel.app.loop import reward_increment
 
         return reward_increment(interval_end())["enough"]
 
     @task(pool=TRAINING_POOL)
     def train() -> dict:
-        from pipelines.loop import train_reward_model
+        from flywheel.app.loop import train_reward_model
 
         return train_reward_model(interval_end())
 
@@ -42,7 +49,7 @@ def flywheel_reward():
     def gate(trained: dict) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipelines.loop import evaluate_and_promote
+        from flywheel.app.loop import evaluate_and_promote
 
         decision = evaluate_and_promote("flywheel-reward", trained["version"], dataset=trained["dataset"])
         if not decision["promoted"]:  # nothing new downstream: skip, so the Asset event is not emitted

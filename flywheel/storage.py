@@ -11,7 +11,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from flywheel.settings import LakeSettings
@@ -85,10 +85,20 @@ class LocalStorage:
         self._path(key).unlink(missing_ok=True)
 
 
+class S3Client(Protocol):
+    """The part of boto3's S3 client the lake uses."""
+
+    def put_object(self, *, Bucket: str, Key: str, Body: bytes) -> Any: ...  # noqa: N803 (boto3's names)
+    def get_object(self, *, Bucket: str, Key: str) -> Any: ...  # noqa: N803
+    def head_object(self, *, Bucket: str, Key: str) -> Any: ...  # noqa: N803
+    def delete_object(self, *, Bucket: str, Key: str) -> Any: ...  # noqa: N803
+    def get_paginator(self, operation_name: str) -> Any: ...
+
+
 class S3Storage:
     """A prefix in an S3 bucket, through boto3 (any S3 API: AWS, MinIO, moto)."""
 
-    def __init__(self, bucket: str, prefix: str = "", client: object | None = None):
+    def __init__(self, bucket: str, prefix: str, client: S3Client):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
@@ -98,17 +108,18 @@ class S3Storage:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)  # type: ignore[attr-defined]
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def get_bytes(self, key: str) -> bytes:
-        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]  # type: ignore[attr-defined]
-        return body.read()
+        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        data: bytes = body.read()
+        return data
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))  # type: ignore[attr-defined]
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
@@ -116,15 +127,15 @@ class S3Storage:
             raise
 
     def list(self, prefix: str = "") -> list[str]:
-        paginator = self.client.get_paginator("list_objects_v2")  # type: ignore[attr-defined]
+        paginator = self.client.get_paginator("list_objects_v2")
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys = []
+        keys: list[str] = []
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
             keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))  # type: ignore[attr-defined]
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
 
 def open_storage(uri: str, lake: LakeSettings | None = None) -> Storage:
@@ -154,5 +165,5 @@ def parquet_bytes(table: object) -> bytes:
     import pyarrow.parquet as pq
 
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")  # type: ignore[arg-type]
+    pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from flywheel.settings import CurationSettings
-from pipelines.text import jaccard, near_duplicate_groups, words
+from ingest.text import jaccard, near_duplicate_groups, words
 
 FEEDBACK_COLUMNS = ["event_id", "type", "user_id", "occurred_at", "response_id", "other_response_id", "value",
                     "corrected_text"]

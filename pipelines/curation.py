@@ -32,10 +32,10 @@ from flywheel.settings import Settings
 from flywheel.storage import Storage, open_storage
 from ingest.filters import FEEDBACK_COLUMNS, REASONS, FilterConfig, apply_filters
 from ingest.lake import held_reasons, list_files, read_events
+from ingest.text import mask_pii, near_duplicate_groups, normalize, stable_hash
 from pipelines import schemas
 from pipelines.agreement import agreement
 from pipelines.preferences import PairingConfig, aggregate_votes, build_votes, thumbs_pairs, unpaired_labels
-from pipelines.text import mask_pii, near_duplicate_groups, normalize, stable_hash
 
 log = logging.getLogger(__name__)
 DATASETS_ROOT = "datasets"

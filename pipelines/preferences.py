@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipelines.text import stable_hash
+from ingest.text import stable_hash
 
 
 def vote_share(wins: np.ndarray | float, votes: np.ndarray | float) -> np.ndarray | float:

@@ -16,8 +16,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # every test and every process a test starts, and not to the user's ~/.cache
 os.environ.setdefault("FLYWHEEL_MODEL_CACHE", tempfile.mkdtemp(prefix="flywheel-test-models-"))
 
+from flywheel.app.stack import BrokerProcess, ensure_topics, free_port, start_broker  # noqa: E402
 from flywheel.settings import ApiKey, Settings, hash_api_key  # noqa: E402
-from flywheel.stack import BrokerProcess, ensure_topics, free_port, start_broker  # noqa: E402
 
 
 @pytest.fixture(scope="session")

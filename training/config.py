@@ -235,7 +235,8 @@ def parse_recipe(data: dict[str, Any], overrides: dict[str, Any] | None = None) 
     if cls is PreferenceOptRecipe:
         data["kind"] = kind
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(kind, k, v, hints[k]) for k, v in data.items()})
+    recipe: Recipe = cls(**{k: _coerce(kind, k, v, hints[k]) for k, v in data.items()})
+    return recipe
 
 
 def _coerce(kind: str, key: str, value: Any, hint: Any) -> Any:
@@ -275,12 +276,28 @@ def resolve_recipe_path(path: str | Path) -> Path:
     return p
 
 
-def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+def recipe_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file's keys, with those of the base recipe it names (``base: gate.yaml``, resolved beside it or
+    under ``configs/``) underneath: the file overrides its base field by field. A base of another kind, or a
+    chain that comes back to itself, is an error."""
     p = resolve_recipe_path(path)
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{p}: a recipe is a mapping of keys to values")
-    return parse_recipe(data, overrides)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if p.resolve() in _seen:
+        raise ValueError(f"{p}: its base recipes come back to it ({' -> '.join(x.name for x in _seen)})")
+    beside = p.parent / str(base)
+    parent = recipe_data(beside if beside.exists() else base, (*_seen, p.resolve()))
+    if "kind" in data and "kind" in parent and data["kind"] != parent["kind"]:
+        raise ValueError(f"{p}: a {data['kind']} recipe cannot have the {parent['kind']} recipe {base} as its base")
+    return {**parent, **data}
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    return parse_recipe(recipe_data(path), overrides)
 
 
 def recipe_dict(recipe: Recipe) -> dict[str, Any]:
@@ -288,4 +305,4 @@ def recipe_dict(recipe: Recipe) -> dict[str, Any]:
             **dataclasses.asdict(recipe)}
 
 
-__all__ = ["PPORecipe", "PreferenceOptRecipe", "RewardRecipe", "load_recipe", "parse_recipe", "recipe_dict"]
+__all__ = ["PPORecipe", "PreferenceOptRecipe", "RewardRecipe", "load_recipe", "parse_recipe", "recipe_data", "recipe_dict"]

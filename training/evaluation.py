@@ -278,7 +278,7 @@ def compare_reward_models(challenger: Any, champion: Any | None, eval_pairs: Any
             "champion": side(champion) if champion is not None else None}
 
 
-def _judge(client: Any, recipe: GateRecipe, trained_against: str | None) -> tuple[Any, str, bool]:
+def pick_judge(client: Any, recipe: GateRecipe, trained_against: str | None) -> tuple[Any, str, bool]:
     """(judge, its label, whether it is independent of the challenger's reward). The judge registered with the
     reward model version the challenger was trained against (cross-fitted on the other half of the prompt
     groups: ``judge_fold``) when there is one; else the recipe's ``judge`` (or, before any reward model is
@@ -350,7 +350,7 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
                                         audit)
         kind = "reward"
     elif model == POLICY_MODEL:
-        judge, judge_label, independent = _judge(client, recipe, mv.tags.get("reward_model_version"))
+        judge, judge_label, independent = pick_judge(client, recipe, mv.tags.get("reward_model_version"))
         ch = load_causal_lm(str(registered_policy_dir(f"models:/{model}/{challenger}")))
         cp_dir = registered_policy_dir(f"models:/{model}/{champion}") if champion else None
         cp = load_causal_lm(str(cp_dir)) if cp_dir is not None else ch

@@ -102,10 +102,10 @@ def flywheel_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def start_flywheel(settings: Settings, *args: str, log_path: Any = None, **extra: str) -> Any:
-    """``python -m flywheel.cli <args>`` as a subprocess of this test (stdout/stderr to ``log_path``)."""
+    """``python -m flywheel.app.cli <args>`` as a subprocess of this test (stdout/stderr to ``log_path``)."""
     import subprocess
     import sys
 
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
-    return subprocess.Popen([sys.executable, "-m", "flywheel.cli", *args], env=flywheel_env(settings, **extra),
+    return subprocess.Popen([sys.executable, "-m", "flywheel.app.cli", *args], env=flywheel_env(settings, **extra),
                             stdout=out, stderr=subprocess.STDOUT)

@@ -42,7 +42,7 @@ def served(settings, tmp_path):
     import mlflow
     import yaml
 
-    from flywheel.cli import main
+    from flywheel.app.cli import main
     from training.config import GateRecipe
     from training.evaluation import evaluate_challenger
     from training.registry import bootstrap_policy
@@ -72,7 +72,7 @@ def served(settings, tmp_path):
 
 
 def _port() -> int:
-    from flywheel.stack import free_port
+    from flywheel.app.stack import free_port
 
     return free_port()
 

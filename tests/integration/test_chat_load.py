@@ -19,8 +19,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from flywheel.app.stack import free_port
 from flywheel.settings import Settings
-from flywheel.stack import free_port
 from serving.app import app_state, create_app
 from serving.policy import PolicyHandle
 from serving.server import BackgroundServer

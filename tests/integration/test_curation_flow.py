@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flywheel.simulate import SimConfig, filter_report, run_simulation
+from flywheel.app.simulate import SimConfig, filter_report, run_simulation
 from flywheel.storage import open_storage
 from pipelines.curation import curate
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flywheel.feedback_demo import run_feedback_demo as run_demo
+from flywheel.app.feedback_demo import run_feedback_demo as run_demo
 
 pytestmark = pytest.mark.integration
 

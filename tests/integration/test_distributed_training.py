@@ -30,7 +30,7 @@ def _flywheel(args: list[str], home: Path, nproc: int = 1) -> dict:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 \
         else [sys.executable]
     env = {**os.environ, "FLYWHEEL_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([*launcher, "-m", "flywheel.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([*launcher, "-m", "flywheel.app.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     start = out.stdout.index("{")  # one JSON document: rank 0's (the other ranks print nothing)

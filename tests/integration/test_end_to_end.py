@@ -18,10 +18,10 @@ import httpx
 import jsonschema
 import pytest
 
+from flywheel.app.stack import free_port
+from flywheel.app.traffic import example_traffic
 from flywheel.events import json_schema
-from flywheel.stack import free_port
 from flywheel.storage import open_storage
-from flywheel.traffic import example_traffic
 from ingest.consumer import ConsumerMetrics, KafkaDeadLetters, KafkaSource, run_consumer, validate_records
 from ingest.filters import FilterConfig, screen_event
 from ingest.lake import LakeSink
@@ -101,7 +101,7 @@ def test_sigkilled_consumer_restarts_and_still_writes_exactly_once(settings, sam
            "FLYWHEEL_KAFKA__TOPIC": settings.kafka.topic, "FLYWHEEL_KAFKA__DLQ_TOPIC": settings.kafka.dlq_topic,
            "FLYWHEEL_KAFKA__GROUP_ID": settings.kafka.group_id, "FLYWHEEL_INGEST__COMMIT_EVERY": "300",
            "FLYWHEEL_INGEST__MAX_POLL_RECORDS": "300", "FLYWHEEL_INGEST__COMMIT_INTERVAL_S": "0.3"}
-    cmd = [sys.executable, "-m", "flywheel.cli", "ingest"]
+    cmd = [sys.executable, "-m", "flywheel.app.cli", "ingest"]
     storage = open_storage(settings.lake.uri, settings.lake)
     kills = 0
     for _attempt in range(2):

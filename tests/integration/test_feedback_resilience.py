@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flywheel.stack import free_port
+from flywheel.app.stack import free_port
+from flywheel.app.traffic import example_traffic
 from flywheel.storage import open_storage
-from flywheel.traffic import example_traffic
 from ingest.consumer import ConsumerMetrics, KafkaDeadLetters, KafkaSource, run_consumer, validate_records
 from ingest.deadletters import LocalDeadLetters, read_parked
 from ingest.lake import LakeSink

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from flywheel.demo import DemoConfig, run_demo
+from flywheel.app.demo import DemoConfig, run_demo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -23,6 +23,7 @@ from ingest.filters import (
     too_fast,
     vote_flip,
 )
+from ingest.text import mask_pii, near_duplicate_groups
 from pipelines.agreement import agreement
 from pipelines.curation import build_dataset, prepare_turns
 from pipelines.preferences import (
@@ -33,7 +34,6 @@ from pipelines.preferences import (
     thumbs_pairs,
     unpaired_labels,
 )
-from pipelines.text import mask_pii, near_duplicate_groups
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 LONG = "Paris is the capital of France and its largest city, on the Seine."

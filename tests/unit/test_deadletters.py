@@ -7,7 +7,7 @@ import json
 
 from prometheus_client import CollectorRegistry, Counter
 
-from flywheel import cli
+from flywheel.app import cli
 from flywheel.settings import get_settings
 from ingest.deadletters import LocalDeadLetters, read_parked
 

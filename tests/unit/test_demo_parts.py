@@ -8,9 +8,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from flywheel.demo import DemoConfig, win_rate
-from flywheel.demo_report import write_report
-from flywheel.simulate import HiddenPreference, SimConfig, reward_hacking_config, simulate_events, variants
+from flywheel.app.demo import DemoConfig, win_rate
+from flywheel.app.demo_report import write_report
+from flywheel.app.simulate import (
+    HiddenPreference,
+    SimConfig,
+    reward_hacking_config,
+    simulate_events,
+    variants,
+)
 from pipelines.sharegpt import chat_samples
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -36,7 +42,7 @@ def test_with_the_adversaries_filtered_the_curated_pairs_are_exactly_the_honest_
     """Why "10% adversaries" and "none" end at the same win rate: curation holds back every adversarial event
     and the same honest ones in both runs, so the reward model and PPO see the same pairs in the same order
     (measured in the demo: 0.782 with and without adversaries on seed 0, every cycle's number identical)."""
-    from flywheel.simulate import lake_tables
+    from flywheel.app.simulate import lake_tables
     from ingest.filters import FilterConfig
     from pipelines.curation import build_dataset, unify_feedback
 
@@ -178,8 +184,8 @@ def test_the_champions_own_answers_are_served_rated_against_each_other_and_carry
     (["--quick", "--scenario", "reward-hacking"], ["2"], 1),
 ])
 def test_the_demo_commands_exit_status_says_whether_its_claim_held(monkeypatch, argv, promotions, status):
-    import flywheel.demo
-    from flywheel.cli import main
+    import flywheel.app.demo
+    from flywheel.app.cli import main
 
     seen = {}
 
@@ -187,6 +193,6 @@ def test_the_demo_commands_exit_status_says_whether_its_claim_held(monkeypatch, 
         seen["cfg"] = cfg
         return {"promotions": promotions}
 
-    monkeypatch.setattr(flywheel.demo, "run_demo", fake_run_demo)
+    monkeypatch.setattr(flywheel.app.demo, "run_demo", fake_run_demo)
     assert main(["demo", *argv]) == status
     assert seen["cfg"].cycles == (1 if "--quick" in argv else DemoConfig().cycles)

@@ -30,7 +30,7 @@ def _hh_dir(root, n=40):
 
 
 def test_eval_hh_scores_each_eval_file_after_training_and_prints_its_line(tmp_path, capsys):
-    from flywheel import cli
+    from flywheel.app import cli
 
     data = _hh_dir(tmp_path / "hh")
     pairs = [{"prompt": "\n\nHuman: what is the capital of france", "chosen": "paris is the capital",

@@ -177,7 +177,7 @@ def test_a_killed_ppo_run_resumes_from_its_checkpoint(env, tmp_path):
     recipe_file.write_text(f"kind: ppo\npolicy: {policy}\nreward_model: {reward}\nprompts: 16\neval_prompts: 2\n"
                            "max_new_tokens: 4\nsamples_per_prompt: 2\nrollout_batch: 2\nminibatch: 2\nppo_epochs: 1\nsteps: 300\n"
                            "checkpoint_every: 2\nthreads: 1\n")
-    cmd = [sys.executable, "-m", "flywheel.cli", "train", "policy", "--dataset", uri, "--recipe", str(recipe_file),
+    cmd = [sys.executable, "-m", "flywheel.app.cli", "train", "policy", "--dataset", uri, "--recipe", str(recipe_file),
            "--checkpoint-dir", str(ckpt)]
     killed = kill_at_first_checkpoint_then_resume(cmd, settings.home, ckpt, 300)
 

@@ -66,3 +66,29 @@ def test_choice_fields_name_what_they_accept():
     for kind in ("reward", "ppo"):  # a device typo fails when the recipe is read, before any model is loaded
         with pytest.raises(ValueError, match="device must be one of \\('auto', 'cpu', 'cuda'\\), got 'gpu'"):
             parse_recipe({"kind": kind, "device": "gpu"})
+
+
+def test_a_recipe_inherits_from_the_base_it_names_field_by_field(tmp_path):
+    import yaml
+
+    from training.config import GateRecipe, load_recipe
+
+    demo = load_recipe("gate-demo.yaml")
+    gate = load_recipe("gate.yaml")
+    assert isinstance(demo, GateRecipe) and demo.name == "gate-demo" and demo.max_new_tokens == 32
+    assert demo.audit == gate.audit and demo.min_win_rate_ci_low == gate.min_win_rate_ci_low  # from the base
+    assert demo.max_length_correlation == 0.8 != gate.max_length_correlation  # overridden
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"base": "b.yaml", "kind": "gate", "eval_prompts": 7}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"base": "gate.yaml", "kind": "gate", "threads": 3}))
+    chained = load_recipe(tmp_path / "a.yaml")
+    assert (chained.eval_prompts, chained.threads, chained.name) == (7, 3, "gate")  # a chain: a -> b -> configs/gate.yaml
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base": "d.yaml", "kind": "gate"}))
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({"base": "c.yaml", "kind": "gate"}))
+    with pytest.raises(ValueError, match="come back to it"):
+        load_recipe(tmp_path / "c.yaml")
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump({"base": "gate.yaml", "kind": "reward"}))
+    with pytest.raises(ValueError, match="cannot have the gate recipe"):
+        load_recipe(tmp_path / "e.yaml")
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump({"base": "gate.yaml", "kind": "gate", "no_such_key": 1}))
+    with pytest.raises(ValueError, match="unknown gate recipe keys"):
+        load_recipe(tmp_path / "f.yaml")

@@ -121,7 +121,7 @@ def test_promote_rollback_and_a_history_that_survives_a_restart(registry):
 
     # a new process reads the same history back from the lake storage
     env = {"FLYWHEEL_HOME": str(settings.home), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "flywheel.cli", "history", "--model", "flywheel-policy"],
+    out = subprocess.run([sys.executable, "-m", "flywheel.app.cli", "history", "--model", "flywheel-policy"],
                          capture_output=True, text=True, env=env, check=True).stdout
     lines = [ln for ln in out.splitlines() if not ln.startswith("    ")]
     assert [ln.split()[2] for ln in lines] == ["bootstrap", "promote", "refuse", "rollback", "force"]

@@ -67,7 +67,7 @@ def test_a_few_reward_steps_train_log_and_register(env, store, request):
 def test_a_killed_reward_run_resumes_from_its_checkpoint(env, tmp_path):
     settings, backbone, uri = env
     ckpt = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "flywheel.cli", "train", "reward", "--dataset", uri, "--recipe", "reward-minilm.yaml",
+    cmd = [sys.executable, "-m", "flywheel.app.cli", "train", "reward", "--dataset", uri, "--recipe", "reward-minilm.yaml",
            "--checkpoint-dir", str(ckpt), "--set", f"backbone={backbone}", "--set", "max_steps=400",
            "--set", "batch_size=4", "--set", "max_length=32", "--set", "checkpoint_every=10", "--set", "threads=1",
            "--set", "log_every=10"]
@@ -87,7 +87,7 @@ def test_a_killed_reward_run_resumes_from_its_checkpoint(env, tmp_path):
 def test_eval_reward_reports_accuracy_against_labels_and_the_hidden_preference(tmp_path, capsys):
     import json
 
-    from flywheel import cli
+    from flywheel.app import cli
 
     pairs = tiny_pairs(50)
     pairs["rejected"] = pairs["rejected"] + " and the of to"  # the rejected side is always longer
@@ -162,7 +162,7 @@ def test_a_cross_fitted_judge_learns_from_the_other_half_of_the_prompt_groups_an
     import mlflow
 
     from tests.tiny import tiny_pairs
-    from training.evaluation import _judge
+    from training.evaluation import pick_judge
     from training.reward.train import judge_folds, load_registered_reward, train_reward
 
     settings, backbone, uri = env
@@ -188,10 +188,10 @@ def test_a_cross_fitted_judge_learns_from_the_other_half_of_the_prompt_groups_an
     assert client.get_model_version("flywheel-reward", "1").tags["judge"] == "fold"
     from training.config import GateRecipe
 
-    got, label, independent = _judge(client, GateRecipe(judge="models:/flywheel-reward@challenger"), "1")
+    got, label, independent = pick_judge(client, GateRecipe(judge="models:/flywheel-reward@challenger"), "1")
     assert independent and "cross-fitted" in label
     assert torch.allclose(got.score(prompts, responses), judge.score(prompts, responses))
-    _, _, independent = _judge(client, GateRecipe(judge="models:/flywheel-reward@challenger"), None)
+    _, _, independent = pick_judge(client, GateRecipe(judge="models:/flywheel-reward@challenger"), None)
     assert not independent  # no version trained against: the recipe's judge, not independent
     with pytest.raises(FileNotFoundError):
         load_registered_reward(str(result.model_dir), part="judge")

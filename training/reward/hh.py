@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from flywheel.settings import Settings
-from pipelines.text import stable_hash
+from ingest.text import stable_hash
 from training.config import RewardRecipe
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "hh-rlhf"

@@ -321,7 +321,7 @@ def _pyfunc_class() -> type:
 def judge_folds(pairs: pd.DataFrame) -> np.ndarray:
     """True for the pairs that train the judge: half of the prompt groups (``group_id``, else the prompt), by a
     stable hash, so one prompt's pairs all fall on one side."""
-    from pipelines.text import stable_hash
+    from ingest.text import stable_hash
 
     keys = pairs["group_id"] if "group_id" in pairs else pairs["prompt"]
     return np.array([int(stable_hash(f"judge:{k}")[:8], 16) % 2 == 1 for k in keys.astype(str)], dtype=bool)

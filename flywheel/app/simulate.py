@@ -370,7 +370,7 @@ def run_simulation(settings: Any, cfg: SimConfig, *, truth_path: Path | None = N
 
     import httpx
 
-    from flywheel import stack
+    from flywheel.app import stack
     from flywheel.storage import open_storage
     from ingest.lake import wait_for_events
     from pipelines.sharegpt import chat_samples

@@ -17,7 +17,7 @@ from flywheel.settings import Settings, get_settings, hash_api_key
 
 
 def _stack(args: argparse.Namespace, settings: Settings) -> int:
-    from flywheel import stack
+    from flywheel.app import stack
 
     if args.action == "up":
         info = stack.up(settings)
@@ -117,7 +117,7 @@ def _keys(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from flywheel.demo import DemoConfig, run_demo
+    from flywheel.app.demo import DemoConfig, run_demo
 
     chosen = {k: v for k, v in {"cycles": args.cycles, "honest_users": args.users, "adversary_share": args.adversaries,
                                 "scenario": args.scenario, "eval_prompts": args.eval_prompts,
@@ -135,7 +135,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo_feedback(args: argparse.Namespace, settings: Settings) -> int:
-    from flywheel.feedback_demo import run_feedback_demo
+    from flywheel.app.feedback_demo import run_feedback_demo
 
     result = run_feedback_demo(settings, events=args.events, chats=0 if args.no_policy else args.chats, seed=args.seed)
     return 0 if result["complete"] else 1
@@ -171,7 +171,7 @@ def _curate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from flywheel.simulate import SimConfig, run_simulation
+    from flywheel.app.simulate import SimConfig, run_simulation
 
     cfg = SimConfig(users=args.users, conversations_per_user=args.conversations, adversary_share=args.adversaries,
                     prompts=args.prompts, seed=args.seed)
@@ -185,7 +185,7 @@ def _filter_report(args: argparse.Namespace, settings: Settings) -> int:
 
     import pandas as pd
 
-    from flywheel.simulate import filter_report
+    from flywheel.app.simulate import filter_report
     from flywheel.storage import open_storage
 
     storage = open_storage(settings.lake.uri, settings.lake)
@@ -271,7 +271,7 @@ def _eval_reward(args: argparse.Namespace, settings: Settings) -> int:
     against the hidden preference itself (pairs the hidden preference ranks the same either way are skipped)."""
     import mlflow
 
-    from flywheel.simulate import HiddenPreference, hidden_preference_accuracy
+    from flywheel.app.simulate import HiddenPreference, hidden_preference_accuracy
     from training.data import open_dataset
     from training.reward.train import evaluate, load_registered_reward
 
@@ -356,7 +356,7 @@ def _bootstrap(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _airflow(args: argparse.Namespace, settings: Settings) -> int:
-    from flywheel import orchestrator
+    from flywheel.app import orchestrator
 
     if args.action == "up":
         return orchestrator.up(settings)

@@ -8,7 +8,7 @@
    styles from ShareGPT; simulated users (honest ones with a hidden preference, plus adversaries) rate them
    and talk to the real HTTP API (``/v1/turns``, ``/v1/feedback/batch`` and a few live
    ``/v1/chat`` calls answered by the serving champion), then the loop's steps run on that hour, exactly
-   as the Airflow DAGs call them (:mod:`pipelines.loop`): curate -> train the reward model -> reward-model
+   as the Airflow DAGs call them (:mod:`flywheel.app.loop`): curate -> train the reward model -> reward-model
    gate -> PPO from the champion against the champion reward model -> evaluate against the champion on
    held-out ShareGPT prompts -> gate -> promote; the API picks the new champion up.
 4. A report (``report.md`` + ``report.png``) with, per cycle, what came in, what was held back and why,
@@ -118,7 +118,7 @@ def run_settings(settings: Settings, run_dir: Path, hours: int = 1) -> Settings:
     unless an external Kafka is configured), the demo recipes, one-hour cycles, and a training window of all
     ``hours`` of the run: each cycle's reward model learns from every hour so far, and it, the judge and the
     gate are measured on the eval pairs of every hour so far, not of one hour."""
-    from flywheel import stack
+    from flywheel.app import stack
 
     s = settings.model_copy(deep=True)
     if stack.uses_embedded_broker(settings):
@@ -155,8 +155,8 @@ def win_rate(a: list[str], b: list[str], score: Any) -> dict[str, float]:
 def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
     """Run the demo; returns the summary written to ``summary.json`` (the report's numbers)."""
 
-    from flywheel import stack
-    from flywheel.simulate import (
+    from flywheel.app import loop, stack
+    from flywheel.app.simulate import (
         SimConfig,
         hidden_preference_accuracy,
         reward_hacking_config,
@@ -165,7 +165,6 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
         write_truth,
     )
     from ingest.lake import wait_for_events
-    from pipelines import loop
     from pipelines.sharegpt import chat_samples
     from serving.champion import ChampionPolicy
     from training.registry import CHAMPION, alias_version, bootstrap_policy, registry_client
@@ -202,7 +201,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
         sims.append(sim)
         cycles.append(Cycle(k, (end - timedelta(hours=1)).isoformat(), end.isoformat()))
     preference = sims[0].truth["preference"]
-    from flywheel.simulate import HiddenPreference
+    from flywheel.app.simulate import HiddenPreference
 
     truth = HiddenPreference(**preference)
     # accounts trust & safety flagged before the traffic: the consumer and curation both know them
@@ -249,7 +248,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
                 # 2. curate the hour
                 with _Timer(cyc.seconds, "curate"):
                     cur = loop.curate_interval(cyc.start, cyc.end, s)
-                    from flywheel.simulate import filter_report
+                    from flywheel.app.simulate import filter_report
                     from training.data import open_dataset
 
                     ds = open_dataset(cur["dataset"], s)
@@ -312,7 +311,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
         summary["final_vs_v1"] = None
     summary["seconds"]["total"] = round(time.monotonic() - t_start, 1)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    from flywheel.demo_report import write_report
+    from flywheel.app.demo_report import write_report
 
     md = write_report(summary, run_dir)
     _say(_closing(summary, md))
@@ -322,7 +321,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
 def _traffic(champion: Any, samples: list[Any], sim_cfg: Any, cfg: DemoConfig, cyc: Cycle) -> tuple[Any, str]:
     """The cycle's simulated traffic, with the serving champion's answers to the users' prompts served beside
     the ShareGPT styles; returns the simulation and the version that answered."""
-    from flywheel.simulate import simulate_events
+    from flywheel.app.simulate import simulate_events
 
     now = datetime.fromisoformat(cyc.end) - timedelta(minutes=2)
     if cfg.model_samples <= 0:
@@ -340,7 +339,7 @@ def _traffic(champion: Any, samples: list[Any], sim_cfg: Any, cfg: DemoConfig, c
 
 def _policy_cycle(s: Settings, cfg: DemoConfig, dataset: str, held_out: list[str], cache: dict[str, Any],
                   answers: dict[str, list[str]], truth: Any, v1: str) -> dict[str, Any]:
-    from pipelines import loop
+    from flywheel.app import loop
     from training.tracking import POLICY_MODEL
 
     # 0 = the recipe's

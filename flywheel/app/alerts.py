@@ -10,7 +10,7 @@ from typing import Any
 
 from flywheel.settings import Settings, get_settings
 
-log = logging.getLogger("flywheel.alerts")
+log = logging.getLogger("flywheel.app.alerts")
 
 
 def failure_summary(context: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ POLICY_CHALLENGER = Asset("flywheel://models/flywheel-policy/challenger", extra=
 
 
 def _on_failure(context):  # imported lazily so that parsing the DAG files stays cheap
-    from flywheel.alerts import notify_failure
+    from flywheel.app.alerts import notify_failure
 
     notify_failure(context)
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 
-from flywheel import stack
+from flywheel.app import stack
+from flywheel.app.traffic import example_traffic
 from flywheel.settings import Settings
 from flywheel.storage import open_storage
-from flywheel.traffic import example_traffic
 from ingest.lake import count_events, read_events, wait_for_events
 from pipelines.sharegpt import chat_samples
 from serving.policy import PolicyHandle

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flywheel.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAINING_POOL = "flywheel_training"
 
 
