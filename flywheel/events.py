@@ -193,8 +193,12 @@ class Implicit(_Event):
     action: Literal["copy", "continue", "abandon"]
 
 
-Event = Annotated[Turn | Thumbs | Regenerate | Correction | Pairwise | Implicit, Field(discriminator="type")]
-Feedback = Annotated[Thumbs | Regenerate | Correction | Pairwise | Implicit, Field(discriminator="type")]
+# AnyEvent / AnyFeedback: the types the stages pass around (a validated event is one of these models); Event /
+# Feedback: the same unions with the discriminator pydantic validates and documents them by
+AnyFeedback = Thumbs | Regenerate | Correction | Pairwise | Implicit
+AnyEvent = Turn | AnyFeedback
+Event = Annotated[AnyEvent, Field(discriminator="type")]
+Feedback = Annotated[AnyFeedback, Field(discriminator="type")]
 EVENT_MODELS: dict[str, type[_Event]] = {
     "turn": Turn,
     "thumbs": Thumbs,
@@ -205,8 +209,8 @@ EVENT_MODELS: dict[str, type[_Event]] = {
 }
 FEEDBACK_TYPES = tuple(t for t in EVENT_TYPES if t != "turn")
 
-_event_adapter: TypeAdapter[Any] = TypeAdapter(Event)
-_feedback_adapter: TypeAdapter[Any] = TypeAdapter(Feedback)
+_event_adapter: TypeAdapter[AnyEvent] = TypeAdapter(Event)
+_feedback_adapter: TypeAdapter[AnyFeedback] = TypeAdapter(Feedback)
 
 
 class EventDecodeError(ValueError):
@@ -229,9 +233,11 @@ def stamp_defaults(obj: Any, now: datetime | None = None) -> Any:
     return obj
 
 
-def validate_event(obj: Any, *, feedback_only: bool = False) -> Any:
+def validate_event(obj: object, *, feedback_only: bool = False) -> AnyEvent:
     """Validate a decoded JSON value into an event model; raises pydantic's ``ValidationError``."""
-    return (_feedback_adapter if feedback_only else _event_adapter).validate_python(obj)
+    if feedback_only:
+        return _feedback_adapter.validate_python(obj)
+    return _event_adapter.validate_python(obj)
 
 
 def parse_json(data: bytes, *, max_bytes: int | None = None) -> Any:
@@ -258,7 +264,7 @@ def parse_json(data: bytes, *, max_bytes: int | None = None) -> Any:
         raise EventDecodeError("invalid_json", message) from None
 
 
-def decode_event(data: bytes, *, max_bytes: int = MAX_RECORD_BYTES) -> Any:
+def decode_event(data: bytes, *, max_bytes: int = MAX_RECORD_BYTES) -> AnyEvent:
     """Decode one Kafka record value. Raises :class:`EventDecodeError` with a reason code, and nothing else,
     whatever the bytes: a poison record must become a dead letter, never a crash."""
     if len(data) > max_bytes:  # checked before parsing: a 4 MiB record is not worth a parse

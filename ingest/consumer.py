@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from flywheel.events import EventDecodeError, decode_event
+from flywheel.events import AnyEvent, EventDecodeError, decode_event
 from flywheel.settings import KafkaSettings
 from ingest.deadletters import LocalDeadLetters
 from ingest.validation import QualityRules, check_batch, check_event
@@ -63,11 +63,11 @@ class Rejected:
 class Held:
     """A valid event that a consumer-path filter holds back: it goes to the lake's quarantine area."""
 
-    event: Any
+    event: AnyEvent
     reason: str
 
 
-Verdict = Any  # an event model, Held, or Rejected
+Verdict = AnyEvent | Held | Rejected
 Handler = Callable[[list[Record]], list[tuple[Record, Verdict]]]
 
 
@@ -85,7 +85,7 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    def add(self, event: Any, topic: str, partition: int, offset: int, held: str | None = None) -> None: ...
+    def add(self, event: AnyEvent, topic: str, partition: int, offset: int, held: str | None = None) -> None: ...
     def flush(self) -> Any: ...
     def reset_index(self) -> None: ...
 
@@ -122,11 +122,11 @@ class ConsumerMetrics:
 
 
 def validate_records(records: list[Record], rules: QualityRules, now: datetime | None = None,
-                     screen: Callable[[Any], str | None] | None = None) -> list[tuple[Record, Verdict]]:
+                     screen: Callable[[AnyEvent], str | None] | None = None) -> list[tuple[Record, Verdict]]:
     """Decode and validate one poll's records; ``screen`` (see ``ingest.filters.StreamScreen``) gives the
     reason a valid event is held back, or ``None``. Never raises on bad data."""
     out: list[tuple[Record, Verdict]] = []
-    decoded: list[tuple[int, Any]] = []
+    decoded: list[tuple[int, AnyEvent]] = []
     now = now or datetime.now(UTC)
     for record in records:
         if record.value is None:
@@ -158,7 +158,7 @@ def validate_records(records: list[Record], rules: QualityRules, now: datetime |
     return out
 
 
-def _check_one(event: Any, rules: QualityRules, now: datetime) -> tuple[str, str] | None:
+def _check_one(event: AnyEvent, rules: QualityRules, now: datetime) -> tuple[str, str] | None:
     try:
         return check_event(event, rules, now)
     except Exception as e:
@@ -284,7 +284,7 @@ class KafkaSource:
             return
         source, consumer = self, self.consumer
 
-        class _Listener(AsyncConsumerRebalanceListener):
+        class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]  # kafka-python has no types
             # Runs on kafka-python's IO thread while the loop's thread waits in poll() or close(), so it may
             # touch the sink; it must not call the blocking commit() there, so it awaits commit_async().
             async def on_partitions_revoked(self, revoked: Any) -> None:

@@ -40,11 +40,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from flywheel.events import AnyEvent
 from flywheel.settings import CurationSettings
 from ingest.text import jaccard, near_duplicate_groups, words
 
@@ -270,7 +270,8 @@ class StreamScreen:
 
     def __init__(self, cfg: FilterConfig, blocklist_file: str | Path | None = None, *, reload_s: float = 10.0):
         self._base, self._file, self._reload_s = cfg, Path(blocklist_file) if blocklist_file else None, reload_s
-        self.cfg, self._mtime, self._checked = cfg, None, float("-inf")
+        self.cfg, self._checked = cfg, float("-inf")
+        self._mtime: int | None = None
         self._maybe_reload()
 
     def _maybe_reload(self) -> None:
@@ -287,7 +288,7 @@ class StreamScreen:
             from_file = FilterConfig.with_blocklist_file(self._file if mtime is not None else None)
             self.cfg = replace(self._base, blocked_users=self._base.blocked_users | from_file.blocked_users)
 
-    def __call__(self, event: Any) -> str | None:
+    def __call__(self, event: AnyEvent) -> str | None:
         self._maybe_reload()
         return screen_event(event.type, event.user_id, getattr(event, "corrected_text", None), self.cfg)
 

@@ -187,7 +187,11 @@ class EventPublisher:
                 threading.Thread(target=abandon_producer, args=(stale,), name="abandon-producer", daemon=True).start()
         trip, loop = self._trip, self._trip_loop
         if trip is not None and loop is not None:
-            loop.call_soon_threadsafe(lambda: trip.done() or trip.set_result(None))
+            def wake(trip: asyncio.Future[None] = trip) -> None:
+                if not trip.done():
+                    trip.set_result(None)
+
+            loop.call_soon_threadsafe(wake)
 
     def publish(self, events: list[Any]) -> str:
         """Make ``events`` durable; returns ``"broker"`` or ``"spool"``. Raises ``SpoolFull``, ``EventTooLarge``."""
@@ -450,7 +454,7 @@ def _api_versions(host: str, port: int, kafka: KafkaSettings, timeout_s: float) 
         sock.sendall(request)
         head = _recv_exact(sock, 8)
         _size, got = struct.unpack(">ii", head)
-        return got == correlation_id
+        return bool(got == correlation_id)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

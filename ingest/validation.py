@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
+from flywheel.events import AnyEvent
 from flywheel.settings import IngestSettings
 
 
@@ -61,7 +62,7 @@ def _rules(q: QualityRules, now: datetime) -> list[Rule]:
     ]
 
 
-def _row(event: Any) -> dict[str, Any]:
+def _row(event: AnyEvent) -> dict[str, Any]:
     return {
         "occurred_at": event.occurred_at,
         "text_chars": max(map(len, event.texts()), default=0),
@@ -73,7 +74,7 @@ Verdict = tuple[str, str] | None
 """``None`` when an event passes, else ``(reason_code, message)`` of the first rule it breaks."""
 
 
-def check_event(event: Any, rules: QualityRules, now: datetime | None = None) -> Verdict:
+def check_event(event: AnyEvent, rules: QualityRules, now: datetime | None = None) -> Verdict:
     """The rules for one event, evaluated in plain Python (the API's hot path)."""
     row = _row(event)
     for rule in _rules(rules, now or datetime.now(UTC)):
@@ -82,7 +83,7 @@ def check_event(event: Any, rules: QualityRules, now: datetime | None = None) ->
     return None
 
 
-def check_batch(events: list[Any], rules: QualityRules, now: datetime | None = None) -> list[Verdict]:
+def check_batch(events: list[AnyEvent], rules: QualityRules, now: datetime | None = None) -> list[Verdict]:
     """The rules for a micro-batch, as one pandera validation; one verdict per event, in order."""
     if not events:
         return []

@@ -14,7 +14,7 @@ no agreement information and are skipped, as Krippendorff prescribes.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -37,7 +37,7 @@ def agreement(items: Iterable[Sequence[object]]) -> Agreement:
     if not pairable:
         return Agreement(0, 0, math.nan, math.nan)
     percent = 0.0
-    coincidence: Counter[tuple[object, object]] = Counter()
+    coincidence: dict[tuple[object, object], float] = defaultdict(float)
     for values in pairable:
         m = len(values)
         counts = Counter(values)
@@ -46,7 +46,7 @@ def agreement(items: Iterable[Sequence[object]]) -> Agreement:
             for k, nk in counts.items():
                 pairs = nc * (nc - 1) if c == k else nc * nk
                 coincidence[(c, k)] += pairs / (m - 1)
-    n_c: Counter[object] = Counter()
+    n_c: dict[object, float] = defaultdict(float)
     for (c, _k), o in coincidence.items():
         n_c[c] += o
     n = sum(n_c.values())

@@ -86,8 +86,13 @@ def pairwise_votes(fb: pd.DataFrame, turns: pd.DataFrame) -> pd.DataFrame:
     p = p.merge(_turn_cols(turns, "_b"), left_on="other_response_id", right_on="response_id_b", how="inner")
     p = p[p["response_key_a"] != p["response_key_b"]]
     a_wins = p["value"] == "a"
-    pick = lambda col: np.where(a_wins, p[f"{col}_a"], p[f"{col}_b"])  # noqa: E731
-    other = lambda col: np.where(a_wins, p[f"{col}_b"], p[f"{col}_a"])  # noqa: E731
+
+    def pick(col: str) -> pd.Series:
+        return p[f"{col}_a"].where(a_wins, p[f"{col}_b"])
+
+    def other(col: str) -> pd.Series:
+        return p[f"{col}_b"].where(a_wins, p[f"{col}_a"])
+
     return _votes(pd.DataFrame({
         "prompt_key": p["prompt_key_a"], "prompt": p["prompt_a"],
         "x_key": pick("response_key"), "x": pick("response"),
