@@ -12,20 +12,14 @@ of the four tables' bytes, so the same interval over the same lake gives the sam
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import subprocess
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from flywheel.events import flatten_messages
 from flywheel.settings import Settings
@@ -33,12 +27,11 @@ from flywheel.storage import Storage, open_storage
 from ingest.filters import FEEDBACK_COLUMNS, REASONS, FilterConfig, apply_filters
 from ingest.lake import held_reasons, list_files, read_events
 from ingest.text import mask_pii, near_duplicate_groups, normalize, stable_hash
-from pipelines import schemas
 from pipelines.agreement import agreement
+from pipelines.dataset import Dataset, PublishedDataset, write_dataset
 from pipelines.preferences import PairingConfig, aggregate_votes, build_votes, thumbs_pairs, unpaired_labels
 
 log = logging.getLogger(__name__)
-DATASETS_ROOT = "datasets"
 PAIR_COLUMNS = ["pair_id", "prompt", "chosen", "rejected", "source", "margin", "group_id", "split", "event_ids"]
 
 
@@ -89,15 +82,6 @@ def unify_feedback(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------- build
-@dataclass
-class Dataset:
-    pairs: pd.DataFrame
-    unpaired: pd.DataFrame
-    prompts: pd.DataFrame
-    quarantine: pd.DataFrame
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
 def _group_prompts(turns: pd.DataFrame, eval_share: float) -> pd.DataFrame:
     """Unique prompts, their near-duplicate group and split (by group, so no group straddles the split)."""
     prompts = (turns.groupby("prompt_key", sort=True)
@@ -202,20 +186,12 @@ def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterCo
         "prompt_groups": int(prompt_set["group_id"].nunique()),
         "pii_masked": pii,
     }
-    for name, schema, df in (("pairs", schemas.PAIRS, pairs), ("unpaired", schemas.UNPAIRED, unpaired),
-                             ("prompts", schemas.PROMPTS, prompt_set), ("quarantine", schemas.QUARANTINE, quarantine)):
-        schema.validate(df, lazy=True)
-        log.debug("%s validated: %d rows", name, len(df))
-    return Dataset(pairs, unpaired, prompt_set, quarantine, stats)
+    ds = Dataset(pairs, unpaired, prompt_set, quarantine, stats)
+    ds.validate()
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------- write
-def _parquet(df: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf, compression="zstd")
-    return buf.getvalue()
-
-
 def code_version() -> str:
     from importlib.metadata import version
 
@@ -228,47 +204,18 @@ def code_version() -> str:
     return f"{v}+{sha}" if sha else v
 
 
-@dataclass
-class CurationResult:
-    version: str
-    uri: str
-    manifest: dict[str, Any]
-
-
-def interval_key(start: datetime, end: datetime) -> str:
-    return f"{start:%Y%m%dT%H%M%SZ}--{end:%Y%m%dT%H%M%SZ}"
-
-
 def publish_dataset(storage: Storage, ds: Dataset, *, start: datetime, end: datetime, partitions: list[str],
-                    lake_uri: str) -> CurationResult:
-    blobs = {name: _parquet(getattr(ds, name)) for name in ("pairs", "unpaired", "prompts", "quarantine")}
-    h = hashlib.blake2b(digest_size=8)
-    for name in sorted(blobs):
-        h.update(name.encode() + b"\0" + blobs[name])
-    version = h.hexdigest()
-    prefix = f"{DATASETS_ROOT}/{version}"
-    for name, data in blobs.items():
-        storage.put_bytes(f"{prefix}/{name}.parquet", data)
+                    lake_uri: str) -> PublishedDataset:
+    from pipelines.card import render_card
+
     manifest = {
-        "version": version,
         "interval": {"start": start.isoformat(), "end": end.isoformat()},
         "lake": lake_uri,
         "lake_partitions_read": sorted({p.rsplit("/", 1)[0] for p in partitions}),
         "lake_files_read": len(partitions),
         "code_version": code_version(),
-        "files": {f"{name}.parquet": {"rows": int(len(getattr(ds, name))), "bytes": len(b)} for name, b in blobs.items()},
-        **ds.stats,
     }
-    from pipelines.card import render_card
-
-    card, plots = render_card(ds, manifest)
-    for name, png in plots.items():
-        storage.put_bytes(f"{prefix}/plots/{name}", png)
-    storage.put_bytes(f"{prefix}/card.md", card.encode())
-    storage.put_bytes(f"{prefix}/manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    storage.put_bytes(f"{DATASETS_ROOT}/by-interval/{interval_key(start, end)}.json",
-                      json.dumps({"version": version}).encode())
-    return CurationResult(version, f"{storage.uri.rstrip('/')}/{prefix}", manifest)
+    return write_dataset(storage, ds, manifest, interval=(start, end), card=render_card)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -295,7 +242,7 @@ def read_interval(storage: Storage, start: datetime, end: datetime, lookback: ti
     return turns, frames, held, sorted(files)
 
 
-def curate(settings: Settings, start: datetime, end: datetime) -> CurationResult:
+def curate(settings: Settings, start: datetime, end: datetime) -> PublishedDataset:
     storage = open_storage(settings.lake.uri, settings.lake)
     c = settings.curation
     turns, frames, held, files = read_interval(storage, start, end, timedelta(hours=c.turn_lookback_h))

@@ -322,7 +322,7 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
     import mlflow
     from mlflow import MlflowClient
 
-    from training.data import open_dataset, split_prompts
+    from pipelines.dataset import open_dataset, split_prompts
     from training.generation import load_causal_lm, pointer_base, registered_policy_dir
     from training.registry import CHAMPION, alias_version
     from training.reward.train import load_registered_reward

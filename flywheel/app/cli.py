@@ -272,7 +272,7 @@ def _eval_reward(args: argparse.Namespace, settings: Settings) -> int:
     import mlflow
 
     from flywheel.app.simulate import HiddenPreference, hidden_preference_accuracy
-    from training.data import open_dataset
+    from pipelines.dataset import open_dataset
     from training.reward.train import evaluate, load_registered_reward
 
     mlflow.set_tracking_uri(settings.mlflow.tracking_uri)

@@ -249,7 +249,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
                 with _Timer(cyc.seconds, "curate"):
                     cur = loop.curate_interval(cyc.start, cyc.end, s)
                     from flywheel.app.simulate import filter_report
-                    from training.data import open_dataset
+                    from pipelines.dataset import open_dataset
 
                     ds = open_dataset(cur["dataset"], s)
                     cyc.filters = filter_report(ds.table("quarantine"), sim.truth)

@@ -68,7 +68,7 @@ def _versions(client: Any, model: str) -> list[Any]:
 
 
 def _dataset_end(settings: Settings, dataset_version: str | None) -> datetime | None:
-    from training.data import open_dataset
+    from pipelines.dataset import open_dataset
 
     if not dataset_version:
         return None

@@ -294,7 +294,7 @@ def write_events_to_lake(settings: Any, events: list[dict[str, Any]], topic: str
 
 
 def simulated_dataset(users: int = 300, seed: int = 3, prompts: int = 120) -> Any:
-    """A curated dataset (``pipelines.curation.Dataset``) built in memory from a simulated run."""
+    """A curated dataset (``pipelines.dataset.Dataset``) built in memory from a simulated run."""
     from ingest.filters import FilterConfig
     from pipelines.curation import build_dataset, unify_feedback
     from pipelines.sharegpt import chat_samples

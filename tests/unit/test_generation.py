@@ -177,9 +177,9 @@ def test_a_multi_turn_conversation_gives_the_same_token_ids_from_the_lake_to_tra
 
     from ingest.filters import FilterConfig
     from pipelines.curation import build_dataset
+    from pipelines.dataset import conversation
     from serving.policy import PolicyHandle
     from tests.tiny import tiny_policy_dir
-    from training.data import conversation
     from training.generation import encode_prompts, flatten_prompt
 
     tok = AutoTokenizer.from_pretrained(tiny_policy_dir(tmp_path / "p", chat_template=True))

@@ -64,8 +64,8 @@ import torch
 from torch import nn
 
 from flywheel.settings import Settings
+from pipelines.dataset import open_dataset, split_prompts
 from training.config import PPORecipe, recipe_dict
-from training.data import open_dataset, split_prompts
 from training.distributed import Dist, check_divisible, optimizer_to
 from training.distributed import setup as setup_distributed
 from training.generation import (

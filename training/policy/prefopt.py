@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from flywheel.settings import Settings
+from pipelines.dataset import open_dataset
 from training.config import PreferenceOptRecipe, recipe_dict
-from training.data import open_dataset
 from training.generation import load_causal_lm
 from training.tracking import flat_params, log_dict_artifact, use_tracking
 

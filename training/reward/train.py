@@ -33,8 +33,8 @@ import pandas as pd
 import torch
 
 from flywheel.settings import Settings
+from pipelines.dataset import open_dataset
 from training.config import RewardRecipe, recipe_dict
-from training.data import open_dataset
 from training.distributed import optimizer_to
 from training.distributed import setup as setup_distributed
 from training.reward.losses import bt_loss, margin_from_share, reward_eval
