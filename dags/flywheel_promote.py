@@ -26,7 +26,7 @@ def flywheel_promote():
     @task
     def gate(triggering_asset_events=None, dag_run=None) -> dict:
         from flywheel.app.loop import evaluate_and_promote
-        from training.registry import CHALLENGER, alias_version, registry_client
+        from training.registry import CHALLENGER, POLICY_MODEL, alias_version, registry_client
 
         conf = (dag_run.conf if dag_run else None) or {}
         events = [e for evs in (triggering_asset_events or {}).values() for e in evs]
@@ -35,10 +35,10 @@ def flywheel_promote():
         if version is None:  # a manual run without a version: the current challenger
             from flywheel.settings import get_settings
 
-            version = alias_version(registry_client(get_settings()), "flywheel-policy", CHALLENGER)
+            version = alias_version(registry_client(get_settings()), POLICY_MODEL, CHALLENGER)
         if version is None:
             raise ValueError("no policy version to gate: no triggering event, no conf 'version', no @challenger")
-        return evaluate_and_promote("flywheel-policy", str(version))
+        return evaluate_and_promote(POLICY_MODEL, str(version))
 
     gate()
 

@@ -50,8 +50,9 @@ def flywheel_reward():
         from airflow.sdk.exceptions import AirflowSkipException
 
         from flywheel.app.loop import evaluate_and_promote
+        from training.tracking import REWARD_MODEL
 
-        decision = evaluate_and_promote("flywheel-reward", trained["version"], dataset=trained["dataset"])
+        decision = evaluate_and_promote(REWARD_MODEL, trained["version"], dataset=trained["dataset"])
         if not decision["promoted"]:  # nothing new downstream: skip, so the Asset event is not emitted
             raise AirflowSkipException("not promoted: " + "; ".join(decision["reasons"]))
         return decision

@@ -23,12 +23,13 @@ from typing import Any
 from flywheel.settings import Settings
 from serving.policy import PolicyHandle, Reply, policy_version_label
 from training.generation import load_causal_lm, registered_policy_dir
+from training.tracking import POLICY_MODEL
 
 log = logging.getLogger(__name__)
 
 
 class ChampionPolicy:
-    def __init__(self, settings: Settings, *, model: str = "flywheel-policy", canary_share: float = 0.0,
+    def __init__(self, settings: Settings, *, model: str = POLICY_MODEL, canary_share: float = 0.0,
                  poll_s: float = 0.0, loader: Any = None):
         if not 0 <= canary_share <= 1:
             raise ValueError(f"canary_share must be in [0, 1], got {canary_share}")

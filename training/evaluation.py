@@ -324,7 +324,7 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
 
     from pipelines.dataset import open_dataset, split_prompts
     from training.generation import load_causal_lm, pointer_base, registered_policy_dir
-    from training.registry import CHAMPION, alias_version
+    from training.registry import CHAMPION, alias_version, tag_version
     from training.reward.train import load_registered_reward
 
     recipe = recipe or GateRecipe()
@@ -384,6 +384,6 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
                                 if isinstance(v, int | float) and v is not None and math.isfinite(float(v))})
         log_dict_artifact(report, "evaluation.json")
         report["run_id"] = run.info.run_id
-    client.set_model_version_tag(model, challenger, "eval_run_id", report["run_id"])
+    tag_version(client, model, challenger, {"eval_run_id": report["run_id"]})
     log.info("evaluated %s/%s vs %s: %s", model, challenger, champion, decision.reasons)
     return report

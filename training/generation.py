@@ -379,3 +379,26 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     scaled = logits.float() / temperature
     p = F.softmax(scaled, -1)
     return torch.logsumexp(scaled, -1) - (p * scaled).sum(-1)
+
+
+def policy_pyfunc() -> type:
+    """The MLflow pyfunc class a registered policy is logged as (weights or a pointer under ``artifacts/policy``)."""
+    import mlflow
+    import pandas as pd
+
+    class _PolicyPyfunc(mlflow.pyfunc.PythonModel):
+        """``predict(DataFrame[prompt]) -> replies`` (greedy, 128 new tokens)."""
+
+        def load_context(self, context: Any) -> None:
+            self.lm, self.tok = load_causal_lm(context.artifacts["policy"])
+
+        def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> list[str]:  # noqa: ARG002
+            out = []
+            for prompt in model_input["prompt"]:
+                enc = self.tok(render_prompt(self.tok, prompt), return_tensors="pt", add_special_tokens=False)
+                with torch.no_grad():
+                    ids = self.lm.generate(**enc, max_new_tokens=128, do_sample=False)
+                out.append(self.tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            return out
+
+    return _PolicyPyfunc

@@ -27,10 +27,9 @@ from flywheel.settings import Settings
 from flywheel.storage import Storage, open_storage
 from training.config import GateRecipe
 from training.gate import decide
-from training.tracking import POLICY_MODEL, REWARD_MODEL
+from training.tracking import MODELS, POLICY_MODEL, REWARD_MODEL
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-MODELS = (POLICY_MODEL, REWARD_MODEL)
 
 
 @dataclass(frozen=True)
@@ -78,13 +77,44 @@ def registry_client(settings: Settings) -> Any:
     return MlflowClient(settings.mlflow.tracking_uri)
 
 
+class RegistryUnavailable(RuntimeError):
+    """The registry could not be read (an unreachable tracking server, a broken store): not the same as "no
+    champion", which a caller may answer by bootstrapping one."""
+
+
+# what MLflow answers for a model that is not registered and for an alias that is not set
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 def alias_version(client: Any, model: str, alias: str) -> str | None:
+    """The version ``model@alias`` points to; None when the model or the alias does not exist;
+    :class:`RegistryUnavailable` when the registry cannot say."""
     from mlflow.exceptions import MlflowException
 
     try:
         return str(client.get_model_version_by_alias(model, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if e.error_code in _MISSING:
+            return None
+        raise RegistryUnavailable(f"model registry: cannot read {model}@{alias}: {e}") from e
+
+
+def register_version(model_uri: str, name: str, tags: dict[str, str], alias: str | None = None) -> Any:
+    """Register a logged model (``model_info.model_uri``) as a new version of ``name``, tagged, optionally
+    aliased (aliases, never stages)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mv = mlflow.register_model(model_uri, name, tags=tags)
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, mv.version)
+    return mv
+
+
+def tag_version(client: Any, model: str, version: str, tags: dict[str, str]) -> None:
+    """Set tags on a registered version (what evaluated it, what it was trained on)."""
+    for k, v in tags.items():
+        client.set_model_version_tag(model, version, k, v)
 
 
 def _now() -> str:
@@ -188,14 +218,14 @@ def bootstrap_policy(settings: Settings, base: str = "smollm2", *, version_label
 
     import mlflow
 
-    from training.policy.ppo import policy_pyfunc
-    from training.tracking import pip_requirements, register, use_tracking
+    from training.generation import policy_pyfunc
+    from training.tracking import pip_requirements, use_tracking
 
     client = registry_client(settings)
     current = alias_version(client, POLICY_MODEL, CHAMPION)
     if current is not None:
         return current
-    use_tracking(settings, "flywheel-policy")
+    use_tracking(settings, POLICY_MODEL)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=f"register-{version_label}") as run:
         pointer = Path(tmp) / "policy"
         pointer.mkdir()
@@ -203,7 +233,7 @@ def bootstrap_policy(settings: Settings, base: str = "smollm2", *, version_label
         mlflow.set_tags({"flywheel.kind": "base-policy", "flywheel.reference": base})
         info = mlflow.pyfunc.log_model(name="policy", python_model=policy_pyfunc()(), artifacts={"policy": str(pointer)},
                                        pip_requirements=pip_requirements())
-        mv = register(info.model_uri, POLICY_MODEL, alias=None,
+        mv = register_version(info.model_uri, POLICY_MODEL, alias=None,
                       tags={"reference": base, "label": version_label, "run_id": run.info.run_id})
     client.set_registered_model_alias(POLICY_MODEL, CHAMPION, mv.version)
     AuditLog.from_settings(settings).append(AuditRecord(

@@ -10,8 +10,10 @@ from typing import Any
 
 from flywheel.settings import Settings
 
+# the registered models (and the MLflow experiment each one's runs are logged to)
 REWARD_MODEL = "flywheel-reward"
 POLICY_MODEL = "flywheel-policy"
+MODELS = (POLICY_MODEL, REWARD_MODEL)
 
 
 def use_tracking(settings: Settings, experiment: str) -> str:
@@ -47,18 +49,6 @@ def pip_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"torch=={version('torch')}", f"transformers=={version('transformers')}", f"mlflow=={version('mlflow')}"]
-
-
-def register(model_uri: str, name: str, alias: str | None, tags: dict[str, str]) -> Any:
-    """Register a logged model (``model_info.model_uri``) as a new version of ``name``, tagged, optionally
-    aliased (aliases, never stages)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    mv = mlflow.register_model(model_uri, name, tags=tags)
-    if alias:
-        MlflowClient().set_registered_model_alias(name, alias, mv.version)
-    return mv
 
 
 def download_model(uri: str) -> Path:

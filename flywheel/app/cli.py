@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.settings import Settings, get_settings, hash_api_key
+from training.tracking import MODELS, POLICY_MODEL, REWARD_MODEL
 
 
 def _stack(args: argparse.Namespace, settings: Settings) -> int:
@@ -227,7 +228,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
             r = train_reward(settings, recipe, args.dataset, checkpoint_dir=args.checkpoint_dir)
             if r.run_id is not None:
-                print(json.dumps({"run_id": r.run_id, "model": "flywheel-reward", "version": r.model_version,
+                print(json.dumps({"run_id": r.run_id, "model": REWARD_MODEL, "version": r.model_version,
                                   "steps": r.steps, **r.metrics}, indent=2))
             return 0
         if isinstance(recipe, PPORecipe):
@@ -351,7 +352,7 @@ def _history(args: argparse.Namespace, settings: Settings) -> int:
 def _bootstrap(_args: argparse.Namespace, settings: Settings) -> int:
     from training.registry import bootstrap_policy
 
-    print(f"flywheel-policy champion: version {bootstrap_policy(settings)}")
+    print(f"{POLICY_MODEL} champion: version {bootstrap_policy(settings)}")
     return 0
 
 
@@ -429,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_train)
 
     s = sub.add_parser("eval-reward", help="a reward model's accuracy on a dataset's eval split (and vs a simulation's truth)")
-    s.add_argument("--model", default="models:/flywheel-reward@challenger", help="models:/… URI or a local directory")
+    s.add_argument("--model", default=f"models:/{REWARD_MODEL}@challenger", help="models:/… URI or a local directory")
     s.add_argument("--dataset", required=True, help="dataset URI or version id")
     s.add_argument("--truth", help="a `flywheel simulate` truth file: also score against the hidden preference")
     s.set_defaults(func=_eval_reward)
@@ -443,10 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after training, also score this JSONL file of {prompt, chosen, rejected} lines (repeatable)")
     s.set_defaults(func=_eval_hh)
 
-    models = ["flywheel-policy", "flywheel-reward"]
+    models = list(MODELS)
     s = sub.add_parser("evaluate", help="a registered challenger vs the champion: win rates, KL, length, probes; logged")
     s.add_argument("--challenger", required=True, help="the version to evaluate")
-    s.add_argument("--model", default="flywheel-policy", choices=models)
+    s.add_argument("--model", default=POLICY_MODEL, choices=models)
     s.add_argument("--dataset", help="dataset version for eval prompts/pairs (default: the challenger's own)")
     s.add_argument("--gate", default="gate.yaml", help="gate recipe (evaluation settings and thresholds)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a gate recipe field (repeatable)")
@@ -454,14 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("promote", help="run the gate on an evaluated version; move 'champion' only if it passes")
     s.add_argument("version")
-    s.add_argument("--model", default="flywheel-policy", choices=models)
+    s.add_argument("--model", default=POLICY_MODEL, choices=models)
     s.add_argument("--gate", default="gate.yaml")
     s.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded as forced)")
     s.add_argument("--note", default="", help="why (kept in the history)")
     s.set_defaults(func=_promote)
 
     s = sub.add_parser("rollback", help="move 'champion' back to the version it replaced (or --to)")
-    s.add_argument("--model", default="flywheel-policy", choices=models)
+    s.add_argument("--model", default=POLICY_MODEL, choices=models)
     s.add_argument("--to", help="the version to serve instead")
     s.add_argument("--note", default="", help="why (kept in the history)")
     s.set_defaults(func=_rollback)

@@ -8,11 +8,13 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Asset
 
+from training.tracking import POLICY_MODEL, REWARD_MODEL
+
 START = datetime(2026, 1, 1)
 TRAINING_POOL = "flywheel_training"  # one slot: one training task at a time (`flywheel airflow up` creates it)
 DATASETS = Asset("flywheel://datasets/hourly", extra={"what": "an hourly curated preference dataset"})
-REWARD_CHAMPION = Asset("flywheel://models/flywheel-reward/champion", extra={"what": "a new champion reward model"})
-POLICY_CHALLENGER = Asset("flywheel://models/flywheel-policy/challenger", extra={"what": "a new policy challenger"})
+REWARD_CHAMPION = Asset(f"flywheel://models/{REWARD_MODEL}/champion", extra={"what": "a new champion reward model"})
+POLICY_CHALLENGER = Asset(f"flywheel://models/{POLICY_MODEL}/challenger", extra={"what": "a new policy challenger"})
 
 
 def _on_failure(context):  # imported lazily so that parsing the DAG files stays cheap

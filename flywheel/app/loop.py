@@ -141,10 +141,10 @@ def _trained_on(settings: Settings, model: str, dataset: str, recipe: str, **tag
 
 
 def _tag(settings: Settings, model: str, version: str | None, tags: dict[str, str]) -> None:
+    from training.registry import tag_version
+
     if version:
-        client = registry_client(settings)
-        for k, v in tags.items():
-            client.set_model_version_tag(model, version, k, v)
+        tag_version(registry_client(settings), model, version, tags)
 
 
 def train_policy(dataset: str, settings: Settings | None = None, *, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

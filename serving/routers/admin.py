@@ -8,6 +8,7 @@ reasons (and is recorded too).
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -20,9 +21,9 @@ from serving.deps import Caller, State
 from serving.errors import ApiError, invalid
 from serving.openapi import inline_schema, json_body
 from serving.routers.events import parse_json
+from training.tracking import MODELS, POLICY_MODEL
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
-MODELS = ("flywheel-policy", "flywheel-reward")
 
 
 async def require_admin(caller: Caller) -> ApiKey:
@@ -38,7 +39,7 @@ Admin = Annotated[ApiKey, Depends(require_admin)]
 # Registry versions are 32-bit integers in MLflow's store: a longer number would fail its query, not match nothing.
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(default="flywheel-policy", pattern="^flywheel-(policy|reward)$")
+    model: str = Field(default=POLICY_MODEL, pattern=f"^({'|'.join(re.escape(m) for m in MODELS)})$")
     version: str = Field(pattern=r"^[0-9]+$", max_length=9, description="A registered version number.")
     force: StrictBool = Field(default=False, description="Promote even if the gate refuses (recorded as forced).")
     note: str = Field(default="", max_length=500)
@@ -46,7 +47,7 @@ class PromoteRequest(BaseModel):
 
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(default="flywheel-policy", pattern="^flywheel-(policy|reward)$")
+    model: str = Field(default=POLICY_MODEL, pattern=f"^({'|'.join(re.escape(m) for m in MODELS)})$")
     to: str | None = Field(default=None, pattern=r"^[0-9]+$", max_length=9,
                            description="Default: the previous champion.")
     note: str = Field(default="", max_length=500)
@@ -92,7 +93,7 @@ async def promote(request: Request, admin: Admin, state: State) -> dict[str, Any
                                      actor=f"api:{admin.name}", force=req.force, note=req.note)
     if record.action == "refuse":
         raise ApiError(409, "gate_refused", f"version {req.version} not promoted: " + "; ".join(record.reasons))
-    served = await _reload(state) if req.model == "flywheel-policy" else None
+    served = await _reload(state) if req.model == POLICY_MODEL else None
     return {"record": asdict(record), "serving": served}
 
 
@@ -104,7 +105,7 @@ async def rollback(request: Request, admin: Admin, state: State) -> dict[str, An
     req = await _parse(request, RollbackRequest)
     record = await run_in_threadpool(_registry_call, do_rollback, state.settings, req.model, to=req.to,
                                      actor=f"api:{admin.name}", note=req.note)
-    served = await _reload(state) if req.model == "flywheel-policy" else None
+    served = await _reload(state) if req.model == POLICY_MODEL else None
     return {"record": asdict(record), "serving": served}
 
 

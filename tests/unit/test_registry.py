@@ -188,3 +188,19 @@ def test_reward_models_go_through_the_same_gate_and_history(registry):
     assert (rec.action, rec.previous, rec.champion) == ("promote", "1", v2)
     assert rollback(settings, "flywheel-reward").champion == "1"
     assert alias_version(client, "flywheel-reward", "champion") == "1"
+
+
+def test_a_missing_alias_is_none_and_an_unreachable_registry_is_an_error(tmp_path, monkeypatch):
+    """"No champion" (which the loop answers by bootstrapping one) and "the registry cannot say" are different."""
+    from mlflow import MlflowClient
+
+    from training.registry import RegistryUnavailable, alias_version
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert alias_version(client, "flywheel-policy", "champion") is None  # no such model
+    client.create_registered_model("flywheel-policy")
+    assert alias_version(client, "flywheel-policy", "champion") is None  # no such alias
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(RegistryUnavailable, match="cannot read flywheel-policy@champion"):
+        alias_version(MlflowClient("http://127.0.0.1:9"), "flywheel-policy", "champion")

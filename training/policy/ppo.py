@@ -74,7 +74,7 @@ from training.generation import (
     flatten_prompt,
     load_causal_lm,
     logprob_temperature,
-    render_prompt,
+    policy_pyfunc,
     response_logits,
     response_logits_to_keep,
     sample,
@@ -93,6 +93,7 @@ from training.policy.ppo_math import (
     value_loss,
     whiten,
 )
+from training.registry import CHALLENGER, register_version
 from training.reward.model import RewardModel
 from training.reward.train import load_registered_reward
 from training.tracking import (
@@ -101,7 +102,6 @@ from training.tracking import (
     log_dict_artifact,
     pip_requirements,
     progress_bar,
-    register,
     use_tracking,
 )
 
@@ -364,7 +364,7 @@ class PPOTrainer:
 
 
 def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkpoint_dir: str | Path | None = None,
-              experiment: str = "flywheel-policy", register_model: bool = True) -> dict[str, Any]:
+              experiment: str = POLICY_MODEL, register_model: bool = True) -> dict[str, Any]:
     import mlflow
 
     if recipe.threads:
@@ -478,34 +478,13 @@ def _log_plots(history: list[dict[str, float]]) -> None:
     plt.close(fig)
 
 
-def policy_pyfunc() -> type:
-    import mlflow
-
-    class _PolicyPyfunc(mlflow.pyfunc.PythonModel):
-        """``predict(DataFrame[prompt]) -> replies`` (greedy, 128 new tokens)."""
-
-        def load_context(self, context: Any) -> None:
-            self.lm, self.tok = load_causal_lm(context.artifacts["policy"])
-
-        def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> list[str]:  # noqa: ARG002
-            out = []
-            for prompt in model_input["prompt"]:
-                enc = self.tok(render_prompt(self.tok, prompt), return_tensors="pt", add_special_tokens=False)
-                with torch.no_grad():
-                    ids = self.lm.generate(**enc, max_new_tokens=128, do_sample=False)
-                out.append(self.tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-            return out
-
-    return _PolicyPyfunc
-
-
 def log_and_register_policy(policy_dir: Path, run_id: str, dataset_version: str, reward_version: str,
                             metrics: dict[str, float], reference: str = "smollm2") -> str:
     import mlflow
 
     info = mlflow.pyfunc.log_model(name="policy", python_model=policy_pyfunc()(), artifacts={"policy": str(policy_dir)},
                                    pip_requirements=pip_requirements())
-    mv = register(info.model_uri, POLICY_MODEL, alias="challenger",
+    mv = register_version(info.model_uri, POLICY_MODEL, alias=CHALLENGER,
                   tags={"dataset_version": dataset_version, "reward_model_version": reward_version, "run_id": run_id,
                         "reference": reference,
                         **{k.replace("/", "_"): f"{v:.4f}" for k, v in metrics.items()}})

@@ -26,7 +26,7 @@ from flywheel.settings import Settings
 from pipelines.dataset import open_dataset
 from training.config import PreferenceOptRecipe, recipe_dict
 from training.generation import load_causal_lm
-from training.tracking import flat_params, log_dict_artifact, use_tracking
+from training.tracking import POLICY_MODEL, flat_params, log_dict_artifact, use_tracking
 
 
 def conversational(table: Any) -> Any:
@@ -41,7 +41,7 @@ def conversational(table: Any) -> Any:
 
 
 def train_preference_opt(settings: Settings, recipe: PreferenceOptRecipe, dataset_ref: str, *,
-                         experiment: str = "flywheel-policy", register_model: bool = True) -> dict[str, Any]:
+                         experiment: str = POLICY_MODEL, register_model: bool = True) -> dict[str, Any]:
     import mlflow
     from datasets import Dataset
     from transformers import TrainerCallback

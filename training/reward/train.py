@@ -37,6 +37,7 @@ from pipelines.dataset import open_dataset
 from training.config import RewardRecipe, recipe_dict
 from training.distributed import optimizer_to
 from training.distributed import setup as setup_distributed
+from training.registry import CHALLENGER, register_version
 from training.reward.losses import bt_loss, margin_from_share, reward_eval
 from training.reward.model import RewardModel
 from training.tracking import (
@@ -46,7 +47,6 @@ from training.tracking import (
     log_dict_artifact,
     pip_requirements,
     progress_bar,
-    register,
     use_tracking,
 )
 
@@ -146,7 +146,7 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, checkpoint_dir: str | Path | None = None,
                  train_pairs: pd.DataFrame | None = None, eval_pairs: pd.DataFrame | None = None,
-                 register_model: bool = True, experiment: str = "flywheel-reward",
+                 register_model: bool = True, experiment: str = REWARD_MODEL,
                  states_cache: dict[bytes, torch.Tensor] | None = None) -> RewardResult:
     """Train, evaluate, log and register. ``train_pairs``/``eval_pairs`` override the dataset's splits (used by
     the HH-RLHF evaluation, which brings its own split); the dataset is still recorded for lineage.
@@ -336,7 +336,7 @@ def log_and_register(model_dir: Path, run_id: str, dataset_version: str, metrics
     artifacts = {"reward_model": str(model_dir), **({"judge": str(judge_dir)} if judge_dir is not None else {})}
     info = mlflow.pyfunc.log_model(name="reward_model", python_model=_pyfunc_class()(),
                                    artifacts=artifacts, pip_requirements=pip_requirements())
-    mv = register(info.model_uri, REWARD_MODEL, alias="challenger",
+    mv = register_version(info.model_uri, REWARD_MODEL, alias=CHALLENGER,
                   tags={"dataset_version": dataset_version, "run_id": run_id, "judge": "fold" if judge_dir else "none",
                         **{k.replace("/", "_"): f"{v:.4f}" for k, v in metrics.items()}})
     return str(mv.version)
