@@ -49,12 +49,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import random
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +64,7 @@ from torch import nn
 
 from flywheel.settings import Settings
 from pipelines.dataset import open_dataset, split_prompts
-from training.config import PPORecipe, recipe_dict
+from training.config import PPORecipe
 from training.distributed import Dist, check_divisible, optimizer_to
 from training.distributed import setup as setup_distributed
 from training.generation import (
@@ -93,14 +92,11 @@ from training.policy.ppo_math import (
     value_loss,
     whiten,
 )
-from training.registry import CHALLENGER, register_version
 from training.reward.model import RewardModel
 from training.reward.train import load_registered_reward
+from training.runs import load_checkpoint, register_challenger, save_checkpoint, tracked_run
 from training.tracking import (
     POLICY_MODEL,
-    flat_params,
-    log_dict_artifact,
-    pip_requirements,
     progress_bar,
     use_tracking,
 )
@@ -389,24 +385,18 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     run_id = None
     before: dict[str, float] = {}
-    if ckpt and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False, map_location="cpu")
+    state = load_checkpoint(ckpt)
+    if state is not None:
         trainer.load_state_dict(state)
         run_id, before = state["run_id"], state.get("eval_before", {})
         if dist.active:
             torch.manual_seed(recipe.seed * 100_003 + trainer.step * dist.world + dist.rank)
         log.info("resuming PPO %s at step %d (MLflow run %s)", recipe.name, trainer.step, run_id)
 
-    tracked = mlflow.start_run(run_id=run_id, run_name=None if run_id else recipe.name) if dist.main else nullcontext()
-    with tracked as run:
+    with tracked_run(recipe, kind="ppo", run_id=run_id, dataset=ds, main=dist.main,
+                     tags={"flywheel.reward_model": recipe.reward_model,
+                           "flywheel.reward_model_version": reward_version}) as run:
         if dist.main and not run_id:
-            mlflow.log_params(flat_params("recipe.", recipe_dict(recipe)))
-            mlflow.set_tags({"flywheel.kind": "ppo", "flywheel.recipe": recipe.name,
-                             "flywheel.dataset_version": ds.version, "flywheel.dataset_uri": ds.uri,
-                             "flywheel.reward_model": recipe.reward_model,
-                             "flywheel.reward_model_version": reward_version})
-            log_dict_artifact(ds.manifest, "dataset_manifest.json")
-            log_dict_artifact(recipe_dict(recipe), "recipe.json")
             before = {f"eval/{k}_before": v for k, v in trainer.evaluate(eval_prompts, recipe.seed).items()}
             mlflow.log_metrics(before, step=0)
         history: list[dict[str, float]] = []
@@ -426,10 +416,7 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
                 log.info("PPO step %d: reward %.3f kl %.3f beta %.4f", trainer.step, metrics["ppo/reward"],
                          metrics["ppo/kl"], metrics["ppo/beta"])
             if dist.main and ckpt and (trainer.step % recipe.checkpoint_every == 0 or trainer.step == recipe.steps):
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                tmp = ckpt.with_suffix(".tmp")
-                torch.save({**trainer.state_dict(), "run_id": run.info.run_id, "eval_before": before}, tmp)
-                os.replace(tmp, ckpt)
+                save_checkpoint(ckpt, {**trainer.state_dict(), "run_id": run.info.run_id, "eval_before": before})
         bar.close()
         if not dist.main:  # rank 0 evaluates, saves and registers; the others are done
             dist.barrier()
@@ -480,15 +467,9 @@ def _log_plots(history: list[dict[str, float]]) -> None:
 
 def log_and_register_policy(policy_dir: Path, run_id: str, dataset_version: str, reward_version: str,
                             metrics: dict[str, float], reference: str = "smollm2") -> str:
-    import mlflow
-
-    info = mlflow.pyfunc.log_model(name="policy", python_model=policy_pyfunc()(), artifacts={"policy": str(policy_dir)},
-                                   pip_requirements=pip_requirements())
-    mv = register_version(info.model_uri, POLICY_MODEL, alias=CHALLENGER,
-                  tags={"dataset_version": dataset_version, "reward_model_version": reward_version, "run_id": run_id,
-                        "reference": reference,
-                        **{k.replace("/", "_"): f"{v:.4f}" for k, v in metrics.items()}})
-    return str(mv.version)
+    return register_challenger(POLICY_MODEL, "policy", policy_pyfunc()(), {"policy": str(policy_dir)},
+                               {"dataset_version": dataset_version, "reward_model_version": reward_version,
+                                "run_id": run_id, "reference": reference}, metrics)
 
 
 __all__ = ["PPOTrainer", "PolicyWithValue", "train_ppo"]

@@ -24,9 +24,10 @@ import torch
 
 from flywheel.settings import Settings
 from pipelines.dataset import open_dataset
-from training.config import PreferenceOptRecipe, recipe_dict
+from training.config import PreferenceOptRecipe
 from training.generation import load_causal_lm
-from training.tracking import POLICY_MODEL, flat_params, log_dict_artifact, use_tracking
+from training.runs import tracked_run
+from training.tracking import POLICY_MODEL, use_tracking
 
 
 def conversational(table: Any) -> Any:
@@ -85,11 +86,7 @@ def train_preference_opt(settings: Settings, recipe: PreferenceOptRecipe, datase
                                     if isinstance(v, (int, float))}, step=state.global_step)
 
     use_tracking(settings, experiment)
-    with mlflow.start_run(run_name=recipe.name) as run:
-        mlflow.log_params(flat_params("recipe.", recipe_dict(recipe)))
-        mlflow.set_tags({"flywheel.kind": recipe.kind, "flywheel.recipe": recipe.name,
-                         "flywheel.dataset_version": ds.version, "flywheel.dataset_uri": ds.uri})
-        log_dict_artifact(ds.manifest, "dataset_manifest.json")
+    with tracked_run(recipe, kind=recipe.kind, dataset=ds) as run:
         if recipe.kind == "dpo":
             from trl import DPOConfig, DPOTrainer
 

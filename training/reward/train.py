@@ -19,11 +19,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,18 +32,15 @@ import torch
 
 from flywheel.settings import Settings
 from pipelines.dataset import open_dataset
-from training.config import RewardRecipe, recipe_dict
+from training.config import RewardRecipe
 from training.distributed import optimizer_to
 from training.distributed import setup as setup_distributed
-from training.registry import CHALLENGER, register_version
 from training.reward.losses import bt_loss, margin_from_share, reward_eval
 from training.reward.model import RewardModel
+from training.runs import load_checkpoint, register_challenger, save_checkpoint, tracked_run
 from training.tracking import (
     REWARD_MODEL,
     download_model,
-    flat_params,
-    log_dict_artifact,
-    pip_requirements,
     progress_bar,
     use_tracking,
 )
@@ -137,13 +132,6 @@ def cached_trunk_states(model: RewardModel, enc: dict[str, torch.Tensor], cache:
     return {"states": out, **{k: v for k, v in enc.items() if k != "input_ids"}}
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, checkpoint_dir: str | Path | None = None,
                  train_pairs: pd.DataFrame | None = None, eval_pairs: pd.DataFrame | None = None,
                  register_model: bool = True, experiment: str = REWARD_MODEL,
@@ -204,8 +192,8 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
 
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     step, run_id = 0, None
-    if ckpt_path and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
         model.load_state_dict(state["model"], strict=recipe.trainable_layers < 0)  # a frozen trunk: only what trains
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -219,17 +207,8 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
 
     if dist.main:
         use_tracking(settings, experiment)
-    tracked = mlflow.start_run(run_id=run_id, run_name=None if run_id else recipe.name) if dist.main else nullcontext()
-    with tracked as run:
-        if dist.main and not run_id:
-            mlflow.log_params(flat_params("recipe.", recipe_dict(recipe)))
-            mlflow.log_params({"train_pairs": len(train), "eval_pairs": len(evalp), "total_steps": total})
-            tags = {"flywheel.kind": "reward", "flywheel.recipe": recipe.name}
-            if ds is not None:
-                tags |= {"flywheel.dataset_version": ds.version, "flywheel.dataset_uri": ds.uri}
-                log_dict_artifact(ds.manifest, "dataset_manifest.json")
-            mlflow.set_tags(tags)
-            log_dict_artifact(recipe_dict(recipe), "recipe.json")
+    with tracked_run(recipe, kind="reward", run_id=run_id, dataset=ds, main=dist.main,
+                     params={"train_pairs": len(train), "eval_pairs": len(evalp), "total_steps": total}) as run:
         if dist.main and trunk_s:
             mlflow.log_metric("time/trunk_states_s", trunk_s)
         model.train()
@@ -266,7 +245,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
                                         "train/lr": sched.get_last_lr()[0]}, step=step)
                 window.clear()
             if dist.main and ckpt_path and (step % recipe.checkpoint_every == 0 or step == total):
-                _save_checkpoint(ckpt_path, {"model": model.trained_state(), "optimizer": opt.state_dict(),
+                save_checkpoint(ckpt_path, {"model": model.trained_state(), "optimizer": opt.state_dict(),
                                              "scheduler": sched.state_dict(), "step": step,
                                              "run_id": run.info.run_id, "torch_rng": torch.get_rng_state()})
         bar.close()
@@ -329,17 +308,13 @@ def judge_folds(pairs: pd.DataFrame) -> np.ndarray:
 
 def log_and_register(model_dir: Path, run_id: str, dataset_version: str, metrics: dict[str, float],
                      judge_dir: Path | None = None) -> str:
-    import mlflow
 
     if judge_dir is not None and judge_dir.name != "judge":  # MLflow names the artifact directory after it
         judge_dir = judge_dir.rename(judge_dir.with_name("judge"))
     artifacts = {"reward_model": str(model_dir), **({"judge": str(judge_dir)} if judge_dir is not None else {})}
-    info = mlflow.pyfunc.log_model(name="reward_model", python_model=_pyfunc_class()(),
-                                   artifacts=artifacts, pip_requirements=pip_requirements())
-    mv = register_version(info.model_uri, REWARD_MODEL, alias=CHALLENGER,
-                  tags={"dataset_version": dataset_version, "run_id": run_id, "judge": "fold" if judge_dir else "none",
-                        **{k.replace("/", "_"): f"{v:.4f}" for k, v in metrics.items()}})
-    return str(mv.version)
+    return register_challenger(REWARD_MODEL, "reward_model", _pyfunc_class()(), artifacts,
+                            {"dataset_version": dataset_version, "run_id": run_id,
+                             "judge": "fold" if judge_dir else "none"}, metrics)
 
 
 def load_registered_reward(uri: str, part: str = "reward_model") -> RewardModel:
