@@ -39,7 +39,7 @@ import torch
 
 from flywheel.settings import Settings
 from training.config import GateRecipe, resolve_recipe_path
-from training.gate import decide, wilson
+from training.gate import wilson
 from training.tracking import POLICY_MODEL, REWARD_MODEL, log_dict_artifact, use_tracking
 
 log = logging.getLogger(__name__)
@@ -371,13 +371,12 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
         kind = "policy"
     else:
         raise ValueError(f"model must be {POLICY_MODEL} or {REWARD_MODEL}, got {model!r}")
-    has_champion = champion is not None and champion != challenger
-    decision = decide(report["challenger"], report["champion"] if has_champion else None, recipe, kind)
-    report["decision"] = decision.as_dict()
+    report["kind"] = kind
+    # measurements only: the gate decides once, when training.registry.promote reads this evaluation
     with mlflow.start_run(run_name=f"evaluate-{model}-{challenger}") as run:
         mlflow.set_tags({"flywheel.kind": "evaluation", "flywheel.model": model,
                          "flywheel.challenger_version": challenger, "flywheel.champion_version": str(champion),
-                         "flywheel.dataset_version": ds.version, "flywheel.gate": "pass" if decision.promote else "fail"})
+                         "flywheel.dataset_version": ds.version})
         for side in ("challenger", "champion"):
             values = report.get(side) or {}
             mlflow.log_metrics({f"{side}/{k}": float(v) for k, v in values.items()
@@ -385,5 +384,5 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
         log_dict_artifact(report, "evaluation.json")
         report["run_id"] = run.info.run_id
     tag_version(client, model, challenger, {"eval_run_id": report["run_id"]})
-    log.info("evaluated %s/%s vs %s: %s", model, challenger, champion, decision.reasons)
+    log.info("evaluated %s/%s vs %s", model, challenger, champion)
     return report

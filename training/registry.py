@@ -26,7 +26,7 @@ from typing import Any
 from flywheel.settings import Settings
 from flywheel.storage import Storage, open_storage
 from training.config import GateRecipe
-from training.gate import decide
+from training.gate import GateDecision, decide
 from training.tracking import MODELS, POLICY_MODEL, REWARD_MODEL
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -146,6 +146,14 @@ def evaluation_of(client: Any, model: str, version: str) -> dict[str, Any]:
     return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation.json"))
 
 
+def gate_decision(model: str, report: dict[str, Any], gate: GateRecipe) -> GateDecision:
+    """The gate's decision on an evaluation (``training.evaluation.evaluate_challenger``'s report): the one place
+    a report is judged. :func:`promote` records it; ``flywheel evaluate`` shows it as a preview."""
+    kind = "reward" if model == REWARD_MODEL else "policy"
+    has_champion = report.get("champion_version") not in (None, report.get("challenger_version"))
+    return decide(report["challenger"], report.get("champion") if has_champion else None, gate, kind)
+
+
 def promote(settings: Settings, model: str, version: str, *, gate: GateRecipe | None = None,
             actor: str | None = None, force: bool = False, note: str = "") -> AuditRecord:
     """Run the gate on the version's logged evaluation; move ``champion`` only if it passes (or ``force``)."""
@@ -161,8 +169,7 @@ def promote(settings: Settings, model: str, version: str, *, gate: GateRecipe | 
         if not force:
             raise
     if report:
-        kind = "reward" if model == REWARD_MODEL else "policy"
-        decision = decide(report["challenger"], report.get("champion"), gate or GateRecipe(), kind)
+        decision = gate_decision(model, report, gate or GateRecipe())
         reasons, ok = decision.reasons, decision.promote
         if report.get("champion_version") not in (None, previous):
             ok, reasons = False, [f"the evaluation compared against version {report.get('champion_version')}, "

@@ -298,7 +298,11 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     report = evaluate_challenger(settings, args.model, args.challenger, dataset=args.dataset, recipe=gate)
     report.pop("samples", None)
     print(json.dumps(report, indent=2, default=str))
-    print(f"gate: {'PASS' if report['decision']['promote'] else 'FAIL'}: " + "; ".join(report["decision"]["reasons"]))
+    from training.registry import gate_decision
+
+    decision = gate_decision(args.model, report, gate)
+    print(f"gate preview ({gate.name}; `flywheel promote` decides and records): "
+          f"{'PASS' if decision.promote else 'FAIL'}: " + "; ".join(decision.reasons))
     return 0
 
 

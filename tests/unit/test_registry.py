@@ -60,7 +60,7 @@ def gate(**kw) -> GateRecipe:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_challenger_that_never_ends_is_refused_for_its_length_every_time(registry, seed):
     from training.evaluation import evaluate_challenger
-    from training.registry import AuditLog, alias_version, promote
+    from training.registry import AuditLog, alias_version, gate_decision, promote
 
     settings, uri, base, tmp = registry
     rambler = register_policy(settings, tiny_fixed_policy_dir(tmp / "rambler", eos_prob=0.0, seed=seed), uri, base)
@@ -68,7 +68,8 @@ def test_a_challenger_that_never_ends_is_refused_for_its_length_every_time(regis
     ch, cp = report["challenger"], report["champion"]
     assert ch["no_eos_share"] == 1.0 and cp["no_eos_share"] < 0.1 and ch["length_mean"] == 16
     assert ch["length_change"] > 1.0 and cp["kl"] == pytest.approx(0.0, abs=1e-4)
-    assert not report["decision"]["promote"]
+    assert "decision" not in report  # an evaluation measures; promotion decides, once
+    assert not gate_decision("flywheel-policy", report, gate(seed=seed)).promote
     record = promote(settings, "flywheel-policy", rambler, gate=gate(seed=seed), actor="test")
     assert record.action == "refuse" and record.champion == "1"
     assert any(r.startswith("share of responses that never end 1.000") for r in record.reasons)
