@@ -143,7 +143,8 @@ def evaluation_of(client: Any, model: str, version: str) -> dict[str, Any]:
     if not run_id:
         raise GateError(f"{model} version {version} has no evaluation: run `flywheel evaluate --model {model} "
                         f"--challenger {version}` first")
-    return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation.json"))
+    report: dict[str, Any] = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation.json"))
+    return report
 
 
 def gate_decision(model: str, report: dict[str, Any], gate: GateRecipe) -> GateDecision:
@@ -183,11 +184,10 @@ def promote(settings: Settings, model: str, version: str, *, gate: GateRecipe | 
     action = "promote" if ok else "refuse"
     if force and not ok:
         action, reasons = "force", [f"forced by {_actor(actor)}" + (f": {note}" if note else ""), *reasons]
+    champion: str | None = previous
     if action in ("promote", "force"):
         client.set_registered_model_alias(model, CHAMPION, version)
         champion = version
-    else:
-        champion = previous
     record = AuditRecord(model, action, version, previous, champion, _actor(actor), _now(), reasons, metrics)
     log.append(record)
     return record
