@@ -132,6 +132,44 @@ def cached_trunk_states(model: RewardModel, enc: dict[str, torch.Tensor], cache:
     return {"states": out, **{k: v for k, v in enc.items() if k != "input_ids"}}
 
 
+def _splits(settings: Settings, dataset_ref: str, train_pairs: pd.DataFrame | None,
+            eval_pairs: pd.DataFrame | None) -> tuple[Any, pd.DataFrame, pd.DataFrame]:
+    """(the dataset or None, training pairs, eval pairs): the dataset's splits unless pairs are given."""
+    ds = open_dataset(dataset_ref, settings) if dataset_ref else None
+    pairs = ds.table("pairs") if ds is not None and (train_pairs is None or eval_pairs is None) else None
+    train = train_pairs if train_pairs is not None else pairs[pairs["split"] == "train"].reset_index(drop=True)
+    evalp = eval_pairs if eval_pairs is not None else pairs[pairs["split"] == "eval"].reset_index(drop=True)
+    if train.empty:
+        raise ValueError(f"dataset {dataset_ref}: no training pairs")
+    return ds, train, evalp
+
+
+def _encode_sides(model: RewardModel, train: pd.DataFrame, recipe: RewardRecipe, device: torch.device,
+                  states_cache: dict[bytes, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], np.ndarray]:
+    """Both sides of every training pair encoded to one width, and each pair's longer side's length (for the
+    length-grouped batches). A frozen trunk's states replace the token ids: computed once a text."""
+    enc_c = model.encode(train["prompt"].tolist(), train["chosen"].tolist())
+    enc_r = model.encode(train["prompt"].tolist(), train["rejected"].tolist())
+    width = max(enc_c["input_ids"].shape[1], enc_r["input_ids"].shape[1])  # each side padded to its own longest
+    enc_c, enc_r = (_pad_right(e, width, model.tokenizer.pad_token_id) for e in (enc_c, enc_r))
+    lengths = torch.maximum(enc_c["attention_mask"].sum(1), enc_r["attention_mask"].sum(1)).numpy()
+    if recipe.trainable_layers >= 0:
+        model.to(device)
+        enc_c, enc_r = (cached_trunk_states(model, e, states_cache, recipe.eval_batch_size) for e in (enc_c, enc_r))
+    return enc_c, enc_r, lengths
+
+
+def _optimizer(model: RewardModel, recipe: RewardRecipe, total: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (the backbone's trained parameters at ``lr``, the head at ``head_lr``), linear warm-up then decay."""
+    opt = torch.optim.AdamW([{"params": model.trained_parameters(), "lr": recipe.lr},
+                             {"params": list(model.head.parameters()), "lr": recipe.head_lr}],
+                            weight_decay=recipe.weight_decay)
+    warm = max(1, recipe.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    return opt, sched
+
+
 def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, checkpoint_dir: str | Path | None = None,
                  train_pairs: pd.DataFrame | None = None, eval_pairs: pd.DataFrame | None = None,
                  register_model: bool = True, experiment: str = REWARD_MODEL,
@@ -147,12 +185,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
     dist = setup_distributed(recipe.device)
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
-    ds = open_dataset(dataset_ref, settings) if dataset_ref else None
-    pairs = ds.table("pairs") if ds is not None and train_pairs is None else None
-    train = train_pairs if train_pairs is not None else pairs[pairs["split"] == "train"].reset_index(drop=True)
-    evalp = eval_pairs if eval_pairs is not None else pairs[pairs["split"] == "eval"].reset_index(drop=True)
-    if train.empty:
-        raise ValueError(f"dataset {dataset_ref}: no training pairs")
+    ds, train, evalp = _splits(settings, dataset_ref, train_pairs, eval_pairs)
     judge = None
     states_cache = {} if states_cache is None else states_cache
     if recipe.judge_fold:  # cross-fitting: the judge learns from one half of the prompt groups, the model the other
@@ -169,26 +202,14 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
                                       recipe.trainable_layers, recipe.length_feature)
     if dist.active and len(train) < recipe.batch_size:
         raise ValueError(f"{len(train)} training pairs: fewer than one batch of {recipe.batch_size} to share out")
-    enc_c = model.encode(train["prompt"].tolist(), train["chosen"].tolist())
-    enc_r = model.encode(train["prompt"].tolist(), train["rejected"].tolist())
-    width = max(enc_c["input_ids"].shape[1], enc_r["input_ids"].shape[1])  # each side padded to its own longest
-    enc_c, enc_r = (_pad_right(e, width, model.tokenizer.pad_token_id) for e in (enc_c, enc_r))
-    lengths = torch.maximum(enc_c["attention_mask"].sum(1), enc_r["attention_mask"].sum(1)).numpy()
-    trunk_s = 0.0
-    if recipe.trainable_layers >= 0:  # the frozen trunk's output replaces the token ids: computed once a text
-        model.to(dist.device)
-        t0 = time.perf_counter()
-        enc_c, enc_r = (cached_trunk_states(model, e, states_cache, recipe.eval_batch_size) for e in (enc_c, enc_r))
-        trunk_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    enc_c, enc_r, lengths = _encode_sides(model, train, recipe, dist.device, states_cache)
+    trunk_s = time.perf_counter() - t0 if recipe.trainable_layers >= 0 else 0.0
     share = torch.tensor(train["margin"].to_numpy(dtype=np.float32)) if "margin" in train else torch.ones(len(train))
 
     per_epoch = math.ceil(len(train) / recipe.batch_size)
     total = recipe.max_steps or per_epoch * recipe.epochs
-    head_params = list(model.head.parameters())
-    opt = torch.optim.AdamW([{"params": model.trained_parameters(), "lr": recipe.lr},
-                             {"params": head_params, "lr": recipe.head_lr}], weight_decay=recipe.weight_decay)
-    warm = max(1, recipe.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    opt, sched = _optimizer(model, recipe, total)
 
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     step, run_id = 0, None
