@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,24 @@ import torch
 from training.config import recipe_dict
 from training.registry import CHALLENGER, register_version
 from training.tracking import flat_params, log_dict_artifact, pip_requirements
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """What a policy training run (PPO/RLOO, DPO, KTO) produced. ``run_id`` and ``version`` are None off the main
+    rank of a distributed run (only rank 0 tracks) and ``version`` is None when the run registered nothing."""
+
+    kind: str  # ppo | dpo | kto
+    run_id: str | None
+    version: str | None
+    steps: int
+    policy_dir: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)  # PPO: eval/*_before and eval/*_after; DPO/KTO: train_loss
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat and JSON-ready (the CLI prints it; a DAG task passes it on)."""
+        return {"kind": self.kind, "run_id": self.run_id, "version": self.version, "steps": self.steps,
+                "policy_dir": self.policy_dir, **self.metrics}
 
 
 @contextmanager

@@ -241,8 +241,8 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
             res = train_preference_opt(settings, recipe, args.dataset)
         else:
             raise SystemExit(f"{args.recipe}: not a policy recipe (kind: ppo, dpo or kto)")
-        if res.get("run_id") is not None:
-            print(json.dumps(res, indent=2, default=str))
+        if res.run_id is not None:
+            print(json.dumps(res.as_dict(), indent=2, default=str))
         return 0
     finally:
         teardown()

@@ -185,12 +185,11 @@ def train_policy(dataset: str, settings: Settings | None = None, *, overrides: d
         res = train_preference_opt(settings, recipe, dataset)
     else:
         raise ValueError(f"{settings.loop.policy_recipe}: not a policy recipe")
-    _tag(settings, POLICY_MODEL, res["version"], {"recipe": recipe.name, "start_policy": recipe.policy})
-    metrics = {k: v for k, v in res.items() if k.startswith("eval/")}
-    log.info("policy version %s (%s from %s, reward model %s) on dataset %s: %s", res["version"], recipe.name,
-             recipe.policy, tags["reward_model_version"], dataset, metrics)
-    return {"dataset": dataset, "version": res["version"], "reused": False, "run_id": res["run_id"],
-            "metrics": metrics, **tags}
+    _tag(settings, POLICY_MODEL, res.version, {"recipe": recipe.name, "start_policy": recipe.policy})
+    log.info("policy version %s (%s from %s, reward model %s) on dataset %s: %s", res.version, recipe.name,
+             recipe.policy, tags["reward_model_version"], dataset, res.metrics)
+    return {"dataset": dataset, "version": res.version, "reused": False, "run_id": res.run_id,
+            "metrics": res.metrics, **tags}
 
 
 def evaluate_and_promote(model: str, version: str, settings: Settings | None = None, *, dataset: str | None = None,

@@ -63,20 +63,20 @@ def test_a_few_ppo_steps_train_log_and_register(env, lora, advantage):
     before = AutoModelForCausalLM.from_pretrained(policy).state_dict()
     res = train_ppo(settings, recipe(policy, reward, lora=lora, lora_targets=("q_proj", "v_proj"), advantage=advantage,
                                      samples_per_prompt=2 if advantage == "rloo" else 1), uri)
-    assert res["steps"] == 3 and res["version"] == "1"
-    after = AutoModelForCausalLM.from_pretrained(res["policy_dir"]).state_dict()
+    assert res.steps == 3 and res.version == "1" and res.kind == "ppo"
+    after = AutoModelForCausalLM.from_pretrained(res.policy_dir).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "the policy did not change"
     client = MlflowClient(settings.mlflow.tracking_uri)
     for key in ("ppo/reward", "ppo/kl", "ppo/entropy", "ppo/response_length", "ppo/clipfrac", "ppo/approx_kl",
                 "ppo/policy_loss", *(["ppo/value_loss"] if advantage == "gae" else [])):
-        hist = client.get_metric_history(res["run_id"], key)
+        hist = client.get_metric_history(res.run_id, key)
         assert [m.step for m in hist] == [1, 2, 3] and all(math.isfinite(m.value) for m in hist), key
-    run = client.get_run(res["run_id"])
+    run = client.get_run(res.run_id)
     assert run.data.tags["flywheel.dataset_version"] == "0123456789abcdef"
     assert run.data.tags["flywheel.reward_model_version"] == (rm_version if lora else reward)
     assert {"eval/reward_before", "eval/reward_after", "eval/kl_after"} <= set(run.data.metrics)
     mv = client.get_model_version_by_alias("flywheel-policy", "challenger")
-    assert mv.run_id == res["run_id"] and mv.tags["dataset_version"] == "0123456789abcdef"
+    assert mv.run_id == res.run_id and mv.tags["dataset_version"] == "0123456789abcdef"
 
 
 def test_responses_are_masked_after_the_first_eos(env):
@@ -205,10 +205,10 @@ def test_dpo_and_kto_recipes_train_through_trl_and_register(env, tmp_path, kind)
     res = train_preference_opt(settings, PreferenceOptRecipe(kind=kind, policy=policy, max_steps=2, batch_size=4,
                                                              max_length=32, lr=1e-3, threads=1, lora=True,
                                                              lora_targets=("q_proj", "o_proj")), uri)
-    assert res["steps"] == 2 and math.isfinite(res["train_loss"])
+    assert res.steps == 2 and math.isfinite(res.metrics["train_loss"]) and res.kind == kind
     client = MlflowClient(settings.mlflow.tracking_uri)
-    assert client.get_run(res["run_id"]).data.tags["flywheel.kind"] == kind
-    assert client.get_model_version_by_alias("flywheel-policy", "challenger").run_id == res["run_id"]
+    assert client.get_run(res.run_id).data.tags["flywheel.kind"] == kind
+    assert client.get_model_version_by_alias("flywheel-policy", "challenger").run_id == res.run_id
 
 
 def test_dpo_and_kto_rows_are_rendered_with_the_chat_template_as_ppo_and_serving_render_them(tmp_path):

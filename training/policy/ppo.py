@@ -94,7 +94,7 @@ from training.policy.ppo_math import (
 )
 from training.reward.model import RewardModel
 from training.reward.train import load_registered_reward
-from training.runs import load_checkpoint, register_challenger, save_checkpoint, tracked_run
+from training.runs import PolicyResult, load_checkpoint, register_challenger, save_checkpoint, tracked_run
 from training.tracking import (
     POLICY_MODEL,
     progress_bar,
@@ -420,7 +420,7 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
         bar.close()
         if not dist.main:  # rank 0 evaluates, saves and registers; the others are done
             dist.barrier()
-            return {"run_id": None, "steps": trainer.step}
+            return PolicyResult("ppo", None, None, trainer.step)
         if dist.active:
             mlflow.log_params({"distributed.world_size": dist.world, "distributed.device": dist.device.type})
         after = {f"eval/{k}_after": v for k, v in trainer.evaluate(eval_prompts, recipe.seed).items()}
@@ -431,8 +431,7 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
         version = log_and_register_policy(out_dir, run.info.run_id, ds.version, reward_version,
                                           {**before, **after}, reference=recipe.policy) if register_model else None
         dist.barrier()
-        return {"run_id": run.info.run_id, "model": POLICY_MODEL, "version": version, "steps": trainer.step,
-                **before, **after, "policy_dir": str(out_dir)}
+        return PolicyResult("ppo", run.info.run_id, version, trainer.step, str(out_dir), {**before, **after})
 
 
 def _reward_version(uri: str) -> str:

@@ -26,7 +26,7 @@ from flywheel.settings import Settings
 from pipelines.dataset import open_dataset
 from training.config import PreferenceOptRecipe
 from training.generation import load_causal_lm
-from training.runs import tracked_run
+from training.runs import PolicyResult, tracked_run
 from training.tracking import POLICY_MODEL, use_tracking
 
 
@@ -109,5 +109,5 @@ def train_preference_opt(settings: Settings, recipe: PreferenceOptRecipe, datase
         version = log_and_register_policy(policy_dir, run.info.run_id, ds.version, "none",
                                           {"train_loss": float(result.training_loss)},
                                           reference=recipe.policy) if register_model else None
-        return {"run_id": run.info.run_id, "kind": recipe.kind, "version": version, "steps": result.global_step,
-                "train_loss": result.training_loss, "policy_dir": str(policy_dir)}
+        return PolicyResult(recipe.kind, run.info.run_id, version, result.global_step, str(policy_dir),
+                            {"train_loss": float(result.training_loss)})
