@@ -24,7 +24,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import pandas as pd  # noqa: E402
 
-from flywheel.app.simulate import HiddenPreference  # noqa: E402
+from flywheel.app.simulate import HiddenPreference, oriented_by_preference  # noqa: E402
 from flywheel.settings import Settings  # noqa: E402
 from training.config import RewardRecipe, load_recipe  # noqa: E402
 from training.gate import wilson  # noqa: E402
@@ -32,21 +32,13 @@ from training.reward.model import RewardModel  # noqa: E402
 from training.reward.train import evaluate, judge_folds, train_reward  # noqa: E402
 
 
-def oriented_by(pairs: pd.DataFrame, pref: HiddenPreference) -> pd.DataFrame:
-    """The pairs the preference decides, chosen = the side it prefers."""
-    tc, tr = pairs["chosen"].map(pref.score), pairs["rejected"].map(pref.score)
-    decided, swap = tc != tr, tc < tr
-    out = pairs[decided].copy()
-    out.loc[swap[decided], ["chosen", "rejected"]] = pairs.loc[swap & decided, ["rejected", "chosen"]].to_numpy()
-    return out.reset_index(drop=True)
-
-
 def main(argv: list[str]) -> None:
     pairs = pd.concat([pd.read_parquet(f) for f in sorted(glob.glob(argv[0]))], ignore_index=True)
     train = pairs[pairs["split"] == "train"].reset_index(drop=True)
     fold = judge_folds(train)
     learn = train[~fold].reset_index(drop=True)
-    test = oriented_by(pd.concat([train[fold], pairs[pairs["split"] == "eval"]]), HiddenPreference(min_words=6))
+    test, _, _ = oriented_by_preference(pd.concat([train[fold], pairs[pairs["split"] == "eval"]], ignore_index=True),
+                                        HiddenPreference(min_words=6))
     base = load_recipe("reward-minilm-demo.yaml")
     assert isinstance(base, RewardRecipe)
     settings = Settings(home=Path("/tmp/flywheel-bench-reward-recipes"))

@@ -413,16 +413,23 @@ def run_simulation(settings: Any, cfg: SimConfig, *, truth_path: Path | None = N
             "start": start, "end": end}
 
 
+def oriented_by_preference(pairs: Any, pref: HiddenPreference) -> tuple[Any, Any, Any]:
+    """(the pairs the preference decides, each with chosen = the side it prefers; which pairs it decides; which
+    it would swap)."""
+    truth_c, truth_r = pairs["chosen"].map(pref.score), pairs["rejected"].map(pref.score)
+    decided = (truth_c != truth_r).to_numpy()
+    swap = (truth_c < truth_r).to_numpy()  # the hidden preference prefers the "rejected" side
+    oriented = pairs.assign(chosen=pairs["chosen"].where(~swap, pairs["rejected"]),
+                            rejected=pairs["rejected"].where(~swap, pairs["chosen"]))[decided].reset_index(drop=True)
+    return oriented, decided, swap
+
+
 def hidden_preference_accuracy(model: Any, pairs: Any, pref: HiddenPreference) -> dict[str, Any]:
     """A reward model's pairwise accuracy against the hidden preference itself on ``pairs`` (each pair oriented
     the way the preference ranks it; pairs it ranks the same either way are skipped), and how often the
     pairs' own labels agree with it."""
     from training.reward.train import evaluate
 
-    truth_c, truth_r = pairs["chosen"].map(pref.score), pairs["rejected"].map(pref.score)
-    decided = (truth_c != truth_r).to_numpy()
-    swap = (truth_c < truth_r).to_numpy()  # the hidden preference prefers the "rejected" side
-    oriented = pairs.assign(chosen=pairs["chosen"].where(~swap, pairs["rejected"]),
-                            rejected=pairs["rejected"].where(~swap, pairs["chosen"]))[decided].reset_index(drop=True)
+    oriented, decided, swap = oriented_by_preference(pairs, pref)
     return {"hidden_preference": {"pairs": len(oriented), **evaluate(model, oriented)},
             "labels_agree_with_hidden_preference": float((~swap[decided]).mean()) if decided.any() else None}

@@ -22,6 +22,7 @@ model was trained) or ``top.pt`` (a frozen trunk: the trained top layers, the re
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -146,7 +147,9 @@ class RewardModel(nn.Module):
             raise ValueError("the chat template does not render the conversation as its prompt followed by the reply")
         return head, full[len(head):]
 
+    @functools.cached_property
     def _overhead(self) -> int:
+        """Tokens the encoding adds around the prompt and the response (the same for every pair)."""
         if self.encoding == "pair":
             return 3  # [CLS] prompt [SEP] response [SEP]
         head, tail = self._chat_parts("", "")
@@ -160,7 +163,7 @@ class RewardModel(nn.Module):
         tok = self.tokenizer
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         r_ids = tok(response, add_special_tokens=False)["input_ids"]
-        budget = self.max_length - self._overhead()
+        budget = self.max_length - self._overhead
         if len(p_ids) + len(r_ids) <= budget:
             return prompt, response
         r_keep = min(len(r_ids), max(budget - len(p_ids), 3 * budget // 4))
