@@ -149,3 +149,16 @@ def tiny_fixed_policy_dir(path: Any, eos_prob: float, seed: int = 0) -> str:
     lm.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def write_events_to_lake(settings: Any, events: list[dict[str, Any]], topic: str = "simulated") -> int:
+    """Validate simulated events against the contract and write them with the consumer's lake sink (no
+    broker, no API): for tests that start at the lake. Returns the rows written."""
+    from flywheel.events import validate_event
+    from flywheel.storage import open_storage
+    from ingest.lake import LakeSink
+
+    sink = LakeSink(open_storage(settings.lake.uri, settings.lake))
+    for offset, e in enumerate(events):
+        sink.add(validate_event(e), topic, 0, offset)
+    return sink.flush().written

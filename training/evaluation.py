@@ -40,6 +40,7 @@ import torch
 from flywheel.settings import Settings
 from training.config import GateRecipe, resolve_recipe_path
 from training.gate import wilson
+from training.report import Evaluation, PolicyAnswers, PolicyMetrics, RewardMetrics
 from training.tracking import POLICY_MODEL, REWARD_MODEL, log_dict_artifact, use_tracking
 
 log = logging.getLogger(__name__)
@@ -183,10 +184,22 @@ def judge_scores(judge: Any, prompts: list[str], ans: Answers, recipe: GateRecip
     return judge.score(prompts, ans.texts).numpy() + recipe.no_eos_penalty * (1 - ans.finished.astype(float))
 
 
-def policy_stats(ans: Answers, rewards: np.ndarray, probe_refusals: tuple[float, float]) -> dict[str, float]:
-    return {"reward_mean": float(rewards.mean()), "kl": float(ans.kl.mean()), "length_mean": float(ans.lengths.mean()),
-            "no_eos_share": float(1 - ans.finished.mean()), "refusal_rate": probe_refusals[0],
-            "helpful_rate": probe_refusals[1]}
+def policy_stats(ans: Answers, rewards: np.ndarray, probe_refusals: tuple[float, float]) -> PolicyMetrics:
+    return PolicyMetrics(reward_mean=float(rewards.mean()), kl=float(ans.kl.mean()),
+                         length_mean=float(ans.lengths.mean()), no_eos_share=float(1 - ans.finished.mean()),
+                         refusal_rate=probe_refusals[0], helpful_rate=probe_refusals[1])
+
+
+@dataclass(frozen=True)
+class PolicyComparison:
+    """Both policies on the same held-out prompts: the metrics of each side, 20 sample answers with their
+    rewards, and every answer."""
+
+    prompts: int
+    challenger: PolicyMetrics
+    champion: PolicyMetrics
+    samples: list[dict[str, Any]]
+    answers: PolicyAnswers
 
 
 def probe(lm: Any, tok: Any, probes: Probes, recipe: GateRecipe) -> tuple[float, float]:
@@ -228,8 +241,8 @@ def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], ref
                      judge: Any, prompts: list[str], recipe: GateRecipe, probes: Probes,
                      eval_pairs: Any | None = None, *, cache: dict[str, Any] | None = None,
                      keys: tuple[str, str] | None = None, champion_is_reference: bool = False,
-                     base: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """The evaluation report of a challenger policy against the champion (models and tokenizers given).
+                     base: tuple[Any, Any] | None = None) -> PolicyComparison:
+    """A challenger policy against the champion (models and tokenizers given): both sides' metrics and answers.
     ``cache`` with ``keys`` (an identity for each side, e.g. its registered version) reuses answers.
     ``champion_is_reference``: the champion is the reference model itself (the base policy, v1), so its KL is
     0 by definition and the reference's forward pass over its answers is skipped (as long as generating them).
@@ -254,28 +267,27 @@ def compare_policies(challenger: tuple[Any, Any], champion: tuple[Any, Any], ref
     ch = policy_stats(a_ch, r_ch, probes_ch)
     cp = policy_stats(a_cp, r_cp, probes_cp)
     rm_eval = rm_evaluate(judge, eval_pairs) if eval_pairs is not None and len(eval_pairs) else {}
-    rm_acc, rm_pairs = rm_eval.get("accuracy"), rm_eval.get("pairs")
-    ch["kl_base"] = float(a_ch.kl_base.mean()) if base is not None and a_ch.kl_base is not None else ch["kl"]
-    ch |= {"win_rate": float(outcome.mean()), "win_rate_ci_low": low, "win_rate_ci_high": high, "lc_win_rate": lc,
-           "length_coef": length_coef, "length_change": ch["length_mean"] / max(cp["length_mean"], 1e-9) - 1,
-           "rm_accuracy": rm_acc, "rm_pairs": rm_pairs}
+    ch = dataclasses.replace(
+        ch, kl_base=float(a_ch.kl_base.mean()) if base is not None and a_ch.kl_base is not None else ch.kl,
+        win_rate=float(outcome.mean()), win_rate_ci_low=low, win_rate_ci_high=high, lc_win_rate=lc,
+        length_coef=length_coef, length_change=float(a_ch.lengths.mean()) / max(float(a_cp.lengths.mean()), 1e-9) - 1,
+        rm_accuracy=rm_eval.get("accuracy"), rm_pairs=rm_eval.get("pairs"))
     samples = [{"prompt": p, "challenger": a, "champion": b, "reward_challenger": float(x), "reward_champion": float(y)}
                for p, a, b, x, y in list(zip(prompts, a_ch.texts, a_cp.texts, r_ch, r_cp, strict=True))[:20]]
-    return {"prompts": n, "challenger": ch, "champion": cp, "samples": samples,
-            "answers": {"prompts": prompts, "challenger": a_ch.texts, "champion": a_cp.texts,
-                        "challenger_tokens": a_ch.lengths.tolist(), "champion_tokens": a_cp.lengths.tolist()}}
+    answers = PolicyAnswers(prompts=list(prompts), challenger=a_ch.texts, champion=a_cp.texts,
+                            challenger_tokens=a_ch.lengths.tolist(), champion_tokens=a_cp.lengths.tolist())
+    return PolicyComparison(n, ch, cp, samples, answers)
 
 
 def compare_reward_models(challenger: Any, champion: Any | None, eval_pairs: Any,
-                          audit: AuditSet | None = None) -> dict[str, Any]:
+                          audit: AuditSet | None = None) -> tuple[RewardMetrics, RewardMetrics | None]:
     """Both reward models on the eval pairs and, given ``audit``, on the audit set (``audit/<rule>``)."""
     from training.reward.train import evaluate as rm_evaluate
 
-    def side(model: Any) -> dict[str, float]:
-        return rm_evaluate(model, eval_pairs) | (audit.score(model) if audit is not None else {})
+    def side(model: Any) -> RewardMetrics:
+        return RewardMetrics.from_dict(rm_evaluate(model, eval_pairs) | (audit.score(model) if audit is not None else {}))
 
-    return {"pairs": len(eval_pairs), "challenger": side(challenger),
-            "champion": side(champion) if champion is not None else None}
+    return side(challenger), side(champion) if champion is not None else None
 
 
 def pick_judge(client: Any, recipe: GateRecipe, trained_against: str | None) -> tuple[Any, str, bool]:
@@ -315,7 +327,7 @@ def original_base(client: Any, model: str, reference: str) -> str:
 
 def evaluate_challenger(settings: Settings, model: str, challenger: str, *, dataset: str | None = None,
                         recipe: GateRecipe | None = None, prompts: list[str] | None = None,
-                        cache: dict[str, Any] | None = None) -> dict[str, Any]:
+                        cache: dict[str, Any] | None = None) -> Evaluation:
     """Evaluate registered version ``challenger`` of ``model`` against its champion; log and tag the result.
     Policies answer ``prompts`` when given (a fixed held-out prompt set), else the dataset's eval prompts;
     ``cache`` (a dict kept by the caller) reuses the answers of a version already evaluated the same way."""
@@ -341,14 +353,13 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
     ds = open_dataset(dataset, settings)
     pairs = ds.table("pairs")
     eval_pairs = pairs[pairs["split"] == "eval"].reset_index(drop=True)
-    report: dict[str, Any] = {"model": model, "challenger_version": challenger, "champion_version": champion,
-                              "dataset_version": ds.version}
+    report: Evaluation
     if model == REWARD_MODEL:
         rm_champion = load_registered_reward(f"models:/{model}/{champion}") if champion and champion != challenger else None
         audit = AuditSet.load(recipe.audit) if recipe.audit else None
-        report |= compare_reward_models(load_registered_reward(f"models:/{model}/{challenger}"), rm_champion, eval_pairs,
-                                        audit)
-        kind = "reward"
+        ch_rm, cp_rm = compare_reward_models(load_registered_reward(f"models:/{model}/{challenger}"), rm_champion,
+                                             eval_pairs, audit)
+        report = Evaluation(model, challenger, champion, ds.version, ch_rm, cp_rm)
     elif model == POLICY_MODEL:
         judge, judge_label, independent = pick_judge(client, recipe, mv.tags.get("reward_model_version"))
         ch = load_causal_lm(str(registered_policy_dir(f"models:/{model}/{challenger}")))
@@ -363,26 +374,24 @@ def evaluate_challenger(settings: Settings, model: str, challenger: str, *, data
         if not prompts:
             raise ValueError(f"dataset {ds.version} has no eval prompts")
         keys = (f"{model}/{challenger}", f"{model}/{champion}")
-        report |= {"judge": judge_label, "reference": reference, "base": root,
-                   **compare_policies(ch, cp, ref, judge, prompts, recipe, Probes.load(recipe.probes), eval_pairs,
-                                      cache=cache, keys=keys, champion_is_reference=champion_is_reference,
-                                      base=base)}
-        report["challenger"]["judge_independent"] = float(independent)
-        kind = "policy"
+        comp = compare_policies(ch, cp, ref, judge, prompts, recipe, Probes.load(recipe.probes), eval_pairs,
+                                cache=cache, keys=keys, champion_is_reference=champion_is_reference, base=base)
+        report = Evaluation(model, challenger, champion, ds.version,
+                            dataclasses.replace(comp.challenger, judge_independent=float(independent)),
+                            comp.champion, judge=judge_label, reference=reference, base=root, prompts=comp.prompts,
+                            samples=comp.samples, answers=comp.answers)
     else:
         raise ValueError(f"model must be {POLICY_MODEL} or {REWARD_MODEL}, got {model!r}")
-    report["kind"] = kind
     # measurements only: the gate decides once, when training.registry.promote reads this evaluation
     with mlflow.start_run(run_name=f"evaluate-{model}-{challenger}") as run:
         mlflow.set_tags({"flywheel.kind": "evaluation", "flywheel.model": model,
                          "flywheel.challenger_version": challenger, "flywheel.champion_version": str(champion),
                          "flywheel.dataset_version": ds.version})
-        for side in ("challenger", "champion"):
-            values = report.get(side) or {}
-            mlflow.log_metrics({f"{side}/{k}": float(v) for k, v in values.items()
-                                if isinstance(v, int | float) and v is not None and math.isfinite(float(v))})
-        log_dict_artifact(report, "evaluation.json")
-        report["run_id"] = run.info.run_id
-    tag_version(client, model, challenger, {"eval_run_id": report["run_id"]})
+        for side, values in (("challenger", report.challenger), ("champion", report.champion)):
+            if values is not None:
+                mlflow.log_metrics({f"{side}/{k}": v for k, v in values.as_dict().items() if math.isfinite(v)})
+        report = dataclasses.replace(report, run_id=run.info.run_id)
+        log_dict_artifact(report.as_dict(), "evaluation.json")
+    tag_version(client, model, challenger, {"eval_run_id": run.info.run_id})
     log.info("evaluated %s/%s vs %s", model, challenger, champion)
     return report

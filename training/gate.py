@@ -1,8 +1,8 @@
 """The promotion gate: a pure decision over evaluation numbers, with every reason spelled out.
 
 ``decide(challenger, champion, policy) -> GateDecision(promote, reasons, checks)``. ``challenger`` and
-``champion`` are the evaluation reports of :mod:`training.evaluation` (flat dicts of numbers); ``champion`` is
-``None`` for the first model of a name. Thresholds come from the gate recipe (``configs/gate.yaml``,
+``champion`` are the two sides of an evaluation (:mod:`training.report`: a policy's or a reward model's metrics,
+which say which checks apply); ``champion`` is ``None`` for the first model of a name. Thresholds come from the gate recipe (``configs/gate.yaml``,
 :class:`training.config.GateRecipe`). Every check is reported, passed or not, so the audit history
 says what was looked at and not only what failed.
 
@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from training.config import GateRecipe
+from training.report import Metrics, PolicyMetrics, RewardMetrics
 
 
 @dataclass(frozen=True)
@@ -101,79 +102,88 @@ def _interval_check(checks: list[Check], name: str, value: float | None, n: floa
            + (" and lie above 0.5" if above_chance else ""), what)
 
 
-def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, policy: GateRecipe,
-           kind: str = "policy") -> GateDecision:
-    """Promote only if every check passes. ``kind`` is ``"policy"`` or ``"reward"``."""
+def _reward_checks(checks: list[Check], c: RewardMetrics, champion: RewardMetrics | None,
+                   policy: GateRecipe) -> None:
+    acc = c.accuracy
+    # read as the policy gate reads the same model as a judge: on the interval of the pairs it was measured on
+    _interval_check(checks, "rm_accuracy", acc, c.pairs, policy.min_rm_accuracy, "eval pairwise accuracy",
+                    above_chance=policy.min_rm_accuracy > 0.5)
+    if champion is not None and champion.accuracy is not None:
+        floor = champion.accuracy - policy.max_accuracy_drop
+        _check(checks, "rm_accuracy_vs_champion", acc, acc is not None and acc >= floor,
+               f">= champion {champion.accuracy:.3f} - {policy.max_accuracy_drop}", "eval accuracy")
+    corr = c.length_corr
+    _check(checks, "length_correlation", corr, corr is not None and abs(corr) <= policy.max_length_correlation,
+           f"|x| <= {policy.max_length_correlation}", "reward/length correlation")
+    if policy.audit:
+        if not c.audit:
+            _check(checks, "audit", None, False, f"audit/<rule> >= {policy.min_audit_accuracy} on {policy.audit}",
+                   "agreement with the trusted labelers' audit pairs (not in the report: evaluate it again)")
+        for rule in sorted(c.audit):
+            _interval_check(checks, f"audit/{rule}", c.audit[rule], c.audit_rule_pairs.get(rule),
+                            policy.min_audit_accuracy, f"agreement with the trusted labelers on audit rule {rule!r}")
+
+
+def _policy_checks(checks: list[Check], c: PolicyMetrics, champion: PolicyMetrics | None,
+                   policy: GateRecipe) -> None:
+    if champion is not None:
+        wr = c.win_rate
+        _check(checks, "win_rate", wr, wr is not None and wr >= policy.min_win_rate,
+               f">= {policy.min_win_rate}", "win rate vs the champion")
+        if policy.min_win_rate_ci_low:
+            low = c.win_rate_ci_low
+            _check(checks, "win_rate_ci_low", low, low is not None and low > policy.min_win_rate_ci_low,
+                   f"> {policy.min_win_rate_ci_low}", "lower end of the win rate's 95% interval")
+        lc = c.lc_win_rate
+        _check(checks, "lc_win_rate", lc, lc is not None and lc >= policy.min_lc_win_rate,
+               f">= {policy.min_lc_win_rate}", "length-controlled win rate vs the champion")
+        drift = c.length_change
+        _check(checks, "length_drift", drift, drift is not None and abs(drift) <= policy.max_length_drift,
+               f"|x| <= {policy.max_length_drift}", "relative change of mean response length")
+    kl = c.kl
+    _check(checks, "kl", kl, kl is not None and kl <= policy.max_kl, f"<= {policy.max_kl}",
+           "KL(policy ‖ reference) per response")
+    if policy.max_total_kl:
+        total = c.kl_base
+        _check(checks, "total_kl", total, total is not None and total <= policy.max_total_kl,
+               f"<= {policy.max_total_kl}", "KL(policy ‖ original base model) per response, the drift budget")
+    # never-ending answers: at most max_no_eos_share, or no more than the champion already has (a base
+    # model that rambles past the evaluation's token budget must not block the challenger that fixes it)
+    no_eos = c.no_eos_share
+    cap = max(policy.max_no_eos_share, (champion.no_eos_share if champion is not None else None) or 0.0)
+    _check(checks, "no_eos_share", no_eos, no_eos is not None and no_eos <= cap + 1e-9,
+           f"<= {cap:.3g}" if cap > policy.max_no_eos_share else f"<= {policy.max_no_eos_share}",
+           "share of responses that never end")
+    for key, floor, what in (("refusal_rate", policy.min_refusal_rate, "harmful probes refused"),
+                             ("helpful_rate", policy.min_helpful_rate, "harmless probes answered")):
+        value: float | None = getattr(c, key)
+        _check(checks, key, value, value is not None and value >= floor, f">= {floor}", what)
+        theirs: float | None = getattr(champion, key) if champion is not None else None
+        if theirs is not None:
+            ref = theirs - policy.max_probe_drop
+            _check(checks, f"{key}_vs_champion", value, value is not None and value >= ref - 1e-9,
+                   f">= champion {theirs:.3f} - {policy.max_probe_drop}", what)
+    if policy.independent_judge and champion is not None:
+        ind = c.judge_independent
+        _check(checks, "judge_independent", ind, ind == 1.0, "a judge cross-fitted on other pairs (judge_fold)",
+               "a judge independent of the reward the challenger was trained against (1 = yes)")
+    # a floor at or below chance asks nothing of the judge; above it, the judge must be shown to rank at all
+    _interval_check(checks, "judge_accuracy", c.rm_accuracy, c.rm_pairs, policy.min_rm_accuracy,
+                    "the judging reward model's eval accuracy", above_chance=policy.min_rm_accuracy > 0.5)
+
+
+def decide(challenger: Metrics, champion: Metrics | None, policy: GateRecipe) -> GateDecision:
+    """Promote only if every check passes. The kind of ``challenger`` (a policy's metrics or a reward model's)
+    says which checks apply; ``champion`` must be of the same kind."""
+    if champion is not None and champion.kind != challenger.kind:
+        raise ValueError(f"a {challenger.kind} challenger cannot be compared with a {champion.kind} champion")
     checks: list[Check] = []
-    c = challenger
-    get = c.get
-    if kind == "reward":
-        acc = get("accuracy")
-        # read as the policy gate reads the same model as a judge: on the interval of the pairs it was measured on
-        _interval_check(checks, "rm_accuracy", acc, get("pairs"), policy.min_rm_accuracy, "eval pairwise accuracy",
-                        above_chance=policy.min_rm_accuracy > 0.5)
-        if champion and champion.get("accuracy") is not None:
-            floor = champion["accuracy"] - policy.max_accuracy_drop
-            _check(checks, "rm_accuracy_vs_champion", acc, acc is not None and acc >= floor,
-                   f">= champion {champion['accuracy']:.3f} - {policy.max_accuracy_drop}", "eval accuracy")
-        corr = get("length_corr")
-        _check(checks, "length_correlation", corr, corr is not None and abs(corr) <= policy.max_length_correlation,
-               f"|x| <= {policy.max_length_correlation}", "reward/length correlation")
-        if policy.audit:
-            rules = sorted(k for k in c if k.startswith("audit/"))
-            if not rules:
-                _check(checks, "audit", None, False, f"audit/<rule> >= {policy.min_audit_accuracy} on {policy.audit}",
-                       "agreement with the trusted labelers' audit pairs (not in the report: evaluate it again)")
-            for key in rules:
-                rule = key.split("/", 1)[1]
-                _interval_check(checks, key, c[key], c.get(f"audit_pairs/{rule}"), policy.min_audit_accuracy,
-                                f"agreement with the trusted labelers on audit rule {rule!r}")
-    elif kind == "policy":
-        if champion is not None:
-            wr = get("win_rate")
-            _check(checks, "win_rate", wr, wr is not None and wr >= policy.min_win_rate,
-                   f">= {policy.min_win_rate}", "win rate vs the champion")
-            if policy.min_win_rate_ci_low:
-                low = get("win_rate_ci_low")
-                _check(checks, "win_rate_ci_low", low, low is not None and low > policy.min_win_rate_ci_low,
-                       f"> {policy.min_win_rate_ci_low}", "lower end of the win rate's 95% interval")
-            lc = get("lc_win_rate")
-            _check(checks, "lc_win_rate", lc, lc is not None and lc >= policy.min_lc_win_rate,
-                   f">= {policy.min_lc_win_rate}", "length-controlled win rate vs the champion")
-            drift = get("length_change")
-            _check(checks, "length_drift", drift, drift is not None and abs(drift) <= policy.max_length_drift,
-                   f"|x| <= {policy.max_length_drift}", "relative change of mean response length")
-        kl = get("kl")
-        _check(checks, "kl", kl, kl is not None and kl <= policy.max_kl, f"<= {policy.max_kl}",
-               "KL(policy ‖ reference) per response")
-        if policy.max_total_kl:
-            total = get("kl_base")
-            _check(checks, "total_kl", total, total is not None and total <= policy.max_total_kl,
-                   f"<= {policy.max_total_kl}", "KL(policy ‖ original base model) per response, the drift budget")
-        # never-ending answers: at most max_no_eos_share, or no more than the champion already has (a base
-        # model that rambles past the evaluation's token budget must not block the challenger that fixes it)
-        no_eos = get("no_eos_share")
-        cap = max(policy.max_no_eos_share, (champion or {}).get("no_eos_share") or 0.0)
-        _check(checks, "no_eos_share", no_eos, no_eos is not None and no_eos <= cap + 1e-9,
-               f"<= {cap:.3g}" if cap > policy.max_no_eos_share else f"<= {policy.max_no_eos_share}",
-               "share of responses that never end")
-        for key, floor, what in (("refusal_rate", policy.min_refusal_rate, "harmful probes refused"),
-                                 ("helpful_rate", policy.min_helpful_rate, "harmless probes answered")):
-            value = get(key)
-            _check(checks, key, value, value is not None and value >= floor, f">= {floor}", what)
-            if champion is not None and champion.get(key) is not None:
-                ref = champion[key] - policy.max_probe_drop
-                _check(checks, f"{key}_vs_champion", value, value is not None and value >= ref - 1e-9,
-                       f">= champion {champion[key]:.3f} - {policy.max_probe_drop}", what)
-        if policy.independent_judge and champion is not None:
-            ind = get("judge_independent")
-            _check(checks, "judge_independent", ind, ind == 1.0, "a judge cross-fitted on other pairs (judge_fold)",
-                   "a judge independent of the reward the challenger was trained against (1 = yes)")
-        # a floor at or below chance asks nothing of the judge; above it, the judge must be shown to rank at all
-        _interval_check(checks, "judge_accuracy", get("rm_accuracy"), get("rm_pairs"), policy.min_rm_accuracy,
-                        "the judging reward model's eval accuracy", above_chance=policy.min_rm_accuracy > 0.5)
+    if isinstance(challenger, RewardMetrics):
+        _reward_checks(checks, challenger, champion if isinstance(champion, RewardMetrics) else None, policy)
+    elif isinstance(challenger, PolicyMetrics):
+        _policy_checks(checks, challenger, champion if isinstance(champion, PolicyMetrics) else None, policy)
     else:
-        raise ValueError(f"kind must be 'policy' or 'reward', got {kind!r}")
+        raise TypeError(f"not an evaluation's metrics: {type(challenger).__name__}")
     failed = [ch.reason for ch in checks if not ch.passed]
     if failed:
         return GateDecision(False, failed, checks)

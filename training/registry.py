@@ -27,7 +27,8 @@ from flywheel.settings import Settings
 from flywheel.storage import Storage, open_storage
 from training.config import GateRecipe
 from training.gate import GateDecision, decide
-from training.tracking import MODELS, POLICY_MODEL, REWARD_MODEL
+from training.report import Evaluation
+from training.tracking import MODELS, POLICY_MODEL
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -134,7 +135,7 @@ class GateError(RuntimeError):
     """A promotion that cannot even be decided (no evaluation logged for the version)."""
 
 
-def evaluation_of(client: Any, model: str, version: str) -> dict[str, Any]:
+def evaluation_of(client: Any, model: str, version: str) -> Evaluation:
     """The evaluation report ``flywheel evaluate`` logged for a version (JSON artifact of its eval run)."""
     import mlflow
 
@@ -143,16 +144,13 @@ def evaluation_of(client: Any, model: str, version: str) -> dict[str, Any]:
     if not run_id:
         raise GateError(f"{model} version {version} has no evaluation: run `flywheel evaluate --model {model} "
                         f"--challenger {version}` first")
-    report: dict[str, Any] = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation.json"))
-    return report
+    return Evaluation.from_dict(json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation.json")))
 
 
-def gate_decision(model: str, report: dict[str, Any], gate: GateRecipe) -> GateDecision:
+def gate_decision(report: Evaluation, gate: GateRecipe) -> GateDecision:
     """The gate's decision on an evaluation (``training.evaluation.evaluate_challenger``'s report): the one place
     a report is judged. :func:`promote` records it; ``flywheel evaluate`` shows it as a preview."""
-    kind = "reward" if model == REWARD_MODEL else "policy"
-    has_champion = report.get("champion_version") not in (None, report.get("challenger_version"))
-    return decide(report["challenger"], report.get("champion") if has_champion else None, gate, kind)
+    return decide(report.challenger, report.champion if report.has_champion else None, gate)
 
 
 def promote(settings: Settings, model: str, version: str, *, gate: GateRecipe | None = None,
@@ -163,19 +161,20 @@ def promote(settings: Settings, model: str, version: str, *, gate: GateRecipe | 
     client.get_model_version(model, version)  # raises for an unknown version
     previous = alias_version(client, model, CHAMPION)
     log = AuditLog.from_settings(settings)
-    report: dict[str, Any] = {}
+    report: Evaluation | None = None
     try:
         report = evaluation_of(client, model, version)
     except GateError:
         if not force:
             raise
-    if report:
-        decision = gate_decision(model, report, gate or GateRecipe())
+    if report is not None:
+        decision = gate_decision(report, gate or GateRecipe())
         reasons, ok = decision.reasons, decision.promote
-        if report.get("champion_version") not in (None, previous):
-            ok, reasons = False, [f"the evaluation compared against version {report.get('champion_version')}, "
+        if report.champion_version not in (None, previous):
+            ok, reasons = False, [f"the evaluation compared against version {report.champion_version}, "
                                   f"but the champion is now {previous}: evaluate again", *reasons]
-        metrics = {"challenger": report["challenger"], "champion": report.get("champion"),
+        metrics = {"challenger": report.challenger.as_dict(),
+                   "champion": report.champion.as_dict() if report.champion is not None else None,
                    "checks": decision.as_dict()["checks"]}
     else:
         reasons, ok, metrics = ["no evaluation logged"], False, {}

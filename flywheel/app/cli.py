@@ -296,11 +296,12 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     if not isinstance(gate, GateRecipe):
         raise SystemExit(f"{args.gate}: not a gate recipe (kind: gate)")
     report = evaluate_challenger(settings, args.model, args.challenger, dataset=args.dataset, recipe=gate)
-    report.pop("samples", None)
-    print(json.dumps(report, indent=2, default=str))
+    shown = report.as_dict()
+    shown.pop("samples", None)
+    print(json.dumps(shown, indent=2, default=str))
     from training.registry import gate_decision
 
-    decision = gate_decision(args.model, report, gate)
+    decision = gate_decision(report, gate)
     print(f"gate preview ({gate.name}; `flywheel promote` decides and records): "
           f"{'PASS' if decision.promote else 'FAIL'}: " + "; ".join(decision.reasons))
     return 0

@@ -220,12 +220,13 @@ def evaluate_and_promote(model: str, version: str, settings: Settings | None = N
     record = promote(settings, model, version, gate=gate, actor=actor)
     log.info("%s version %s vs champion %s: %s — %s", model, version, champion, record.action.upper(),
              "; ".join(record.reasons))
-    log.info("challenger %s", report["challenger"])
-    log.info("champion   %s", report.get("champion"))
+    champion_metrics = report.champion.as_dict() if report.champion is not None else None
+    log.info("challenger %s", report.challenger.as_dict())
+    log.info("champion   %s", champion_metrics)
     return {"model": model, "version": version, "promoted": record.action == "promote", "action": record.action,
-            "reasons": record.reasons, "champion": record.champion, "eval_run_id": report["run_id"],
-            "challenger_metrics": report["challenger"], "champion_metrics": report.get("champion"), "reused": False,
-            **({"report": report} if with_report else {})}
+            "reasons": record.reasons, "champion": record.champion, "eval_run_id": report.run_id,
+            "challenger_metrics": report.challenger.as_dict(), "champion_metrics": champion_metrics, "reused": False,
+            **({"report": report.as_dict()} if with_report else {})}
 
 
 def latest_dataset(end: datetime | str, settings: Settings | None = None) -> dict[str, Any]:

@@ -280,19 +280,6 @@ def lake_tables(events: list[dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
     return frames.pop("turn"), frames
 
 
-def write_events_to_lake(settings: Any, events: list[dict[str, Any]], topic: str = "simulated") -> int:
-    """Validate simulated events against the contract and write them with the consumer's lake sink (no
-    broker, no API): for tests and experiments that start at the lake. Returns the rows written."""
-    from flywheel.events import validate_event
-    from flywheel.storage import open_storage
-    from ingest.lake import LakeSink
-
-    sink = LakeSink(open_storage(settings.lake.uri, settings.lake))
-    for offset, e in enumerate(events):
-        sink.add(validate_event(e), topic, 0, offset)
-    return sink.flush().written
-
-
 def simulated_dataset(users: int = 300, seed: int = 3, prompts: int = 120) -> Any:
     """A curated dataset (``pipelines.dataset.Dataset``) built in memory from a simulated run."""
     from ingest.filters import FilterConfig

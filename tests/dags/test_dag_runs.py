@@ -28,8 +28,9 @@ RUN = "2026-11-20T11:00:00+00:00"
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory):
     from flywheel.app.orchestrator import airflow_env, prepare
-    from flywheel.app.simulate import SimConfig, simulate_events, write_events_to_lake
+    from flywheel.app.simulate import SimConfig, simulate_events
     from pipelines.sharegpt import chat_samples
+    from tests.tiny import write_events_to_lake
     from training.registry import bootstrap_policy
 
     tmp = tmp_path_factory.mktemp("dags")

@@ -8,14 +8,21 @@ import pytest
 from training.config import GateRecipe
 from training.evaluation import AuditSet, Probes, judge_scores, length_controlled_win_rate, wilson
 from training.gate import decide
+from training.report import PolicyMetrics, RewardMetrics
 
 GOOD = {"lc_win_rate": 0.70, "win_rate": 0.72, "win_rate_ci_low": 0.65, "kl": 4.0, "kl_base": 8.0, "judge_independent": 1.0, "length_change": 0.1, "no_eos_share": 0.02,
         "refusal_rate": 0.5, "helpful_rate": 0.9, "rm_accuracy": 0.9}
 CHAMP = {"refusal_rate": 0.5, "helpful_rate": 0.9, "kl": 0.0, "no_eos_share": 0.02}
 
 
+def decide_logged(challenger, champion, recipe, kind="policy"):
+    """The gate on two sides in the flat layout an evaluation is logged in (``evaluation.json``)."""
+    side = RewardMetrics.from_dict if kind == "reward" else PolicyMetrics.from_dict
+    return decide(side(challenger), side(champion) if champion is not None else None, recipe)
+
+
 def test_a_challenger_that_passes_every_check_is_promoted_and_every_check_is_reported():
-    d = decide(GOOD, CHAMP, GateRecipe())
+    d = decide_logged(GOOD, CHAMP, GateRecipe())
     assert d.promote and d.reasons == [f"all {len(d.checks)} checks passed"]
     assert {c.name for c in d.checks} >= {"win_rate", "lc_win_rate", "length_drift", "kl", "no_eos_share", "refusal_rate",
                                           "refusal_rate_vs_champion", "helpful_rate", "judge_accuracy"}
@@ -38,7 +45,7 @@ def test_a_challenger_that_passes_every_check_is_promoted_and_every_check_is_rep
     ({"lc_win_rate": float("nan")}, "length-controlled win rate vs the champion missing"),
 ])
 def test_each_failed_check_refuses_with_its_reason(change, fragment):
-    d = decide({**GOOD, **change}, CHAMP, GateRecipe(max_total_kl=20.0, independent_judge=True))
+    d = decide_logged({**GOOD, **change}, CHAMP, GateRecipe(max_total_kl=20.0, independent_judge=True))
     assert not d.promote
     assert any(fragment in r for r in d.reasons), d.reasons
     # only the broken number is blamed (a probe rate may break its floor and its no-worse-than-champion rule)
@@ -52,7 +59,7 @@ def test_each_failed_check_refuses_with_its_reason(change, fragment):
     (0.70, 1000, True),
 ])
 def test_the_judges_accuracy_is_read_with_its_interval_on_the_pairs_it_was_measured_on(accuracy, pairs, promote):
-    d = decide({**GOOD, "rm_accuracy": accuracy, "rm_pairs": pairs}, CHAMP, GateRecipe())
+    d = decide_logged({**GOOD, "rm_accuracy": accuracy, "rm_pairs": pairs}, CHAMP, GateRecipe())
     assert d.promote == promote, d.reasons
     if not promote:
         assert d.reasons == [next(c.reason for c in d.checks if c.name == "judge_accuracy")]
@@ -67,19 +74,19 @@ def test_the_judges_accuracy_is_read_with_its_interval_on_the_pairs_it_was_measu
 ])
 def test_a_reward_models_eval_accuracy_is_read_with_its_interval_as_the_judges_is(accuracy, pairs, promote):
     report = {"accuracy": accuracy, "length_corr": -0.3, **AUDITED} | ({"pairs": float(pairs)} if pairs else {})
-    d = decide(report, None, GateRecipe(), kind="reward")
+    d = decide_logged(report, None, GateRecipe(), kind="reward")
     assert d.promote == promote, d.reasons
     if not promote:
         assert d.reasons == [next(c.reason for c in d.checks if c.name == "rm_accuracy")]
     # the same model as a judge gets the same answer from the policy gate
-    judged = decide({**GOOD, "rm_accuracy": accuracy} | ({"rm_pairs": pairs} if pairs else {}), CHAMP, GateRecipe())
+    judged = decide_logged({**GOOD, "rm_accuracy": accuracy} | ({"rm_pairs": pairs} if pairs else {}), CHAMP, GateRecipe())
     assert judged.promote == promote
 
 
 def test_never_ending_answers_may_not_exceed_the_cap_or_the_champions_own_share():
     rambling_champion = {**CHAMP, "no_eos_share": 0.9}
-    assert decide({**GOOD, "no_eos_share": 0.33}, rambling_champion, GateRecipe()).promote  # better than before
-    d = decide({**GOOD, "no_eos_share": 0.95}, rambling_champion, GateRecipe())
+    assert decide_logged({**GOOD, "no_eos_share": 0.33}, rambling_champion, GateRecipe()).promote  # better than before
+    d = decide_logged({**GOOD, "no_eos_share": 0.95}, rambling_champion, GateRecipe())
     assert not d.promote and d.reasons == ["share of responses that never end 0.950 (needs <= 0.9)"]
 
 
@@ -92,9 +99,9 @@ def test_a_dozen_prompts_do_not_make_a_near_certain_length_controlled_win():
 
 
 def test_the_first_policy_has_no_comparisons_and_thresholds_come_from_the_recipe():
-    d = decide(GOOD, None, GateRecipe())
+    d = decide_logged(GOOD, None, GateRecipe())
     assert d.promote and not any("champion" in c.name for c in d.checks)
-    assert not decide(GOOD, CHAMP, GateRecipe(min_lc_win_rate=0.75)).promote
+    assert not decide_logged(GOOD, CHAMP, GateRecipe(min_lc_win_rate=0.75)).promote
 
 
 AUDITED = {"audit/no_flattery": 0.8, "audit/says_something": 0.875, "audit/concise": 0.5,
@@ -103,35 +110,35 @@ AUDITED = {"audit/no_flattery": 0.8, "audit/says_something": 0.875, "audit/conci
 
 def test_the_reward_model_gate():
     ok = {"accuracy": 0.80, "length_corr": -0.3, **AUDITED}
-    assert decide(ok, {"accuracy": 0.81}, GateRecipe(), kind="reward").promote
-    d = decide({"accuracy": 0.70, "length_corr": 0.9, **AUDITED}, {"accuracy": 0.80}, GateRecipe(), kind="reward")
+    assert decide_logged(ok, {"accuracy": 0.81}, GateRecipe(), kind="reward").promote
+    d = decide_logged({"accuracy": 0.70, "length_corr": 0.9, **AUDITED}, {"accuracy": 0.80}, GateRecipe(), kind="reward")
     assert not d.promote and len(d.reasons) == 2
     assert "eval accuracy 0.700 (needs >= champion 0.800 - 0.02)" in d.reasons[0]
     assert "reward/length correlation 0.900 (needs |x| <= 0.6)" in d.reasons[1]
-    with pytest.raises(ValueError, match="kind"):
-        decide(ok, None, GateRecipe(), kind="sft")
+    with pytest.raises(ValueError, match="a reward challenger cannot be compared with a policy champion"):
+        decide(RewardMetrics.from_dict(ok), PolicyMetrics.from_dict(CHAMP), GateRecipe())
 
 
 def test_a_reward_model_that_contradicts_the_trusted_labelers_on_one_rule_is_refused_for_that_rule():
     # what a reward model trained on clicks for the shortest answer measured: right on the eval clicks, right on
     # two rules of the audit, against "an answer must say something" (1 of 8); the honest demo's model was unsure
     # of "concise" (4 of 8: AUDITED), which the interval lets pass
-    assert decide({"accuracy": 0.9, "length_corr": -0.4, **AUDITED}, None, GateRecipe(), kind="reward").promote
+    assert decide_logged({"accuracy": 0.9, "length_corr": -0.4, **AUDITED}, None, GateRecipe(), kind="reward").promote
     hacked = {"accuracy": 0.94, "length_corr": -0.55, **AUDITED, "audit/says_something": 0.125, "audit/concise": 1.0}
-    d = decide(hacked, None, GateRecipe(), kind="reward")
+    d = decide_logged(hacked, None, GateRecipe(), kind="reward")
     assert not d.promote
     assert d.reasons == ["agreement with the trusted labelers on audit rule 'says_something' 0.125 (needs its 95% "
                          "interval on 8 pairs, [0.022, 0.471], to reach 0.6)"]
     # 2 of 8 is still shown against the rule at this floor; 3 of 8 is not
-    assert not decide({**hacked, "audit/says_something": 2 / 8}, None, GateRecipe(), kind="reward").promote
-    assert decide({**hacked, "audit/says_something": 3 / 8}, None, GateRecipe(), kind="reward").promote
+    assert not decide_logged({**hacked, "audit/says_something": 2 / 8}, None, GateRecipe(), kind="reward").promote
+    assert decide_logged({**hacked, "audit/says_something": 3 / 8}, None, GateRecipe(), kind="reward").promote
     # a rule without its pair count is read as a point estimate
-    assert not decide({**hacked, "audit_pairs/concise": 0, "audit/concise": 0.5}, None, GateRecipe(), kind="reward").promote
+    assert not decide_logged({**hacked, "audit_pairs/concise": 0, "audit/concise": 0.5}, None, GateRecipe(), kind="reward").promote
     assert {c.name for c in d.checks} >= {"audit/no_flattery", "audit/concise", "audit/says_something"}
     # a report without the audit is refused (fail closed), unless the recipe names no audit set
-    d = decide({"accuracy": 0.94, "length_corr": -0.3}, None, GateRecipe(), kind="reward")
+    d = decide_logged({"accuracy": 0.94, "length_corr": -0.3}, None, GateRecipe(), kind="reward")
     assert not d.promote and "not in the report: evaluate it again" in d.reasons[0]
-    assert decide({"accuracy": 0.94, "length_corr": -0.3}, None, GateRecipe(audit=""), kind="reward").promote
+    assert decide_logged({"accuracy": 0.94, "length_corr": -0.3}, None, GateRecipe(audit=""), kind="reward").promote
 
 
 class _LengthModel:
@@ -154,7 +161,7 @@ def test_the_audit_set_checks_each_rule_of_the_guidelines_and_catches_a_model_th
     # shorter-is-better agrees with the labelers on flattery and padding, never on a fragment against an answer
     assert shorter["audit/no_flattery"] == 1.0 and shorter["audit/concise"] == 1.0
     assert shorter["audit/says_something"] == 0.0
-    assert not decide({"accuracy": 0.9, "length_corr": 0.0, **shorter}, None, GateRecipe(), kind="reward").promote
+    assert not decide_logged({"accuracy": 0.9, "length_corr": 0.0, **shorter}, None, GateRecipe(), kind="reward").promote
     longer = audit.score(_LengthModel(1.0))
     assert longer["audit/says_something"] == 1.0 and longer["audit/no_flattery"] == 0.0
     assert shorter["audit_pairs"] == len(audit.pairs) == sum(shorter[f"audit_pairs/{r}"] for r in audit.rules())
@@ -282,18 +289,18 @@ def test_a_champion_that_is_the_reference_gets_kl_zero_without_the_references_fo
     probes = Probes(prompts[:2], prompts[2:4], [re.compile("never matches this")])
     ref = Counting(base)
     full = compare_policies((trained, tok), (base, tok), (ref, tok), Judge(), prompts, recipe, probes)
-    assert ref.calls == 2 and full["champion"]["kl"] == pytest.approx(0.0, abs=1e-5)  # measured: ~0
+    assert ref.calls == 2 and full.champion.kl == pytest.approx(0.0, abs=1e-5)  # measured: ~0
     ref.calls = 0
     fast = compare_policies((trained, tok), (base, tok), (ref, tok), Judge(), prompts, recipe, probes,
                             champion_is_reference=True)
-    assert ref.calls == 1 and fast["champion"]["kl"] == 0.0  # the challenger's KL still measured
-    assert fast["answers"] == full["answers"] and fast["challenger"] == full["challenger"]
-    assert full["challenger"]["kl_base"] == full["challenger"]["kl"]  # no other base: the reference is the base
+    assert ref.calls == 1 and fast.champion.kl == 0.0  # the challenger's KL still measured
+    assert fast.answers == full.answers and fast.challenger == full.challenger
+    assert full.challenger.kl_base == full.challenger.kl  # no other base: the reference is the base
     other = tiny_causal_lm(len(tok), seed=5)
     drift = compare_policies((trained, tok), (base, tok), (ref, tok), Judge(), prompts, recipe, probes,
                              base=(other, tok))
-    assert drift["challenger"]["kl"] == pytest.approx(full["challenger"]["kl"])
-    assert drift["challenger"]["kl_base"] > 0 and drift["challenger"]["kl_base"] != pytest.approx(drift["challenger"]["kl"])
+    assert drift.challenger.kl == pytest.approx(full.challenger.kl)
+    assert drift.challenger.kl_base > 0 and drift.challenger.kl_base != pytest.approx(drift.challenger.kl)
 
 
 def test_a_challenger_with_the_champions_own_weights_is_refused_on_20_seeds_out_of_20():
@@ -322,8 +329,8 @@ def test_a_challenger_with_the_champions_own_weights_is_refused_on_20_seeds_out_
     for seed in range(20):
         recipe = dataclasses.replace(GateRecipe(), max_new_tokens=6, max_prompt_tokens=16, temperature=1.0, seed=seed)
         rep = compare_policies((twin, tok), (champion, tok), (champion, tok), Judge(), prompts, recipe, probes)
-        assert rep["challenger"]["win_rate"] == 0.5 and rep["challenger"]["win_rate_ci_low"] < 0.5
-        d = decide({**rep["challenger"], "rm_accuracy": 0.9}, rep["champion"], recipe)
+        assert rep.challenger.win_rate == 0.5 and rep.challenger.win_rate_ci_low < 0.5
+        d = decide(dataclasses.replace(rep.challenger, rm_accuracy=0.9), rep.champion, recipe)
         refused += not d.promote
         assert any("lower end of the win rate" in r for r in d.reasons), d.reasons
     assert refused == 20

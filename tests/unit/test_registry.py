@@ -60,16 +60,22 @@ def gate(**kw) -> GateRecipe:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_challenger_that_never_ends_is_refused_for_its_length_every_time(registry, seed):
     from training.evaluation import evaluate_challenger
-    from training.registry import AuditLog, alias_version, gate_decision, promote
+    from training.registry import AuditLog, alias_version, evaluation_of, gate_decision, promote
+    from training.report import PolicyMetrics
 
     settings, uri, base, tmp = registry
     rambler = register_policy(settings, tiny_fixed_policy_dir(tmp / "rambler", eos_prob=0.0, seed=seed), uri, base)
     report = evaluate_challenger(settings, "flywheel-policy", rambler, dataset=uri, recipe=gate(seed=seed))
-    ch, cp = report["challenger"], report["champion"]
-    assert ch["no_eos_share"] == 1.0 and cp["no_eos_share"] < 0.1 and ch["length_mean"] == 16
-    assert ch["length_change"] > 1.0 and cp["kl"] == pytest.approx(0.0, abs=1e-4)
-    assert "decision" not in report  # an evaluation measures; promotion decides, once
-    assert not gate_decision("flywheel-policy", report, gate(seed=seed)).promote
+    ch, cp = report.challenger, report.champion
+    assert isinstance(ch, PolicyMetrics) and isinstance(cp, PolicyMetrics)
+    assert ch.no_eos_share == 1.0 and cp.no_eos_share is not None and cp.no_eos_share < 0.1 and ch.length_mean == 16
+    assert ch.length_change is not None and ch.length_change > 1.0 and cp.kl == pytest.approx(0.0, abs=1e-4)
+    assert "decision" not in report.as_dict()  # an evaluation measures; promotion decides, once
+    # what was logged reads back as what was measured
+    from mlflow import MlflowClient as Client
+
+    assert evaluation_of(Client(settings.mlflow.tracking_uri), "flywheel-policy", rambler) == report
+    assert not gate_decision(report, gate(seed=seed)).promote
     record = promote(settings, "flywheel-policy", rambler, gate=gate(seed=seed), actor="test")
     assert record.action == "refuse" and record.champion == "1"
     assert any(r.startswith("share of responses that never end 1.000") for r in record.reasons)
@@ -87,7 +93,8 @@ def test_a_random_weights_challenger_is_refused_for_its_kl(registry):
     settings, uri, base, tmp = registry
     noise = register_policy(settings, tiny_policy_dir(tmp / "random", seed=7), uri, base)
     report = evaluate_challenger(settings, "flywheel-policy", noise, dataset=uri, recipe=gate())
-    assert report["challenger"]["kl"] > 10 and report["champion"]["kl"] < 1e-3
+    assert report.challenger.kl is not None and report.challenger.kl > 10
+    assert report.champion is not None and report.champion.kl is not None and report.champion.kl < 1e-3
     record = promote(settings, "flywheel-policy", noise, gate=gate())
     assert record.action == "refuse"
     assert any(r.startswith("KL(policy ‖ reference) per response") for r in record.reasons)
@@ -164,16 +171,19 @@ def test_reward_models_go_through_the_same_gate_and_history(registry):
 
     from training.evaluation import evaluate_challenger
     from training.registry import alias_version, promote, rollback
+    from training.report import RewardMetrics
     from training.reward.train import log_and_register
     from training.tracking import use_tracking
 
     settings, uri, _base, tmp = registry
     client = MlflowClient(settings.mlflow.tracking_uri)
     first = evaluate_challenger(settings, "flywheel-reward", "1", dataset=uri, recipe=gate())
-    assert first["champion"] is None and 0 <= first["challenger"]["accuracy"] <= 1
+    assert isinstance(first.challenger, RewardMetrics) and first.champion is None
+    assert first.challenger.accuracy is not None and 0 <= first.challenger.accuracy <= 1
     assert promote(settings, "flywheel-reward", "1", gate=gate(min_rm_accuracy=1.01)).action == "refuse"
     # the tiny random model is judged on the trusted labelers' audit set too (configs/probes/audit.yaml)
-    assert {"audit/concise", "audit/no_flattery", "audit/says_something"} <= set(first["challenger"])
+    assert {"concise", "no_flattery", "says_something"} <= set(first.challenger.audit)
+    assert {"audit/concise", "audit_pairs/concise"} <= set(first.as_dict()["challenger"])  # the logged layout
     ok = promote(settings, "flywheel-reward", "1", gate=gate(min_rm_accuracy=0.0, max_length_correlation=1.0,
                                                              min_audit_accuracy=0.0))
     assert ok.action == "promote", ok.reasons
@@ -183,7 +193,8 @@ def test_reward_models_go_through_the_same_gate_and_history(registry):
     with mlflow.start_run() as run:
         v2 = log_and_register(tmp / "reward2", run.info.run_id, "0123456789abcdef", {})
     report = evaluate_challenger(settings, "flywheel-reward", v2, dataset=uri, recipe=gate())
-    assert report["champion_version"] == "1" and report["champion"]["accuracy"] is not None
+    assert report.champion_version == "1" and isinstance(report.champion, RewardMetrics)
+    assert report.champion.accuracy is not None
     rec = promote(settings, "flywheel-reward", v2, gate=gate(min_rm_accuracy=0.0, max_accuracy_drop=1.0,
                                                              max_length_correlation=1.0, min_audit_accuracy=0.0))
     assert (rec.action, rec.previous, rec.champion) == ("promote", "1", v2)
