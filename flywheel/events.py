@@ -56,8 +56,10 @@ Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Z
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 NonEmptyText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 
-EVENT_TYPES = ("turn", "thumbs", "regenerate", "correction", "pairwise", "implicit")
-EventType = Literal["turn", "thumbs", "regenerate", "correction", "pairwise", "implicit"]
+EVENT_TYPES = ("turn", "thumbs", "regenerate", "correction", "pairwise", "implicit", "review")
+EventType = Literal["turn", "thumbs", "regenerate", "correction", "pairwise", "implicit", "review"]
+REVIEW_DECISIONS = ("accept", "reject", "fix", "skip")
+REVIEW_REASONS = ("unclear", "subjective", "manipulation", "harmful", "factually_wrong")
 
 
 class Message(BaseModel):
@@ -193,12 +195,41 @@ class Implicit(_Event):
     action: Literal["copy", "continue", "abandon"]
 
 
+class Review(_Event):
+    """A reviewer's decision on one item of the review queue (a feedback event routed to review). The chat
+    service never sends these: the review endpoints do, for a key with the reviewer role. ``user_id``,
+    ``conversation_id`` and ``model_version`` are those of the reviewed feedback (its lineage); ``event_id`` is
+    derived from the reviewer, the item and the decision, so sending the same decision again is idempotent."""
+
+    type: Literal["review"] = "review"
+    reviewer: Id = Field(description="The reviewer's name (the name of their API key).")
+    item_id: Id = Field(description="The review queue item decided on.")
+    target_event_id: uuid.UUID = Field(description="The feedback event the item is about.")
+    decision: Literal["accept", "reject", "fix", "skip"]
+    reason: Literal["unclear", "subjective", "manipulation", "harmful", "factually_wrong"] | None = Field(
+        default=None, description="Why it was rejected: required with decision=reject, not allowed otherwise.")
+    edited_text: NonEmptyText | None = Field(
+        default=None, description="The correction as the reviewer fixed it: required with decision=fix only.")
+
+    def texts(self) -> list[str]:
+        return [self.edited_text] if self.edited_text else []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Review:
+        if (self.decision == "reject") != (self.reason is not None):
+            raise ValueError("reason is required when decision is 'reject' and allowed only then")
+        if (self.decision == "fix") != (self.edited_text is not None):
+            raise ValueError("edited_text is required when decision is 'fix' and allowed only then")
+        return self
+
+
 # AnyEvent / AnyFeedback: the types the stages pass around (a validated event is one of these models); Event /
 # Feedback: the same unions with the discriminator pydantic validates and documents them by
 AnyFeedback = Thumbs | Regenerate | Correction | Pairwise | Implicit
-AnyEvent = Turn | AnyFeedback
+AnyEvent = Turn | AnyFeedback | Review
 Event = Annotated[AnyEvent, Field(discriminator="type")]
 Feedback = Annotated[AnyFeedback, Field(discriminator="type")]
+ClientEvent = Annotated[Turn | AnyFeedback, Field(discriminator="type")]
 EVENT_MODELS: dict[str, type[_Event]] = {
     "turn": Turn,
     "thumbs": Thumbs,
@@ -206,8 +237,11 @@ EVENT_MODELS: dict[str, type[_Event]] = {
     "correction": Correction,
     "pairwise": Pairwise,
     "implicit": Implicit,
+    "review": Review,
 }
-FEEDBACK_TYPES = tuple(t for t in EVENT_TYPES if t != "turn")
+FEEDBACK_TYPES = tuple(t for t in EVENT_TYPES if t not in ("turn", "review"))
+CLIENT_TYPES = ("turn", *FEEDBACK_TYPES)
+"""What the chat service sends (reviews come from the review endpoints only)."""
 
 _event_adapter: TypeAdapter[AnyEvent] = TypeAdapter(Event)
 _feedback_adapter: TypeAdapter[AnyFeedback] = TypeAdapter(Feedback)

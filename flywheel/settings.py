@@ -77,6 +77,7 @@ class ApiKey(BaseModel):
     name: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     admin: bool = False
+    reviewer: bool = Field(default=False, description="May use the review endpoints and pages (/review).")
 
 
 def hash_api_key(secret: str) -> str:
@@ -156,6 +157,28 @@ class CurationSettings(BaseModel):
     turn_lookback_h: float = Field(default=24.0, description="How far before the interval to look for turns.")
 
 
+class ReviewSettings(BaseModel):
+    """What each curation run routes to human review (``/review``), and what curation does with the decisions."""
+
+    correction_share: float = Field(default=1.0, ge=0, le=1, description="Share of the corrections that passed "
+                                    "the automatic filters routed to review.")
+    held_back_share: float = Field(default=0.2, ge=0, le=1, description="Share of the feedback the filters held "
+                                   "back routed to review (their precision is measured on it).")
+    uncertain_pairs: int = Field(default=20, ge=0, description="Pairs where the champion reward model is least "
+                                 "certain or disagrees most with the users' label, routed to review each run.")
+    max_items: int = Field(default=500, ge=0, description="Most items one curation run routes (corrections "
+                           "first, then the held-back sample, then the uncertain pairs).")
+    double_share: float = Field(default=0.2, ge=0, le=1, description="Share of the items that two reviewers "
+                                "decide (their agreement is measured on these).")
+    unreviewed_corrections: Literal["train", "hold"] = Field(
+        default="train", description="Corrections routed to review but not decided yet: 'train' uses them; "
+        "'hold' keeps them out of the dataset (quarantine reason awaiting_review) until a reviewer accepts them.")
+    min_coverage: float = Field(default=0.0, ge=0, le=1, description="Reward-model retraining waits until this "
+                                "share of the routed corrections is reviewed (0 = never waits).")
+    lookahead_h: float = Field(default=24.0 * 14, gt=0, description="Decisions made up to this long after an "
+                               "interval's end count when it is curated (or curated again).")
+
+
 class LoopSettings(BaseModel):
     """The continuous loop (Airflow DAGs and ``flywheel demo``): which recipes, how much data, where alerts go."""
 
@@ -186,6 +209,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     ingest: IngestSettings = IngestSettings()
     curation: CurationSettings = CurationSettings()
+    review: ReviewSettings = ReviewSettings()
     loop: LoopSettings = LoopSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
 

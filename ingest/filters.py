@@ -251,7 +251,7 @@ def screen_event(event_type: str, user_id: str, corrected_text: str | None, cfg:
 
     The same rules as the batch filters, in the same order, minus what needs the corrected response (the
     link rule and the size/overlap checks run in curation)."""
-    if event_type == "turn":
+    if event_type in ("turn", "review"):  # a review is a reviewer's decision, not the user's feedback
         return None
     if user_id in cfg.blocked_users:
         return "blocked_account"

@@ -96,6 +96,10 @@ def arrow_schema(event_type: str) -> pa.Schema:
 
 
 SCHEMAS = {t: arrow_schema(t) for t in EVENT_TYPES}
+# fields stored as the text of a UUID (besides event_id): a review's target_event_id
+_UUID_FIELDS = {t: frozenset(n for n, info in EVENT_MODELS[t].model_fields.items()
+                             if n != "event_id" and uuid.UUID in (info.annotation, *get_args(info.annotation)))
+                for t in EVENT_TYPES}
 
 
 _PREFIXES: dict[tuple[str | None, str, int, int, int, int], str] = {}
@@ -304,6 +308,8 @@ def _to_table(event_type: str, rows: list[tuple[AnyEvent, int]], topic: str, par
             columns.append(pa.array([offset for _, offset in rows], f.type))
         elif f.name == "event_id":
             columns.append(pa.array([str(e.event_id) for e in events], f.type))
+        elif f.name in _UUID_FIELDS[event_type]:
+            columns.append(pa.array([None if (v := getattr(e, f.name)) is None else str(v) for e in events], f.type))
         elif pa.types.is_list(f.type):  # prompt messages
             columns.append(pa.array([[{"role": m.role, "content": m.content} for m in getattr(e, f.name)]
                                      for e in events], f.type))

@@ -79,9 +79,34 @@ def render_card(ds: Any, manifest: dict[str, Any]) -> tuple[str, dict[str, bytes
         f"agreement, Krippendorff's alpha {agr['krippendorff_alpha']}. Agreement bounds the accuracy a reward model "
         "can reach on these labels.",
         "",
+        *_review_section(manifest.get("review")),
         "## Plots",
         "",
         *[f"![{name}](plots/{name})" for name in plots],
         "",
     ]
     return "\n".join(lines), plots
+
+
+def _review_section(review: dict[str, Any] | None) -> list[str]:
+    """Human review: what was routed and decided, the filters' precision as reviewers measured it, and the
+    reviewers' own numbers (Cohen's kappa per pair of reviewers on the items both decided)."""
+    if not review:
+        return []
+    fp = review["filter_precision"]
+    precision = "not measured yet (no held-back item reviewed)" if fp["precision"] is None else \
+        f"{fp['precision']:.3f} ({fp['confirmed']} of {fp['reviewed']} reviewed held-back events confirmed)"
+    lines = ["## Human review", "",
+             f"{review['routed']} items routed to review {review['routed_by_route']} ({review['double']} for two "
+             f"reviewers); {review['reviewed']} decided {review['outcomes']}; rejected by reason "
+             f"{review['rejected_by_reason'] or '{}'}; {review['reviewed_pairs']} pairs come from reviewed feedback.",
+             "", f"Filters' precision measured by review: {precision}.", ""]
+    if review["reviewers"]:
+        lines += ["| reviewer | decided | acceptance rate | per hour |", "|---|---|---|---|"]
+        lines += [f"| {name} | {r['decided']} | {r['acceptance_rate']} | {r['per_hour']} |"
+                  for name, r in review["reviewers"].items()]
+        lines.append("")
+    for k in review["kappa"]:
+        lines.append(f"- Cohen's kappa {k['reviewers'][0]} / {k['reviewers'][1]}: {k['kappa']} on {k['items']} items "
+                     f"(agreement {k['agreement']})")
+    return [*lines, ""] if review["kappa"] else lines

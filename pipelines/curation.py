@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from flywheel.events import flatten_messages
-from flywheel.settings import Settings
+from flywheel.settings import ReviewSettings, Settings
 from flywheel.storage import Storage, open_storage
 from ingest.filters import FEEDBACK_COLUMNS, REASONS, FilterConfig, apply_filters
 from ingest.lake import held_reasons, list_files, read_events
@@ -30,9 +31,19 @@ from ingest.text import mask_pii, near_duplicate_groups, normalize, stable_hash
 from pipelines.agreement import agreement
 from pipelines.dataset import Dataset, PublishedDataset, write_dataset
 from pipelines.preferences import PairingConfig, aggregate_votes, build_votes, thumbs_pairs, unpaired_labels
+from pipelines.review import (
+    POSITIVE,
+    latest_decisions,
+    outcomes,
+    read_queue,
+    review_stats,
+    route_items,
+    write_queue,
+)
 
 log = logging.getLogger(__name__)
-PAIR_COLUMNS = ["pair_id", "prompt", "chosen", "rejected", "source", "margin", "group_id", "split", "event_ids"]
+PAIR_COLUMNS = ["pair_id", "prompt", "chosen", "rejected", "source", "margin", "group_id", "split", "event_ids",
+                "reviewed"]
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -41,8 +52,9 @@ def prepare_turns(turns: pd.DataFrame) -> pd.DataFrame:
     if turns.empty:
         return pd.DataFrame({c: pd.Series(dtype="object") for c in (
             "event_id", "response_id", "user_id", "occurred_at", "prompt", "response", "prompt_key", "response_key",
-            "model_version", "messages")}).astype({"occurred_at": "datetime64[us, UTC]"})
-    out = turns[["event_id", "response_id", "user_id", "occurred_at", "response", "model_version"]].copy()
+            "model_version", "messages", "conversation_id")}).astype({"occurred_at": "datetime64[us, UTC]"})
+    out = turns.reindex(columns=["event_id", "response_id", "user_id", "occurred_at", "response", "model_version",
+                                 "conversation_id"]).copy()
     out["prompt"] = [flatten_messages(m) for m in turns["messages"]]
     out["messages"] = [json.dumps([{"role": str(x["role"]), "content": str(x["content"])} for x in m], ensure_ascii=False)
                        for m in turns["messages"]]
@@ -114,12 +126,49 @@ def _mask(df: pd.DataFrame, cols: list[str], counts: dict[str, int]) -> pd.DataF
 QUARANTINE_COLUMNS = ["event_id", "reason", "type", "user_id", "occurred_at"]
 
 
+@dataclass(frozen=True)
+class ReviewInput:
+    """What curation needs for review: the settings (routing and what unreviewed corrections do), the interval,
+    the reviewers' latest decisions (:func:`pipelines.review.latest_decisions`), the interval's items routed by
+    others (the loop's ``uncertain`` pairs) and the held-at-ingest feedback rows (a sample is routed)."""
+
+    cfg: ReviewSettings
+    start: datetime
+    end: datetime
+    decisions: pd.DataFrame
+    other_items: pd.DataFrame | None = None
+    held_feedback: pd.DataFrame | None = None
+
+
+def _apply_review(kept: pd.DataFrame, items: pd.DataFrame, review: ReviewInput) -> tuple[pd.DataFrame, pd.DataFrame, set[str]]:
+    """(the kept feedback without what reviewers rejected, the rejected and held rows for quarantine, the ids of
+    the feedback reviewers accepted). A fixed correction carries the reviewer's text from here on; with
+    ``unreviewed_corrections: hold`` a routed correction no reviewer accepted yet waits (``awaiting_review``)."""
+    result = outcomes(review.decisions[review.decisions["item_id"].isin(items["item_id"])])
+    target = dict(zip(items["item_id"], items["target_event_id"], strict=True))
+    rejected = {target[i]: f"reviewer_rejected:{o.reason}" for i, o in result.items() if o.decision == "reject"}
+    fixed = {target[i]: o.edited_text for i, o in result.items() if o.decision == "fix"}
+    accepted = {target[i] for i, o in result.items() if o.decision in POSITIVE}
+    if review.cfg.unreviewed_corrections == "hold":
+        routed = items.loc[items["route"] == "correction", "target_event_id"]
+        rejected |= {t: "awaiting_review" for t in routed if t not in accepted and t not in rejected}
+    out = kept["event_id"].astype(str).map(rejected)
+    held = kept[out.notna()].assign(reason=out[out.notna()])[QUARANTINE_COLUMNS]
+    kept = kept[out.isna()].copy()
+    if fixed:
+        new_text = kept["event_id"].astype(str).map(fixed)
+        kept["corrected_text"] = new_text.where(new_text.notna(), kept["corrected_text"])
+    return kept, held, accepted
+
+
 def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterConfig, *, eval_share: float = 0.1,
-                  held: pd.DataFrame | None = None) -> Dataset:
+                  held: pd.DataFrame | None = None, review: ReviewInput | None = None) -> Dataset:
     """Pure: lake tables of one interval -> the four published tables and their statistics.
 
     ``held`` are the events the consumer already held back (``QUARANTINE_COLUMNS``); they join the
-    quarantine table, and the same ids are ignored if they also reached the event tables."""
+    quarantine table, and the same ids are ignored if they also reached the event tables. ``review``: the
+    reviewers' decisions (rejected feedback goes to quarantine as ``reviewer_rejected:<reason>``; pairs from
+    accepted feedback are marked ``reviewed``) and the review section of the statistics."""
     turns = prepare_turns(turns_raw)
     held = held if held is not None and not held.empty else None
     filtered = apply_filters(feedback if held is None else feedback[~feedback["event_id"].isin(held["event_id"])],
@@ -129,7 +178,16 @@ def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterCo
             .drop_duplicates("event_id").sort_values(["occurred_at", "event_id"], kind="stable").reset_index(drop=True)
         counts = filtered.quarantine["reason"].value_counts()
         filtered.held_by_reason = {r: int(counts.get(r, 0)) for r in REASONS}
-    kept = filtered.kept
+    kept, routed, accepted = filtered.kept, None, set[str]()
+    if review is not None:
+        shown = feedback if review.held_feedback is None else \
+            pd.concat([feedback, review.held_feedback], ignore_index=True).drop_duplicates("event_id")
+        routed = route_items(turns, shown, filtered.quarantine, review.cfg, start=review.start, end=review.end)
+        every = routed if review.other_items is None else pd.concat([routed, review.other_items], ignore_index=True)
+        kept, by_review, accepted = _apply_review(kept, every, review)
+        if len(by_review):
+            filtered.quarantine = pd.concat([filtered.quarantine, by_review], ignore_index=True) \
+                .sort_values(["occurred_at", "event_id"], kind="stable").reset_index(drop=True)
     votes = build_votes(kept, turns)
     rater_pairs, items, ties = aggregate_votes(votes)
     thumb = thumbs_pairs(kept, turns, PairingConfig())
@@ -142,15 +200,17 @@ def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterCo
 
     if pairs.empty:
         pairs = pd.DataFrame({c: pd.Series(dtype=float if c == "margin" else object if c == "event_ids" else "str")
-                              for c in PAIR_COLUMNS})
+                              for c in PAIR_COLUMNS[:-1]})
     else:
         pairs["group_id"] = pairs["prompt_key"].map(group_of)
         pairs["split"] = pairs["prompt_key"].map(split_of)
         pairs["pair_id"] = [stable_hash(s + "|" + ",".join(ids)) for s, ids in zip(pairs["source"], pairs["event_ids"], strict=True)]
         pairs = _mask(pairs, ["prompt", "chosen", "rejected"], pii)
         pairs = pairs[pairs["chosen"] != pairs["rejected"]]
-        pairs = pairs.sort_values("pair_id", kind="stable")[PAIR_COLUMNS].reset_index(drop=True)
+        pairs = pairs.sort_values("pair_id", kind="stable")[PAIR_COLUMNS[:-1]].reset_index(drop=True)
         pairs["margin"] = pairs["margin"].astype(float)
+    pairs["reviewed"] = pd.Series([bool(accepted.intersection(ids)) for ids in pairs["event_ids"]], index=pairs.index,
+                                  dtype=bool)
 
     unpaired = unpaired_labels(kept, turns)
     unpaired["group_id"] = unpaired["prompt_key"].map(group_of)
@@ -186,7 +246,11 @@ def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterCo
         "prompt_groups": int(prompt_set["group_id"].nunique()),
         "pii_masked": pii,
     }
-    ds = Dataset(pairs, unpaired, prompt_set, quarantine, stats)
+    if review is not None and routed is not None:
+        stats["review"] = review_stats(every, review.decisions) | {
+            "held_by_review": {str(k): int(v) for k, v in by_review["reason"].value_counts().sort_index().items()},
+            "reviewed_pairs": int(pairs["reviewed"].sum())}
+    ds = Dataset(pairs, unpaired, prompt_set, quarantine, stats, review_items=routed)
     ds.validate()
     return ds
 
@@ -222,37 +286,70 @@ def publish_dataset(storage: Storage, ds: Dataset, *, start: datetime, end: date
 FEEDBACK_TYPES = ("thumbs", "regenerate", "correction", "pairwise", "implicit")
 
 
-def read_interval(storage: Storage, start: datetime, end: datetime, lookback: timedelta) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], pd.DataFrame, list[str]]:
-    """Turns of ``[start - lookback, end)`` (feedback refers to earlier turns), feedback of ``[start, end)``,
-    the feedback of ``[start, end)`` the consumer held back (``QUARANTINE_COLUMNS``), and the files read."""
+@dataclass(frozen=True)
+class Interval:
+    """What curation reads of the lake for ``[start, end)``: turns (from ``start - lookback``: feedback refers
+    to earlier turns), the feedback by type, the feedback the consumer held back (``held``:
+    ``QUARANTINE_COLUMNS``; ``held_frames``: its rows by type), the review decisions and the files read."""
+
+    turns: pd.DataFrame
+    frames: dict[str, pd.DataFrame]
+    held: pd.DataFrame
+    held_frames: dict[str, pd.DataFrame]
+    reviews: pd.DataFrame
+    files: list[str]
+
+
+def read_interval(storage: Storage, start: datetime, end: datetime, lookback: timedelta,
+                  review_lookahead: timedelta = timedelta(0)) -> Interval:
+    """The lake's tables of one interval; reviews from ``start`` to ``end + review_lookahead`` (a decision on an
+    interval's feedback is made after it)."""
     turns = read_events(storage, "turn", start - lookback, end)
     frames = {t: read_events(storage, t, start, end) for t in FEEDBACK_TYPES}
     files = list_files(storage, "turn", start - lookback, end)
     for t in frames:
         files += list_files(storage, t, start, end)
-    held_parts = []
+    held_parts, held_frames = [], dict[str, pd.DataFrame]()
     for reason in held_reasons(storage):
         for t in FEEDBACK_TYPES:
             df = read_events(storage, t, start, end, held=reason)
             if not df.empty:
                 held_parts.append(df[["event_id", "type", "user_id", "occurred_at"]].assign(reason=reason))
+                held_frames[t] = pd.concat([held_frames[t], df], ignore_index=True) if t in held_frames else df
             files += list_files(storage, t, start, end, held=reason)
     held = pd.concat(held_parts, ignore_index=True)[QUARANTINE_COLUMNS] if held_parts else \
         pd.DataFrame({c: pd.Series(dtype="str") for c in QUARANTINE_COLUMNS}).astype({"occurred_at": "datetime64[us, UTC]"})
-    return turns, frames, held, sorted(files)
+    reviews = read_events(storage, "review", start, end + review_lookahead) if review_lookahead else \
+        pd.DataFrame(columns=["event_id"])
+    if review_lookahead:
+        files += list_files(storage, "review", start, end + review_lookahead)
+    return Interval(turns, frames, held, held_frames, reviews, sorted(files))
 
 
 def curate(settings: Settings, start: datetime, end: datetime) -> PublishedDataset:
+    """Curate ``[start, end)``: apply the reviewers' decisions made so far, publish the dataset, and write the
+    items routed to review (the ``filters`` part of the interval's queue)."""
     storage = open_storage(settings.lake.uri, settings.lake)
-    c = settings.curation
-    turns, frames, held, files = read_interval(storage, start, end, timedelta(hours=c.turn_lookback_h))
-    ds = build_dataset(turns, unify_feedback(frames), FilterConfig.from_settings(c), eval_share=c.eval_share,
-                       held=held)
-    result = publish_dataset(storage, ds, start=start, end=end, partitions=files, lake_uri=settings.lake.uri)
+    c, rv = settings.curation, settings.review
+    lake = read_interval(storage, start, end, timedelta(hours=c.turn_lookback_h), timedelta(hours=rv.lookahead_h))
+    queued = read_queue(storage)
+    others = queued[(queued["interval_start"] == start) & (queued["interval_end"] == end)
+                    & (queued["route"] != "correction") & (queued["route"] != "held_back")]
+    review = ReviewInput(rv, start, end, latest_decisions(lake.reviews), others.reset_index(drop=True),
+                         unify_feedback(lake.held_frames))
+    ds = build_dataset(lake.turns, unify_feedback(lake.frames), FilterConfig.from_settings(c), eval_share=c.eval_share,
+                       held=lake.held, review=review)
+    result = publish_dataset(storage, ds, start=start, end=end, partitions=lake.files, lake_uri=settings.lake.uri)
+    if ds.review_items is not None:
+        write_queue(storage, ds.review_items, start=start, end=end, part="filters")
     m = result.manifest
     log.info("curated %s: %d feedback events read (+%d held at ingest), %d held back %s, %d pairs %s, agreement %s",
              result.version, m["feedback_read"], m["held_at_ingest"], m["held_back"],
              {k: v for k, v in m["held_back_by_reason"].items() if v}, len(ds.pairs), m["pairs_by_source"], m["agreement"])
+    r = m["review"]
+    log.info("review: %d items routed %s, %d reviewed %s, rejected %s, filters' precision %s", r["routed"],
+             r["routed_by_route"], r["reviewed"], r["outcomes"], r["rejected_by_reason"],
+             r["filter_precision"]["precision"])
     return result
 
 

@@ -45,6 +45,7 @@ class Dataset:
     prompts: pd.DataFrame
     quarantine: pd.DataFrame
     stats: dict[str, Any] = field(default_factory=dict)
+    review_items: pd.DataFrame | None = None  # what curation routed to review (written to the queue, not published)
 
     def validate(self) -> None:
         """Every table against its schema (pandera, all failures at once)."""

@@ -20,6 +20,7 @@ PAIRS = pa.DataFrameSchema(
         "group_id": pa.Column(str),
         "split": pa.Column(str, pa.Check.isin(_SPLITS)),
         "event_ids": pa.Column(object, _nonempty_ids),
+        "reviewed": pa.Column(bool),  # a reviewer accepted the feedback it came from
     },
     checks=[pa.Check(lambda df: df["chosen"] != df["rejected"], error="chosen and rejected must differ")],
     strict=True, ordered=True, name="pairs",

@@ -28,7 +28,7 @@ from serving.errors import (
 from serving.generation_pool import GenerationPool
 from serving.middleware import BodyLimitMiddleware, MetricsMiddleware
 from serving.policy import PolicyHandle
-from serving.routers import admin, chat, events, ops
+from serving.routers import admin, chat, events, ops, review
 from serving.security import KeyRing, RateLimiter
 
 
@@ -81,7 +81,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_exception_handler(HTTPException, http_exception_handler)
     app.add_exception_handler(Exception, unhandled_error_handler)
-    for router in (ops.router, events.router, chat.router, admin.router):
+    for router in (ops.router, events.router, chat.router, admin.router, review.router):
         app.include_router(router, dependencies=[Depends(require_json_body)])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
     app.add_middleware(MetricsMiddleware, registry=registry)

@@ -110,7 +110,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def _keys(args: argparse.Namespace, _settings: Settings) -> int:
     secret = secrets.token_urlsafe(32)
-    entry = {"name": args.name, "sha256": hash_api_key(secret), "admin": args.admin}
+    entry = {"name": args.name, "sha256": hash_api_key(secret), "admin": args.admin, "reviewer": args.reviewer}
     print(f"key (give to the client, shown once): {secret}")
     print(f"settings entry (store this):          {json.dumps(entry)}")
     print(f"e.g. FLYWHEEL_API__KEYS='[{json.dumps(entry)}]'")
@@ -402,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("keys", help="create an API key and print its hashed settings entry")
     s.add_argument("--name", required=True)
     s.add_argument("--admin", action="store_true")
+    s.add_argument("--reviewer", action="store_true", help="may review flagged feedback (/review)")
     s.set_defaults(func=_keys)
 
     s = sub.add_parser("simulate", help="simulated users (honest + adversaries) sending events over the HTTP API")

@@ -13,11 +13,11 @@ from fastapi import APIRouter, Request
 from pydantic import TypeAdapter, ValidationError
 
 from flywheel.events import (
-    EVENT_TYPES,
+    CLIENT_TYPES,
     FEEDBACK_TYPES,
     MAX_JSON_DEPTH,
     MAX_RECORD_BYTES,
-    Event,
+    ClientEvent,
     EventDecodeError,
     Feedback,
     Turn,
@@ -38,7 +38,7 @@ router = APIRouter(prefix="/v1", tags=["events"])
 
 _DOC = "Fields are those of the event contract (GET /v1/schema); event_id and occurred_at may be omitted."
 _BATCH_SCHEMA = {"type": "object", "required": ["events"], "properties": {"events": {
-    "type": "array", "minItems": 1, "items": http_event_schema(TypeAdapter(Event)),
+    "type": "array", "minItems": 1, "items": http_event_schema(TypeAdapter(ClientEvent)),
     "description": "Turns and feedback events, at most the server's max_batch (1,000 by default; more is 413)."}}}
 
 
@@ -145,7 +145,7 @@ async def post_batch(request: Request, _caller: Caller, state: State, publisher:
     accepted, rejected = [], []
     for i, obj in enumerate(items):
         try:
-            accepted.append(build_event(obj, state, allowed=EVENT_TYPES, now=now, prefix=("events", i)))
+            accepted.append(build_event(obj, state, allowed=CLIENT_TYPES, now=now, prefix=("events", i)))
         except ApiError as e:
             rejected.append({"index": i, "error": e.error, "message": e.message, "fields": e.fields})
     if not accepted:
