@@ -27,7 +27,7 @@ def flywheel_curate():
     def curate(data_interval_start=None, data_interval_end=None, outlet_events=None) -> dict:
         from flywheel.app.loop import curate_interval
 
-        result = curate_interval(data_interval_start, data_interval_end)
+        result = curate_interval(data_interval_start, data_interval_end, with_review=True)
         outlet_events[DATASETS].extra = {"dataset": result["dataset"], "end": result["end"], "pairs": result["pairs"]}
         return result
 

@@ -340,8 +340,10 @@ def curate(settings: Settings, start: datetime, end: datetime) -> PublishedDatas
     ds = build_dataset(lake.turns, unify_feedback(lake.frames), FilterConfig.from_settings(c), eval_share=c.eval_share,
                        held=lake.held, review=review)
     result = publish_dataset(storage, ds, start=start, end=end, partitions=lake.files, lake_uri=settings.lake.uri)
-    if ds.review_items is not None:
-        write_queue(storage, ds.review_items, start=start, end=end, part="filters")
+    if ds.review_items is not None:  # written again: keep what the loop added to the items (the model's view)
+        items, views = ds.review_items, dict(zip(queued["item_id"], queued["model_view"], strict=True))
+        items["model_view"] = [views.get(i) or v for i, v in zip(items["item_id"], items["model_view"], strict=True)]
+        write_queue(storage, items, start=start, end=end, part="filters")
     m = result.manifest
     log.info("curated %s: %d feedback events read (+%d held at ingest), %d held back %s, %d pairs %s, agreement %s",
              result.version, m["feedback_read"], m["held_at_ingest"], m["held_back"],

@@ -123,6 +123,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     chosen = {k: v for k, v in {"cycles": args.cycles, "honest_users": args.users, "adversary_share": args.adversaries,
                                 "scenario": args.scenario, "eval_prompts": args.eval_prompts,
                                 "ppo_steps": args.ppo_steps, "model_samples": args.model_samples,
+                                "reviewers": args.reviewers, "reviewer_error": args.reviewer_error,
                                 "seed": args.seed}.items() if v is not None}
     cfg = DemoConfig.quick(**chosen) if args.quick else DemoConfig(**chosen)
     summary = run_demo(settings, cfg, run_dir=Path(args.run_dir) if args.run_dir else None)
@@ -498,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ppo-steps", type=int, default=None, help="PPO steps a cycle (default: the demo recipe's)")
     s.add_argument("--model-samples", type=int, default=None,
                    help="the champion's answers to each user prompt that users rate (default 4; 0: ShareGPT answers only)")
+    s.add_argument("--reviewers", type=int, default=None,
+                   help="simulated reviewers working the review queue each cycle (default 3; 0: no review)")
+    s.add_argument("--reviewer-error", type=float, default=None, help="share of their calls each gets wrong (default 0.1)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--run-dir", help="where the run's stack, models and report go (default <home>/demo/<run>)")
     s.set_defaults(func=_demo)

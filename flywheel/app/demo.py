@@ -57,6 +57,8 @@ class DemoConfig:
     # answers of the serving champion to each prompt, served beside the ShareGPT styles: feedback then ranks the
     # champion's own answers, which is what the reward model must judge at the next gate (0 = ShareGPT only)
     model_samples: int = 4
+    reviewers: int = 3  # simulated reviewers working the review queue each cycle through the HTTP endpoints
+    reviewer_error: float = 0.1  # ... each wrong this share of the time
     seed: int = 0
 
     @classmethod
@@ -94,6 +96,7 @@ class Cycle:
     filters: dict[str, Any] = field(default_factory=dict)
     reward: dict[str, Any] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
+    review: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -216,6 +219,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
     answers: dict[str, list[str]] = {}  # version -> its answers to the held-out prompts
     client_reg = registry_client(s)
     champion_policy = ChampionPolicy(s, poll_s=s.api.policy_poll_s)
+    reviewers = _reviewer_keys(s, cfg)
     try:
         with stack.local_feedback_path(s, "demo") as (state, client):
             loader = threading.Thread(target=lambda: setattr(state, "policy", champion_policy.start()),
@@ -247,7 +251,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
                 _say(f"{cyc.events_sent} events accepted and in the lake; /v1/chat answered by {sorted(set(cyc.served_by))}")
                 # 2. curate the hour
                 with _Timer(cyc.seconds, "curate"):
-                    cur = loop.curate_interval(cyc.start, cyc.end, s)
+                    cur = loop.curate_interval(cyc.start, cyc.end, s, with_review=True)
                     from flywheel.app.simulate import filter_report
                     from pipelines.dataset import open_dataset
 
@@ -259,6 +263,16 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
                      f"{cur['held_back'] + cur['held_at_ingest']} {cur['held_back_by_reason']} (precision "
                      f"{cyc.filters['precision']:.2f}, recall {cyc.filters['recall']:.2f} against the simulation's truth), "
                      f"{cur['pairs']} pairs")
+                # 2b. simulated reviewers work the queue through the API; their decisions travel to the lake
+                if reviewers:
+                    with _Timer(cyc.seconds, "review"):
+                        cyc.review = _review_cycle(s, client, reviewers, sim.truth, truth, cyc, cfg.seed)
+                    rv = cyc.review
+                    _say(f"review: {rv['routed']} items routed {rv['routed_by_route']}; {len(reviewers)} simulated "
+                         f"reviewers (error rate {cfg.reviewer_error:.0%}) decided {rv['reviewed']} "
+                         f"{rv['outcomes']}, rejected {rv['rejected_by_reason']}; filters' precision by review "
+                         f"{_num(rv['filter_precision']['precision'])}; kappa "
+                         f"{[k['kappa'] for k in rv['kappa']]}")
                 # 3. reward model, its gate
                 with _Timer(cyc.seconds, "reward"):
                     rm = loop.train_reward_model(cyc.end, s)  # on every hour so far
@@ -335,6 +349,51 @@ def _traffic(champion: Any, samples: list[Any], sim_cfg: Any, cfg: DemoConfig, c
     _say(f"chat service: {handle.version} answered the users' {len(pool)} prompts {cfg.model_samples} times each "
          f"in {time.monotonic() - t:.0f}s")
     return simulate_events(samples, sim_cfg, now=now, model_answers=answers, model_version=handle.version), handle.version
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def _reviewer_keys(s: Settings, cfg: DemoConfig) -> list[Any]:
+    """API keys with the reviewer role for the simulated reviewers (before the API starts: it reads its keys once)."""
+    import secrets
+
+    from flywheel.app.reviewers import SimReviewer
+    from flywheel.settings import ApiKey, hash_api_key
+
+    out = [SimReviewer(f"reviewer-{i + 1}", secrets.token_urlsafe(24), cfg.reviewer_error) for i in range(cfg.reviewers)]
+    s.api.keys = [*s.api.keys, *(ApiKey(name=r.name, sha256=hash_api_key(r.secret), reviewer=True) for r in out)]
+    return out
+
+
+def _review_cycle(s: Settings, client: Any, reviewers: list[Any], sim_truth: dict[str, Any], preference: Any,
+                  cyc: Cycle, seed: int) -> dict[str, Any]:
+    """The reviewers work the queue until it is empty for them; then the hour is curated again with their
+    decisions (what the reward model's training window will see) and its review section is returned."""
+    from flywheel.app import loop
+    from flywheel.app.reviewers import work_queue
+    from flywheel.storage import open_storage
+    from ingest.lake import wait_for_events
+    from pipelines.dataset import open_dataset
+    from pipelines.review import read_queue
+
+    storage = open_storage(s.lake.uri, s.lake)
+    queued = len(read_queue(storage))
+    headers = {"Authorization": f"Bearer {reviewers[0].secret}"}
+    deadline = time.monotonic() + 30
+    while client.get("/v1/review/stats", headers=headers).json()["routed"] < queued:  # the desk re-reads the queue
+        if time.monotonic() > deadline:
+            raise TimeoutError("the review desk did not pick up the curated queue")
+        time.sleep(0.5)
+    done = work_queue(client, reviewers, sim_truth, preference, seed=seed * 1_000 + cyc.number)
+    missing = wait_for_events(storage, set(done["event_ids"]),
+                              since=datetime.fromisoformat(cyc.start) - timedelta(hours=1), timeout=120)
+    if missing:
+        raise TimeoutError(f"{len(missing)} review events did not reach the lake")
+    again = loop.curate_interval(cyc.start, cyc.end, s)
+    section = open_dataset(again["dataset"], s).manifest["review"]
+    return section | {"simulated": {k: v for k, v in done.items() if k != "event_ids"}}
 
 
 def _policy_cycle(s: Settings, cfg: DemoConfig, dataset: str, held_out: list[str], cache: dict[str, Any],

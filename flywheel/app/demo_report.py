@@ -67,6 +67,7 @@ def write_report(summary: dict[str, Any], run_dir: Path) -> Path:
             f"{'v' + str(pol['version']) if pol.get('trained') else '—'} | {_ci(pol.get('hidden_preference'))} | "
             f"{_f(ch.get('win_rate'))} / {_f(ch.get('lc_win_rate'))} | {_f(ch.get('kl'), 2)} | "
             f"{_f(ch.get('length_mean'), 1)} vs {_f(cp.get('length_mean'), 1)} | **{pol.get('action', '—')}** |")
+    md += _review_section(cycles)
     md += ["", "## Details per cycle", ""]
     for c in cycles:
         cur, rm, pol, flt = c["curation"], c["reward"], c["policy"], c["filters"]
@@ -112,6 +113,31 @@ def write_report(summary: dict[str, Any], run_dir: Path) -> Path:
     out = run_dir / "report.md"
     out.write_text("\n".join(md))
     return out
+
+
+def _review_section(cycles: list[dict[str, Any]]) -> list[str]:
+    """Human review, cycle by cycle: what curation routed, what the simulated reviewers decided (through the
+    HTTP endpoints), the filters' precision as review measured it, and the reviewers' agreement."""
+    rows = [c for c in cycles if c.get("review")]
+    if not rows:
+        return []
+    first = rows[0]["review"]["simulated"]
+    md = ["", "## Human review", "",
+          f"Simulated reviewers {', '.join(f'{k} (error rate {v:.0%})' for k, v in first['error_rates'].items())} "
+          "worked each cycle's queue through `/v1/review`; their decisions went API -> Kafka -> lake as `review` "
+          "events and the hour was curated again with them.", "",
+          "| cycle | routed (correction / held back / uncertain) | two reviewers | reviewed | accepted | fixed | rejected "
+          "| disputed | rejected by reason | filters' precision by review | Cohen's kappa | reviewers' wrong calls |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in rows:
+        rv = c["review"]
+        by, out, fp = rv["routed_by_route"], rv["outcomes"], rv["filter_precision"]
+        kappa = ", ".join(f"{k['reviewers'][0]}/{k['reviewers'][1]} {_f(k['kappa'], 2)} ({k['items']})" for k in rv["kappa"])
+        md.append(f"| {c['number']} | {rv['routed']} ({by['correction']} / {by['held_back']} / {by['uncertain']}) | "
+                  f"{rv['double']} | {rv['reviewed']} | {out['accept']} | {out['fix']} | {out['reject']} | "
+                  f"{out['disputed']} | {rv['rejected_by_reason'] or '—'} | {_f(fp['precision'])} "
+                  f"({fp['confirmed']}/{fp['reviewed']}) | {kappa or '—'} | {rv['simulated']['wrong_calls'] or 0} |")
+    return md
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:

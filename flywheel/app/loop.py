@@ -39,8 +39,11 @@ def _when(value: datetime | str) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
-def curate_interval(start: datetime | str, end: datetime | str, settings: Settings | None = None) -> dict[str, Any]:
-    """Curate ``[start, end)`` of the lake into a versioned dataset (same interval + code = same version)."""
+def curate_interval(start: datetime | str, end: datetime | str, settings: Settings | None = None, *,
+                    with_review: bool = False) -> dict[str, Any]:
+    """Curate ``[start, end)`` of the lake into a versioned dataset (same interval + code = same version).
+    ``with_review``: the curation run of the interval (the hourly DAG's, the demo's), which also gives its review
+    queue the champion reward model's view and routes the pairs that model is least sure of."""
     from pipelines.curation import curate
 
     settings = settings or get_settings()
@@ -55,6 +58,14 @@ def curate_interval(start: datetime | str, end: datetime | str, settings: Settin
              "%d pairs %s, agreement %s", out["start"], out["end"], out["dataset"], out["feedback_read"],
              out["held_at_ingest"], out["held_back"], out["held_back_by_reason"], out["pairs"], out["pairs_by_source"],
              out["agreement"])
+    if with_review:
+        from flywheel.app.review import score_queue
+
+        rv = m["review"]
+        out["review"] = {"routed": rv["routed"], "routed_by_route": rv["routed_by_route"], "reviewed": rv["reviewed"],
+                         "outcomes": rv["outcomes"], "rejected_by_reason": rv["rejected_by_reason"],
+                         "filter_precision": rv["filter_precision"]["precision"],
+                         **score_queue(settings, result.version, _when(start), _when(end))}
     return out
 
 
@@ -98,6 +109,14 @@ def reward_increment(end: datetime | str, settings: Settings | None = None) -> d
         out = {"since": since.isoformat(), "end": end.isoformat(), "new_pairs": increment["pairs"],
                "increment_dataset": increment["dataset"], "champion": champion,
                "enough": increment["pairs"] >= settings.loop.min_new_pairs, "min_new_pairs": settings.loop.min_new_pairs}
+    if settings.review.min_coverage > 0 and since < end:
+        from flywheel.app.review import coverage
+
+        out["review_coverage"] = cov = coverage(settings, since, end)
+        if not cov["enough"]:
+            out["enough"] = False
+            log.info("reward model waits for review: %d of %d routed corrections reviewed (%.2f < %.2f)",
+                     cov["reviewed"], cov["routed"], cov["coverage"], cov["min_coverage"])
     log.info("reward model %s trained on data up to %s; %d new pairs since (minimum %d): %s", champion, since,
              out["new_pairs"], settings.loop.min_new_pairs, "retrain" if out["enough"] else "skip")
     return out

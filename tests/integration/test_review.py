@@ -104,6 +104,11 @@ def test_review_endpoints_refuse_the_wrong_keys_and_bad_input_and_a_repeat_is_id
             r = client.request(method, path, json={"decision": "accept"}, headers=auth(secret["app"]))
             assert r.status_code == 403 and "reviewer role" in r.json()["message"], (path, r.text)
         ana = auth(secret["ana"])
+        # a review event is no feedback: the chat service's endpoints refuse it
+        forged = {"type": "review", "conversation_id": "c", "user_id": "u", "model_version": "v1", "reviewer": "app",
+                  "item_id": items[0], "target_event_id": str(uuid.uuid4()), "decision": "accept"}
+        assert client.post("/v1/feedback", json=forged, headers=auth(secret["app"])).status_code == 422
+        assert client.post("/v1/feedback/batch", json={"events": [forged]}, headers=auth(secret["app"])).status_code == 422
         assert client.get("/v1/review/items/rv-c-0000000000000000", headers=ana).status_code == 404
         assert client.post("/v1/review/items/nope/decision", json={"decision": "skip"}, headers=ana).status_code == 404
         # bad input: a 4xx that says what to fix, never a 5xx

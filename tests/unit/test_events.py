@@ -25,7 +25,50 @@ EXAMPLES = [
     base(type="correction", response_id="r1", corrected_text="Better."),
     base(type="pairwise", response_a_id="r1", response_b_id="r2", choice="tie"),
     base(type="implicit", response_id="r1", action="copy"),
+    base(type="review", reviewer="ana", item_id="rv-c-0123", target_event_id=str(uuid.uuid4()), decision="reject",
+         reason="unclear"),
+    base(type="review", reviewer="ana", item_id="rv-c-0123", target_event_id=str(uuid.uuid4()), decision="fix",
+         edited_text="Paris."),
 ]
+
+
+def test_every_type_of_the_contract_has_an_example():
+    assert {e["type"] for e in EXAMPLES} == set(ev.EVENT_TYPES)
+
+
+@pytest.mark.parametrize("obj", EXAMPLES, ids=lambda o: o["type"])
+def test_every_type_is_written_to_the_lake_and_read_back(obj, tmp_path):
+    """A valid event the lake cannot write would stop the consumer (it restarts and replays it forever)."""
+    from flywheel.storage import open_storage
+    from ingest.lake import LakeSink, read_events
+
+    storage = open_storage(tmp_path.as_uri())
+    sink = LakeSink(storage)
+    event = ev.validate_event(obj)
+    sink.add(event, "t", 0, 7)
+    assert sink.flush().written == 1
+    row = read_events(storage, event.type).iloc[0]
+    assert row["event_id"] == str(event.event_id) and row["kafka_offset"] == 7
+    for name in ("target_event_id", "reason", "edited_text", "response_id"):
+        if getattr(event, name, None) is not None:
+            assert row[name] == str(getattr(event, name))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"decision": "reject", "reason": None}, "reason is required"),
+    ({"decision": "accept", "reason": "unclear"}, "reason is required"),
+    ({"decision": "fix", "reason": None}, "edited_text is required"),
+    ({"decision": "skip", "reason": None, "edited_text": "x"}, "edited_text is required"),
+])
+def test_a_review_needs_a_reason_to_reject_and_a_text_to_fix(change, message):
+    obj = {**EXAMPLES[-2], **change}
+    with pytest.raises(ValidationError, match=message):
+        ev.validate_event(obj)
+
+
+def test_the_http_feedback_contract_does_not_include_reviews():
+    assert "review" not in ev.FEEDBACK_TYPES and "review" not in ev.CLIENT_TYPES
+    assert "review" in ev.EVENT_TYPES
 
 
 @pytest.mark.parametrize("obj", EXAMPLES, ids=lambda o: o["type"])
