@@ -8,6 +8,7 @@ never reads ``os.environ``: it takes a ``Settings`` (or calls :func:`get_setting
 from __future__ import annotations
 
 import hashlib
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -78,6 +79,13 @@ class ApiKey(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     admin: bool = False
     reviewer: bool = Field(default=False, description="May use the review endpoints and pages (/review).")
+
+    @model_validator(mode="after")
+    def _reviewer_name_is_an_id(self) -> ApiKey:
+        # a reviewer's name goes into every review event they send (the contract's id format)
+        if self.reviewer and not re.fullmatch(r"[A-Za-z0-9._:@/-]{1,128}", self.name):
+            raise ValueError(f"a reviewer key's name must be 1-128 letters, digits or . _ : @ / - (got {self.name!r})")
+        return self
 
 
 def hash_api_key(secret: str) -> str:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from flywheel.settings import Settings, get_settings, hash_api_key
+from flywheel.settings import ApiKey, Settings, get_settings, hash_api_key
 from training.tracking import MODELS, POLICY_MODEL, REWARD_MODEL
 
 
@@ -111,6 +111,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def _keys(args: argparse.Namespace, _settings: Settings) -> int:
     secret = secrets.token_urlsafe(32)
     entry = {"name": args.name, "sha256": hash_api_key(secret), "admin": args.admin, "reviewer": args.reviewer}
+    try:
+        ApiKey(**entry)
+    except ValueError as e:
+        raise SystemExit(f"flywheel keys: {e}") from None
     print(f"key (give to the client, shown once): {secret}")
     print(f"settings entry (store this):          {json.dumps(entry)}")
     print(f"e.g. FLYWHEEL_API__KEYS='[{json.dumps(entry)}]'")

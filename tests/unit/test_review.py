@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
@@ -128,3 +129,33 @@ def test_review_stats_measure_the_filters_precision_and_each_reviewer():
                                          "rejected_by_reason": {"unclear": 1}, "per_hour": 4.0}
     assert stats["kappa"] == [{"reviewers": ["ana", "ben"], "items": 2, "kappa": 1.0, "agreement": 1.0}]
     assert stats["outcomes"] == {"accept": 1, "fix": 0, "reject": 1, "disputed": 0}
+
+
+def test_the_desk_holds_an_item_for_the_reviewer_it_offered_it_to_and_a_decision_counts_at_once(tmp_path):
+    from flywheel.settings import Settings
+    from flywheel.storage import open_storage
+    from pipelines.review import write_queue
+    from serving.review import ReviewDesk
+
+    settings = Settings(home=tmp_path / "home")
+    turns, feedback = lake(3)
+    items = build_dataset(turns, feedback, FilterConfig(), review=ReviewInput(
+        ReviewSettings(double_share=0.0), START, END, decisions())).review_items
+    items["target_event_id"] = [str(uuid.uuid5(uuid.NAMESPACE_URL, t)) for t in items["target_event_id"]]  # the lake's ids
+    write_queue(open_storage(settings.lake.uri, settings.lake), items, start=START, end=END, part="filters")
+    desk = ReviewDesk(settings, refresh_s=0.0)
+    a, progress = desk.next_item("ana")
+    b, _ = desk.next_item("ben")
+    assert a is not None and b is not None and a["item_id"] != b["item_id"]  # single items: one reviewer each
+    assert progress == {"decided_by_you": 0, "waiting": 3, "queued": 3}
+    assert desk.next_item("ana")[0]["item_id"] == a["item_id"]  # still hers until she decides
+    event, repeated = desk.decision_event("ana", a, "reject", "unclear", None)
+    assert not repeated and event.target_event_id.hex and event.user_id == a["user_id"]
+    desk.record(event)
+    again, was = desk.decision_event("ana", a, "reject", "unclear", None)
+    assert was and again == event  # the same decision again: the same event, first occurred_at included
+    nxt, progress = desk.next_item("ana")
+    assert nxt["item_id"] not in (a["item_id"], b["item_id"]) and progress["decided_by_you"] == 1
+    assert progress["waiting"] == 2
+    c, _ = desk.next_item("cy")
+    assert c is None  # the third item is ana's now, the second ben's: nothing left for a third reviewer
