@@ -46,6 +46,7 @@ class RewardRecipe:
     epochs: int = 1
     max_steps: int = 0  # 0 = epochs * batches
     margin_scale: float = 0.0  # > 0: the reward gap must exceed margin_scale * (2 * vote share - 1)
+    reviewed_weight: float = 1.0  # a pair from feedback a reviewer accepted counts this many times in the loss
     # true: cross-fitting. The training pairs are split in two by prompt group; the reward model (what the policy
     # is trained against) learns from one half and a judge of the same recipe from the other, registered with it.
     # The policy gate then judges with a model the policy was not optimised against.
@@ -64,6 +65,8 @@ class RewardRecipe:
             raise ValueError(f"recipe {self.name}: encoding must be 'pair' or 'chat', got {self.encoding!r}")
         if self.trainable_layers < -1:
             raise ValueError(f"recipe {self.name}: trainable_layers must be -1 (the whole backbone) or >= 0")
+        if not self.reviewed_weight > 0:
+            raise ValueError(f"recipe {self.name}: reviewed_weight must be > 0, got {self.reviewed_weight}")
 
 
 @dataclass(frozen=True)

@@ -195,3 +195,25 @@ def test_a_cross_fitted_judge_learns_from_the_other_half_of_the_prompt_groups_an
     assert not independent  # no version trained against: the recipe's judge, not independent
     with pytest.raises(FileNotFoundError):
         load_registered_reward(str(result.model_dir), part="judge")
+
+
+def test_reviewed_pairs_weigh_more_when_the_recipe_says_so(tmp_path):
+    """The same steps and batches: only the loss's weights differ, so the trained models differ."""
+    import pandas as pd
+
+    from training.reward.train import train_reward
+
+    pairs = tiny_pairs(24)
+    pairs["reviewed"] = [i % 2 == 0 for i in range(len(pairs))]
+    train = pairs[pairs["split"] == "train"].reset_index(drop=True)
+    evalp = pd.DataFrame(pairs[pairs["split"] == "eval"]).reset_index(drop=True)
+    backbone = tiny_encoder_dir(tmp_path / "bb")
+    losses = {}
+    for weight in (1.0, 4.0):
+        res = train_reward(Settings(home=tmp_path / f"home{weight}"), RewardRecipe(
+            backbone=backbone, max_length=64, batch_size=4, max_steps=3, threads=1, reviewed_weight=weight), "",
+            train_pairs=train, eval_pairs=evalp, register_model=False)
+        losses[weight] = res.metrics["eval/mean_margin"]
+    assert losses[1.0] != losses[4.0]
+    with pytest.raises(ValueError, match="reviewed_weight"):
+        RewardRecipe(reviewed_weight=0.0)

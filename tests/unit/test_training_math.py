@@ -33,6 +33,9 @@ def test_bradley_terry_loss_with_and_without_margin_and_centering():
     assert bt_loss(t([2.0, 0.0]), t([0.0, 1.0])).item() == pytest.approx(
         (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))) / 2)
     assert margin_from_share(t([0.5, 0.75, 1.0]), 2.0).tolist() == [0.0, 1.0, 2.0]
+    # weighted: a reviewed pair weighted 3 counts as three unreviewed ones
+    three = bt_loss(t([2.0, 0.0, 0.0, 0.0]), t([0.0, 1.0, 1.0, 1.0])).item()
+    assert bt_loss(t([2.0, 0.0]), t([0.0, 1.0]), weight=t([1.0, 3.0])).item() == pytest.approx(three)
 
 
 def test_expected_calibration_error_of_an_overconfident_model():

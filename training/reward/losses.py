@@ -28,11 +28,13 @@ def margin_from_share(share: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
-            centering: float = 0.0) -> torch.Tensor:
+            centering: float = 0.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight``: each pair's weight in the mean (a pair from feedback a reviewer accepted may count more)."""
     gap = r_chosen - r_rejected
     if margin is not None:
         gap = gap - margin
-    loss = -F.logsigmoid(gap).mean()
+    nll = -F.logsigmoid(gap)
+    loss = nll.mean() if weight is None else (weight * nll).sum() / weight.sum()
     if centering:
         loss = loss + centering * ((r_chosen + r_rejected) ** 2).mean()
     return loss

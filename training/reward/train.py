@@ -206,6 +206,9 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
     enc_c, enc_r, lengths = _encode_sides(model, train, recipe, dist.device, states_cache)
     trunk_s = time.perf_counter() - t0 if recipe.trainable_layers >= 0 else 0.0
     share = torch.tensor(train["margin"].to_numpy(dtype=np.float32)) if "margin" in train else torch.ones(len(train))
+    reviewed = train["reviewed"].to_numpy(dtype=bool) if "reviewed" in train else np.zeros(len(train), dtype=bool)
+    weight = torch.tensor(np.where(reviewed, recipe.reviewed_weight, 1.0), dtype=torch.float32) \
+        if recipe.reviewed_weight != 1.0 else None
 
     per_epoch = math.ceil(len(train) / recipe.batch_size)
     total = recipe.max_steps or per_epoch * recipe.epochs
@@ -249,7 +252,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
             rewards = net(**{k: v.to(dist.device) for k, v in batch.items()})
             rc, rr = rewards[: len(idx)], rewards[len(idx):]
             margin = margin_from_share(share[idx], recipe.margin_scale).to(dist.device) if recipe.margin_scale else None
-            loss = bt_loss(rc, rr, margin, recipe.centering)
+            loss = bt_loss(rc, rr, margin, recipe.centering, weight[idx].to(dist.device) if weight is not None else None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
