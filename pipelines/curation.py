@@ -129,8 +129,10 @@ QUARANTINE_COLUMNS = ["event_id", "reason", "type", "user_id", "occurred_at"]
 @dataclass(frozen=True)
 class ReviewInput:
     """What curation needs for review: the settings (routing and what unreviewed corrections do), the interval,
-    the reviewers' latest decisions (:func:`pipelines.review.latest_decisions`), the interval's items routed by
-    others (the loop's ``uncertain`` pairs) and the held-at-ingest feedback rows (a sample is routed)."""
+    the reviewers' latest decisions (:func:`pipelines.review.latest_decisions`), the items already queued about
+    this interval's feedback (by any run: the hourly curation's, the loop's ``uncertain`` pairs), the
+    held-at-ingest feedback rows (a sample is routed) and whether this run routes items itself (the interval's
+    own curation does; a training window's curation only applies the decisions on what is queued)."""
 
     cfg: ReviewSettings
     start: datetime
@@ -138,6 +140,7 @@ class ReviewInput:
     decisions: pd.DataFrame
     other_items: pd.DataFrame | None = None
     held_feedback: pd.DataFrame | None = None
+    route: bool = True
 
 
 def _apply_review(kept: pd.DataFrame, items: pd.DataFrame, review: ReviewInput) -> tuple[pd.DataFrame, pd.DataFrame, set[str]]:
@@ -183,7 +186,10 @@ def build_dataset(turns_raw: pd.DataFrame, feedback: pd.DataFrame, cfg: FilterCo
         shown = feedback if review.held_feedback is None else \
             pd.concat([feedback, review.held_feedback], ignore_index=True).drop_duplicates("event_id")
         routed = route_items(turns, shown, filtered.quarantine, review.cfg, start=review.start, end=review.end)
-        every = routed if review.other_items is None else pd.concat([routed, review.other_items], ignore_index=True)
+        if not review.route:
+            routed = routed.iloc[0:0]
+        every = routed if review.other_items is None else \
+            pd.concat([routed, review.other_items], ignore_index=True).drop_duplicates("item_id")
         kept, by_review, accepted = _apply_review(kept, every, review)
         if len(by_review):
             filtered.quarantine = pd.concat([filtered.quarantine, by_review], ignore_index=True) \
@@ -326,21 +332,22 @@ def read_interval(storage: Storage, start: datetime, end: datetime, lookback: ti
     return Interval(turns, frames, held, held_frames, reviews, sorted(files))
 
 
-def curate(settings: Settings, start: datetime, end: datetime) -> PublishedDataset:
-    """Curate ``[start, end)``: apply the reviewers' decisions made so far, publish the dataset, and write the
-    items routed to review (the ``filters`` part of the interval's queue)."""
+def curate(settings: Settings, start: datetime, end: datetime, *, route_review: bool = True) -> PublishedDataset:
+    """Curate ``[start, end)``: apply the reviewers' decisions made so far on every queued item about the
+    interval's feedback, publish the dataset, and (``route_review``: the interval's own curation, not a training
+    window's) write the items this run routes to review (the ``filters`` part of the interval's queue)."""
     storage = open_storage(settings.lake.uri, settings.lake)
     c, rv = settings.curation, settings.review
     lake = read_interval(storage, start, end, timedelta(hours=c.turn_lookback_h), timedelta(hours=rv.lookahead_h))
     queued = read_queue(storage)
-    others = queued[(queued["interval_start"] == start) & (queued["interval_end"] == end)
-                    & (queued["route"] != "correction") & (queued["route"] != "held_back")]
-    review = ReviewInput(rv, start, end, latest_decisions(lake.reviews), others.reset_index(drop=True),
-                         unify_feedback(lake.held_frames))
+    ours = {str(i) for f in [*lake.frames.values(), *lake.held_frames.values()] for i in f["event_id"]}
+    others = queued[queued["target_event_id"].isin(ours)].reset_index(drop=True)
+    review = ReviewInput(rv, start, end, latest_decisions(lake.reviews), others, unify_feedback(lake.held_frames),
+                         route=route_review)
     ds = build_dataset(lake.turns, unify_feedback(lake.frames), FilterConfig.from_settings(c), eval_share=c.eval_share,
                        held=lake.held, review=review)
     result = publish_dataset(storage, ds, start=start, end=end, partitions=lake.files, lake_uri=settings.lake.uri)
-    if ds.review_items is not None:  # written again: keep what the loop added to the items (the model's view)
+    if route_review and ds.review_items is not None:  # again: keep what the loop added to the items (its view)
         items, views = ds.review_items, dict(zip(queued["item_id"], queued["model_view"], strict=True))
         items["model_view"] = [views.get(i) or v for i, v in zip(items["item_id"], items["model_view"], strict=True)]
         write_queue(storage, items, start=start, end=end, part="filters")

@@ -53,6 +53,7 @@ ITEM_SCHEMA = pa.schema([
     ("messages", pa.string()),  # the conversation the model saw, JSON [{role, content}]
     ("response", pa.string()),  # the model's answer
     ("proposal", pa.string()),  # the user's correction, or the response the user preferred
+    ("label", pa.string()),  # what the user did: "correction", "thumbs down", "chose b over a", ...
     ("filter_reasons", pa.string()),  # JSON list: why the filters held it back (held_back items)
     ("model_view", pa.string()),  # JSON: the champion reward model's view, or ""
     ("double", pa.bool_()),  # decided by two reviewers
@@ -80,7 +81,13 @@ def route_items(turns: pd.DataFrame, feedback: pd.DataFrame, quarantine: pd.Data
 
     ``turns``: the prepared turns (``pipelines.curation.prepare_turns``); ``feedback``: the interval's unified
     feedback, held-back events included; ``quarantine``: what was held back and why."""
-    by_response = turns.set_index("response_id") if not turns.empty else None
+    by_response = turns.drop_duplicates("response_id").set_index("response_id") if not turns.empty else None
+
+    def turn_of(response_id: object) -> pd.Series | None:
+        if by_response is None or not isinstance(response_id, str) or response_id not in by_response.index:
+            return None
+        return by_response.loc[response_id]
+
     held_reasons: dict[str, list[str]] = {}
     for eid, reason in zip(quarantine["event_id"], quarantine["reason"], strict=True):
         held_reasons.setdefault(str(eid), []).append(str(reason))
@@ -98,10 +105,8 @@ def route_items(turns: pd.DataFrame, feedback: pd.DataFrame, quarantine: pd.Data
                                         "of them are reviewed)")
         else:
             continue
-        turn = by_response.loc[fb.response_id] if by_response is not None and fb.response_id in by_response.index \
-            else None
-        if isinstance(turn, pd.DataFrame):
-            turn = turn.iloc[0]
+        turn, other = turn_of(fb.response_id), turn_of(fb.other_response_id)
+        response, proposal, label = _shown(fb, turn, other)
         rows.append({
             "item_id": item_id(eid, route), "route": route, "route_reason": why, "target_event_id": eid,
             "target_type": str(fb.type), "user_id": str(fb.user_id),
@@ -109,14 +114,33 @@ def route_items(turns: pd.DataFrame, feedback: pd.DataFrame, quarantine: pd.Data
             "model_version": str(turn["model_version"]) if turn is not None else "unknown",
             "occurred_at": fb.occurred_at,
             "messages": str(turn["messages"]) if turn is not None else "[]",
-            "response": str(turn["response"]) if turn is not None else "",
-            "proposal": str(fb.corrected_text) if isinstance(fb.corrected_text, str) else "",
+            "response": response, "proposal": proposal, "label": label,
             "filter_reasons": json.dumps(reasons or []), "model_view": "", "double": False,
             "interval_start": start, "interval_end": end})
     items = pd.DataFrame(rows, columns=ITEM_COLUMNS) if rows else empty_items()
     order = items["route"].map({r: i for i, r in enumerate(ROUTES)})
     items = items.assign(_o=order).sort_values(["_o", "occurred_at", "item_id"], kind="stable").drop(columns="_o")
     return finish_items(items.head(cfg.max_items), cfg)
+
+
+def _shown(fb: Any, turn: pd.Series | None, other: pd.Series | None) -> tuple[str, str, str]:
+    """(the answer the feedback is against, the one it is for, what the user did) as the reviewer sees them: a
+    correction's text over the answer; a pairwise choice's chosen answer over the other; a regeneration's new
+    answer over the discarded one; a thumb or an implicit signal on one answer."""
+    first = str(turn["response"]) if turn is not None else ""
+    second = str(other["response"]) if other is not None else ""
+    value = fb.value if isinstance(fb.value, str) else ""
+    if fb.type == "correction":
+        return first, str(fb.corrected_text) if isinstance(fb.corrected_text, str) else "", "correction"
+    if fb.type == "pairwise":
+        if value == "b":
+            return first, second, "chose b over a"
+        if value == "a":
+            return second, first, "chose a over b"
+        return first, second, "a tie"
+    if fb.type == "regenerate":
+        return first, second, "regenerated the answer"
+    return first, "", f"{fb.type} {value}".strip()
 
 
 def finish_items(items: pd.DataFrame, cfg: ReviewSettings) -> pd.DataFrame:
@@ -140,12 +164,14 @@ def write_queue(storage: Storage, items: pd.DataFrame, *, start: datetime, end: 
 
 
 def read_queue(storage: Storage) -> pd.DataFrame:
-    """Every queued item (one row per ``item_id``, the latest write's)."""
+    """Every queued item (one row per ``item_id``: an item routed again keeps its latest interval's row)."""
     keys = sorted(k for k in storage.list(f"{QUEUE_ROOT}/") if k.endswith(".parquet"))
     if not keys:
         return empty_items()
     frames = [pq.read_table(io.BytesIO(storage.get_bytes(k))).to_pandas() for k in keys]
-    items = pd.concat(frames, ignore_index=True)
+    items = pd.concat([f.reindex(columns=ITEM_COLUMNS) for f in frames], ignore_index=True)
+    items["label"] = items["label"].fillna("")  # written before items had one
+    items = items.sort_values(["interval_start", "interval_end"], kind="stable")
     return items.drop_duplicates("item_id", keep="last").reset_index(drop=True)
 
 
@@ -224,6 +250,20 @@ def _rounded(x: float) -> float | None:
     return None if math.isnan(x) else round(x, 4)
 
 
+SESSION_GAP_S = 1800.0
+
+
+def _per_hour(times: pd.Series) -> float | None:
+    """Decisions an hour of active reviewing: the time between consecutive decisions, a gap over half an hour
+    counted as a break (not as work); None with fewer than two decisions."""
+    t = pd.to_datetime(times, utc=True).sort_values()
+    if len(t) < 2:
+        return None
+    gaps = t.diff().dt.total_seconds().iloc[1:].clip(upper=SESSION_GAP_S)
+    active_h = float(gaps[gaps < SESSION_GAP_S].sum()) / 3600
+    return round((len(t) - 1) / active_h, 1) if active_h > 0 else None
+
+
 def review_stats(items: pd.DataFrame, decisions: pd.DataFrame) -> dict[str, Any]:
     """The review section of the dataset card and the statistics page: what was routed and reviewed, what was
     rejected and why, the filters' precision on the held-back sample, and each reviewer's numbers with Cohen's
@@ -245,13 +285,11 @@ def review_stats(items: pd.DataFrame, decisions: pd.DataFrame) -> dict[str, Any]
     per_reviewer: dict[str, dict[str, Any]] = {}
     for name, g in decided.groupby("reviewer", sort=True):
         real = g[g["decision"] != "skip"]
-        times = pd.to_datetime(g["occurred_at"], utc=True)
-        span_h = max((times.max() - times.min()).total_seconds() / 3600, 1 / 60) if len(g) else 0.0
         per_reviewer[str(name)] = {
             "decided": int(len(real)), "skipped": int(len(g) - len(real)),
             "acceptance_rate": _rounded(float(real["decision"].isin(POSITIVE).mean())) if len(real) else None,
             "rejected_by_reason": {str(k): int(v) for k, v in real["reason"].dropna().value_counts().sort_index().items()},
-            "per_hour": round(len(g) / span_h, 1) if span_h else None}
+            "per_hour": _per_hour(real["occurred_at"])}
     pairs = []
     real = decided[decided["decision"] != "skip"]
     by_item = {str(k): dict(zip(g["reviewer"], g["decision"], strict=True)) for k, g in real.groupby("item_id")}

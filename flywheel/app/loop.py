@@ -47,7 +47,7 @@ def curate_interval(start: datetime | str, end: datetime | str, settings: Settin
     from pipelines.curation import curate
 
     settings = settings or get_settings()
-    result = curate(settings, _when(start), _when(end))
+    result = curate(settings, _when(start), _when(end), route_review=with_review)
     m = result.manifest
     out = {"dataset": result.version, "uri": result.uri, "start": _when(start).isoformat(), "end": _when(end).isoformat(),
            "pairs": m["files"]["pairs.parquet"]["rows"], "events_read": m["events_read"],

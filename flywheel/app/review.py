@@ -70,13 +70,16 @@ def score_queue(settings: Settings, dataset: str, start: datetime, end: datetime
     mine.loc[both.index, "model_view"] = [json.dumps({"model": label, "p_user": round(p, 4)}) for p in views]
     write_queue(storage, mine[ITEM_COLUMNS], start=start, end=end, part="filters")
 
-    uncertain = pd.DataFrame(columns=ITEM_COLUMNS)
-    want = settings.review.uncertain_pairs
-    if want:
-        pairs = open_dataset(dataset, settings).table("pairs")
+    uncertain = queue[(queue["interval_start"] == start) & (queue["interval_end"] == end)
+                      & (queue["route"] == "uncertain")]
+    # the run routes at most review.max_items, corrections and the held-back sample first
+    want = min(settings.review.uncertain_pairs, max(0, settings.review.max_items - len(mine)))
+    pairs = open_dataset(dataset, settings).table("pairs") if want and uncertain.empty else None
+    if pairs is not None and len(pairs):  # routed once per interval: a re-run keeps what reviewers may have decided
         kinds = _feedback_ids(storage, start, end)
         single = [[i for i in ids if i in kinds] for ids in pairs["event_ids"]]
-        pairs = pairs[[len(s) == 1 for s in single]].assign(target=[s[0] for s in single if len(s) == 1])
+        keep = pd.Series([len(x) == 1 for x in single], index=pairs.index)
+        pairs = pairs.loc[keep].assign(target=[x[0] for x in single if len(x) == 1])
         pairs = pairs[~pairs["target"].isin(set(queue["target_event_id"]))].reset_index(drop=True)
         pairs["p"] = p_user(pairs["prompt"].tolist(), pairs["chosen"].tolist(), pairs["rejected"].tolist())
         closest = pairs.assign(d=(pairs["p"] - 0.5).abs()).sort_values(["d", "pair_id"]).head(want - want // 2)
@@ -90,7 +93,8 @@ def score_queue(settings: Settings, dataset: str, start: datetime, end: datetime
                              "target_event_id": p.target, "target_type": kinds[p.target], "user_id": "unknown",
                              "conversation_id": "unknown", "model_version": "unknown", "occurred_at": start,
                              "messages": json.dumps([{"role": "user", "content": p.prompt}]),
-                             "response": p.rejected, "proposal": p.chosen, "filter_reasons": "[]",
+                             "response": p.rejected, "proposal": p.chosen, "label": f"preferred this answer ({p.source})",
+                             "filter_reasons": "[]",
                              "model_view": json.dumps({"model": label, "p_user": round(p.p, 4), "note": note}),
                              "double": False, "interval_start": start, "interval_end": end})
         uncertain = finish_items(pd.DataFrame(rows, columns=ITEM_COLUMNS), settings.review) if rows else uncertain

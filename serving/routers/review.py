@@ -8,6 +8,7 @@ A decision is published as a ``review`` event, API -> Kafka -> lake, like every 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flywheel.events import MAX_TEXT_CHARS
 from flywheel.settings import ApiKey
+from ingest.validation import check_event
 from serving.deps import Caller, Publisher, State
 from serving.errors import ApiError, invalid
 from serving.openapi import UNAVAILABLE, inline_schema, json_body
@@ -105,6 +107,9 @@ async def decide(item_id: str, request: Request, reviewer: Reviewer, state: Stat
     if (body.decision == "fix") != (body.edited_text is not None):
         raise ApiError(422, "validation_failed", "edited_text is required with decision 'fix' and allowed only then",
                        fields=[{"field": "edited_text", "message": "the corrected text, with fix only"}])
+    if body.edited_text is not None and not body.edited_text.strip():
+        raise ApiError(422, "validation_failed", "edited_text is blank: send the correction as it should read",
+                       fields=[{"field": "edited_text", "message": "not blank"}])
     if body.decision == "fix" and item["target_type"] != "correction":
         raise ApiError(422, "validation_failed", f"only a correction's text can be fixed; this item is a "
                        f"{item['target_type']} event: accept, reject or skip it",
@@ -113,6 +118,9 @@ async def decide(item_id: str, request: Request, reviewer: Reviewer, state: Stat
         event, repeated = review_desk.decision_event(reviewer.name, item, body.decision, body.reason, body.edited_text)
     except ValidationError as e:
         raise invalid(e) from None
+    verdict = check_event(event, state.rules, datetime.now(UTC))  # what the consumer would dead-letter
+    if verdict is not None:
+        raise ApiError(422, verdict[0], verdict[1], fields=[{"field": "edited_text", "message": verdict[1]}])
     durable = await publish(publisher, [event])
     review_desk.record(event)
     return {"event_id": str(event.event_id), "item_id": item_id, "decision": body.decision, "repeated": repeated,

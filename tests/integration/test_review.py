@@ -115,7 +115,10 @@ def test_review_endpoints_refuse_the_wrong_keys_and_bad_input_and_a_repeat_is_id
         bad = [({"decision": "reject"}, "reason is required"), ({"decision": "accept", "reason": "unclear"}, "reason"),
                ({"decision": "fix"}, "edited_text is required"), ({"decision": "maybe"}, "decision"),
                ({"decision": "reject", "reason": "boring"}, "reason"), ({"decision": "fix", "edited_text": ""}, "edited_text"),
-               ({"decision": "accept", "extra": 1}, "extra"), ([1, 2], "body"), ("not json", "")]
+               ({"decision": "accept", "extra": 1}, "extra"), ([1, 2], "body"), ("not json", ""),
+               ({"decision": "fix", "edited_text": "   "}, "blank"),
+               ({"decision": "fix", "edited_text": "x" * 40_000}, "32000"),  # the consumer would dead-letter it
+               ({"decision": "accept", "edited_text": "Paris."}, "edited_text")]
         for body, fragment in bad:
             r = client.post(url, json=body, headers=ana) if body != "not json" else \
                 client.post(url, content=b"{nope", headers={**ana, "Content-Type": "application/json"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -121,7 +122,7 @@ def test_review_stats_measure_the_filters_precision_and_each_reviewer():
     items = build_dataset(turns, feedback, FilterConfig(), review=ReviewInput(cfg, START, END, decisions())).review_items
     ids = dict(zip(items["target_event_id"], items["item_id"], strict=True))
     d = decisions(("ana", ids["short"], "reject", "unclear", None, 0), ("ben", ids["short"], "reject", "unclear", None, 60),
-                  ("ana", ids["f0"], "accept", None, None, 1800), ("ben", ids["f0"], "accept", None, None, 120))
+                  ("ana", ids["f0"], "accept", None, None, 900), ("ben", ids["f0"], "accept", None, None, 120))
     stats = review_stats(items, d)
     assert stats["filter_precision"] == {"reviewed": 1, "confirmed": 1, "precision": 1.0,
                                          "by_filter": {"empty_correction": {"reviewed": 1, "precision": 1.0}}}
@@ -159,3 +160,32 @@ def test_the_desk_holds_an_item_for_the_reviewer_it_offered_it_to_and_a_decision
     assert progress["waiting"] == 2
     c, _ = desk.next_item("cy")
     assert c is None  # the third item is ana's now, the second ben's: nothing left for a third reviewer
+
+
+def test_a_reviewer_who_changes_their_mind_back_sends_a_new_decision_each_time(tmp_path):
+    from flywheel.settings import Settings
+    from flywheel.storage import open_storage
+    from pipelines.review import write_queue
+    from serving.review import ReviewDesk
+
+    settings = Settings(home=tmp_path / "home")
+    turns, feedback = lake(1)
+    items = build_dataset(turns, feedback, FilterConfig(), review=ReviewInput(
+        ReviewSettings(), START, END, decisions())).review_items
+    items["target_event_id"] = [str(uuid.uuid5(uuid.NAMESPACE_URL, t)) for t in items["target_event_id"]]
+    write_queue(open_storage(settings.lake.uri, settings.lake), items, start=START, end=END, part="filters")
+    desk = ReviewDesk(settings, refresh_s=0.0)
+    item, _ = desk.next_item("ana")
+    ids = []
+    for decision, reason in (("accept", None), ("reject", "unclear"), ("accept", None)):
+        event, repeated = desk.decision_event("ana", item, decision, reason, None)
+        assert not repeated
+        desk.record(event)
+        ids.append(event.event_id)
+        time.sleep(0.002)  # decisions a few milliseconds apart, as requests are
+    assert len(set(ids)) == 3  # back to accept is a new event: the lake keeps it, and it is the latest
+    latest = desk.decisions()
+    assert latest.loc[latest["reviewer"] == "ana", "decision"].tolist() == ["accept"]
+    again, repeated = desk.decision_event("ana", item, "accept", None, None)
+    assert repeated and again.event_id == ids[-1]
+

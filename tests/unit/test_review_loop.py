@@ -4,12 +4,14 @@ each queued item, the pairs it is least sure of routed as ``uncertain``, and the
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 
 from flywheel.settings import Settings
 from flywheel.storage import open_storage
+from pipelines.dataset import open_dataset
 from pipelines.review import read_queue
 from tests.tiny import tiny_encoder_dir, write_events_to_lake
 
@@ -74,6 +76,27 @@ def test_the_hourly_curation_scores_the_queue_and_routes_the_pairs_the_reward_mo
     settings.review.min_coverage = 0.5
     cov = coverage(settings, START, END)
     assert cov["routed"] == first["routed_by_route"]["correction"] and cov["reviewed"] == 0 and not cov["enough"]
+    # the loop's step run again (a retry, a backfill): the same uncertain items, not 20 others
+    loop.curate_interval(START, END, settings, with_review=True)
+    rerun = read_queue(storage)
+    assert set(rerun.loc[rerun["route"] == "uncertain", "item_id"]) == set(uncertain["item_id"])
+    # an hour without feedback, a reward model champion: nothing to score, no failure
+    empty = loop.curate_interval(START - timedelta(hours=10), START - timedelta(hours=9), settings, with_review=True)
+    assert empty["review"]["uncertain"] == 0 and empty["review"]["scored"] == 0
+
+    # a reviewer rejects an uncertain pair: the training window's curation (which routes nothing itself) honours it
+    item = uncertain.iloc[0]
+    review = {"type": "review", "event_id": str(uuid.uuid4()), "occurred_at": (END + timedelta(hours=1)).isoformat(),
+              "conversation_id": item["conversation_id"], "user_id": item["user_id"],
+              "model_version": item["model_version"], "reviewer": "ana", "item_id": item["item_id"],
+              "target_event_id": item["target_event_id"], "decision": "reject", "reason": "subjective"}
+    assert write_events_to_lake(settings, [review], topic="reviews") == 1
+    window = loop.curate_interval(END - timedelta(hours=settings.loop.train_window_h), END, settings)
+    ds = open_dataset(window["dataset"], settings)
+    assert ds.table("quarantine").set_index("event_id").loc[item["target_event_id"], "reason"] == \
+        "reviewer_rejected:subjective"
+    assert not any(item["target_event_id"] in ids for ids in ds.table("pairs")["event_ids"])
+
     settings.loop.min_new_pairs = 0
     increment = loop.reward_increment(END, settings)
     assert not increment["enough"] and increment["review_coverage"]["coverage"] == 0.0
