@@ -2,7 +2,10 @@
 
 Keys are ``/``-separated paths relative to the storage root. ``put_bytes`` is atomic in both
 implementations: a reader sees the whole old object or the whole new one, never a torn write. On the local
-disk that is write-to-temp + fsync + rename + fsync(dir); on S3 a single PutObject already is.
+disk that is write-to-temp + fsync + rename + fsync(dir); on S3 a single PutObject already is. ``put_many``
+writes several objects, each atomically, and returns once all are durable: on the local disk each directory
+is synced once for all the renames in it; on S3 the puts run concurrently. When it raises, any of the objects
+may or may not have been written (each whole or not at all).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class Storage(Protocol):
     uri: str
 
     def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_many(self, items: list[tuple[str, bytes]]) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[str]: ...
@@ -42,23 +46,30 @@ class LocalStorage:
         return path
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        self.put_many([(key, data)])
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        dirs: set[Path] = set()
+        for key, data in items:
+            path = self._path(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())  # the data before the rename: a crash never leaves a torn file
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            dirs.add(path.parent)
+        for directory in sorted(dirs):  # make the renames durable: once per directory
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def get_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -109,6 +120,17 @@ class S3Storage:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        if len(items) <= 1:
+            for key, data in items:
+                self.put_bytes(key, data)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(8, len(items))) as pool:  # boto3 clients are thread-safe
+            for future in [pool.submit(self.put_bytes, key, data) for key, data in items]:
+                future.result()
 
     def get_bytes(self, key: str) -> bytes:
         body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]

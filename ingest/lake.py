@@ -224,6 +224,8 @@ class LakeSink:
             for event, topic, partition, offset, held in self._pending:
                 groups[(topic, partition)].append((event, offset, held))
             seen: dict[str, str] = {}  # ids kept by this flush -> their data file key
+            files: list[tuple[str, bytes]] = []  # data files, written together (before their index entries)
+            index_files: list[tuple[str, bytes]] = []
             for (topic, partition), rows in groups.items():
                 rows.sort(key=lambda r: r[1])
                 name = file_name(topic, partition, rows[0][1], rows[-1][1])
@@ -255,7 +257,7 @@ class LakeSink:
                         continue
                     event_type = keep[0][0].type
                     table = _to_table(event_type, keep, topic, partition)
-                    self.storage.put_bytes(key, parquet_bytes(table))
+                    files.append((key, parquet_bytes(table)))
                     for eid in kept_ids:
                         existing[eid] = name
                         written[eid] = key
@@ -266,7 +268,15 @@ class LakeSink:
                     index_table = pa.Table.from_arrays(
                         [pa.array(list(written), pa.string()), pa.array(list(written.values()), pa.string())],
                         schema=ID_INDEX_SCHEMA)
-                    self.storage.put_bytes(f"{id_index_prefix(now_hour)}/{name}", parquet_bytes(index_table))
+                    index_files.append((f"{id_index_prefix(now_hour)}/{name}", parquet_bytes(index_table)))
+            try:
+                self.storage.put_many(files)  # every data file durable ...
+                self.storage.put_many(index_files)  # ... before an index entry may point at one
+            except BaseException:
+                # the flush failed: forget the ids noted as written (the buffer stays; a retry writes them again)
+                for prefix in {k.rsplit("/", 1)[0] for k, _ in files}:
+                    self._index.pop(prefix, None)
+                raise
             new_ids = [eid for eid in seen if eid not in recent]
             recent.update(seen)
             self._recent_by_hour.setdefault(now_hour, []).extend(new_ids)

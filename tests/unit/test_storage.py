@@ -185,3 +185,37 @@ def test_the_cross_hour_guarantee_holds_over_the_window_and_the_index_is_compact
     sink.add(thumbs(eid=str(first.event_id), at=T + timedelta(hours=7)), "events", 0, 11)
     assert sink.flush().written == 1
     assert storage.list("_index/event_ids/dt=2026-11-22/hour=10/") == []
+
+
+def test_a_flush_that_fails_midway_keeps_its_buffer_and_the_retry_is_exact(tmp_path):
+    """The disk fills after the first data file of a flush: the flush raises (the consumer does not commit), no
+    file is torn, and the same sink's retry writes every event once, the one already written included."""
+    storage = LocalStorage(tmp_path)
+    sink = LakeSink(storage)
+    events = [thumbs(at=T.replace(hour=h)) for h in (8, 9, 10, 11)]
+    for off, e in enumerate(events):
+        sink.add(e, "events", 0, off)
+    real = storage.put_many
+    calls = []
+
+    def full_disk(items):
+        calls.append(len(items))
+        if len(calls) == 1:
+            real(items[:1])
+            raise OSError(28, "No space left on device")
+        real(items)
+
+    storage.put_many = full_disk
+    with pytest.raises(OSError, match="No space"):
+        sink.flush()
+    assert len(sink) == 4 and not any(p.name.startswith(".tmp-") for p in tmp_path.rglob("*"))
+    stats = sink.flush()
+    assert (stats.written, stats.duplicates, stats.replayed) == (3, 0, 1)
+    assert sorted(read_events(storage, "thumbs")["event_id"]) == sorted(str(e.event_id) for e in events)
+    assert sum(len(pq.read_table(p)) for p in (tmp_path / "events").rglob("*.parquet")) == 4
+
+
+def test_put_many_writes_every_object_whole(tmp_path):
+    s = LocalStorage(tmp_path)
+    s.put_many([(f"d{i % 3}/k{i}.bin", bytes([i]) * 100) for i in range(12)])
+    assert [s.get_bytes(f"d{i % 3}/k{i}.bin") for i in range(12)] == [bytes([i]) * 100 for i in range(12)]
