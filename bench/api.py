@@ -1,4 +1,5 @@
-"""API throughput and latency: ``POST /v1/feedback`` vs a bare FastAPI handler returning 202, same run.
+"""API throughput and latency: ``POST /v1/feedback`` vs a bare FastAPI handler returning 202 and vs the obvious
+peer, same run.
 
     .venv/bin/python bench/api.py [--seconds 8] [--concurrency 32] [--rate 500]
 
@@ -6,12 +7,14 @@ Each server runs in its own process under uvicorn (one worker, as deployed per r
 
 - ours: ``flywheel serve --no-policy`` against an embedded Tansu broker: API-key check, rate limiter, body
   limit, pydantic validation, and a 202 only after the broker acknowledged the event (acks=all);
-- the baseline: a FastAPI app with one ``POST /v1/feedback`` that returns 202 without reading the body.
+- the baseline: a FastAPI app with one ``POST /v1/feedback`` that returns 202 without reading the body;
+- the peer, what a developer would write first: a FastAPI handler that validates the body with the same event
+  contract (pydantic) and awaits a kafka-python send with acks=all (no spool, no rate limiter, no auth).
 
 The load comes from another process (asyncio, raw HTTP/1.1 keep-alive connections, so the client is not
 the bottleneck): a closed loop at ``--concurrency`` for req/s, then an open loop at ``--rate`` req/s for
 p50/p99, latency measured from each request's scheduled send time (no coordinated omission).
-Targets: ratio of req/s >= 0.5; p99 < 50 ms at 500 req/s.
+Targets: req/s >= 0.5x the bare handler and >= 1.0x the peer; p99 < 50 ms at 500 req/s.
 """
 
 from __future__ import annotations
@@ -43,6 +46,33 @@ def bare_app():  # imported by uvicorn in the baseline server process
     @app.post("/v1/feedback", status_code=202)
     async def feedback() -> Response:
         return Response(b'{"event_id":"x"}', status_code=202, media_type="application/json")
+
+    return app
+
+
+def peer_app():  # imported by uvicorn in the peer's server process
+    import asyncio
+
+    from fastapi import FastAPI, Request, Response
+    from kafka import KafkaProducer
+    from pydantic import TypeAdapter, ValidationError
+
+    from flywheel.events import Feedback, encode_event
+
+    adapter = TypeAdapter(Feedback)
+    producer = KafkaProducer(bootstrap_servers=os.environ["FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS"], acks="all")
+    topic = os.environ.get("FLYWHEEL_KAFKA__TOPIC", "flywheel.events")
+    app = FastAPI()
+
+    @app.post("/v1/feedback", status_code=202)
+    async def feedback(request: Request) -> dict:
+        try:
+            event = adapter.validate_json(await request.body())
+        except ValidationError as e:
+            return Response(json.dumps({"error": str(e)}).encode(), status_code=422, media_type="application/json")
+        sent = producer.send(topic, key=event.conversation_id.encode(), value=encode_event(event))
+        await asyncio.get_running_loop().run_in_executor(None, sent.get, 10)  # the broker's ack
+        return {"event_id": str(event.event_id), "type": event.type}
 
     return app
 
@@ -177,7 +207,7 @@ def main() -> None:
                    "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
                    "FLYWHEEL_API__KEYS": json.dumps([{"name": "bench", "sha256": hash_api_key(token)}]),
                    "FLYWHEEL_API__RATE_PER_S": "1000000", "FLYWHEEL_API__RATE_BURST": "1000000"}
-            ours_port, bare_port = free_port(), free_port()
+            ours_port, bare_port, peer_port = free_port(), free_port(), free_port()
             servers.append(subprocess.Popen(
                 [sys.executable, "-m", "flywheel.app.cli", "serve", "--no-policy", "--port", str(ours_port)],
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -186,9 +216,16 @@ def main() -> None:
                  "--log-level", "warning", "--no-access-log"],
                 cwd=Path(__file__).resolve().parents[1], env=env,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            servers.append(subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--factory", "bench.api:peer_app", "--port", str(peer_port),
+                 "--log-level", "warning", "--no-access-log"],
+                cwd=Path(__file__).resolve().parents[1], env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_port(ours_port)
             wait_port(bare_port)
+            wait_port(peer_port)
             bare = measure(bare_port, token, args)
+            peer = measure(peer_port, token, args)
             ours = measure(ours_port, token, args)
             if set(ours["closed"]["status"]) | set(ours["open"]["status"]) != {202}:
                 raise SystemExit(f"our server answered something other than 202: {ours}")
@@ -204,9 +241,11 @@ def main() -> None:
                 f"p99 {r['open']['p99_ms']:.1f} ms   status {dict(Counter(r['closed']['status']) + Counter(r['open']['status']))}")
 
     print(line("bare FastAPI 202 handler", bare))
+    print(line("peer: validate + send, acks=all", peer))
     print(line("POST /v1/feedback (acks=all)", ours))
     ratio = ours["closed"]["rps"] / bare["closed"]["rps"]
     print(f"ratio ours / bare req/s        : {ratio:.2f}   (target >= 0.50)")
+    print(f"ratio ours / peer req/s        : {ours['closed']['rps'] / peer['closed']['rps']:.2f}   (target >= 1.0)")
     print(f"p99 at {args.rate:.0f} req/s            : {ours['open']['p99_ms']:.1f} ms (target < 50 ms)")
 
 

@@ -1,6 +1,7 @@
-"""Consumer throughput: ``flywheel ingest``'s loop vs a bare kafka-python consume loop, same topic, same run.
+"""Consumer throughput: ``flywheel ingest``'s loop vs a bare kafka-python consume loop and vs a quixstreams
+pipeline doing the same work, same topic, same run.
 
-    .venv/bin/python bench/ingest.py [--events 60000] [--partitions 4] [--rounds 2]
+    .venv/bin/python bench/ingest.py [--events 60000] [--partitions 4] [--rounds 2] [--no-peer]
 
 Starts an embedded Tansu broker, produces ``--events`` realistic JSON events (all six types, built from
 ShareGPT prompts) once, then, alternating, consumes the whole topic with
@@ -9,8 +10,14 @@ ShareGPT prompts) once, then, alternating, consumes the whole topic with
 - ours: ``run_ingest`` in a fresh group (decode, pydantic + pandera validation, Parquet lake writes, offset
   commits), finished when every event is durably in the lake.
 
-Both are timed from the first record polled to the last record consumed (baseline) or committed (ours),
-so the group-join delay, the same for both, is left out; it is printed separately. Target: ratio >= 0.8.
+- the peer: a quixstreams ``Application`` (confluent-kafka underneath) in a fresh group that decodes and validates
+  each record with the same event contract and writes Parquet with its ``LocalFileSink``, committing as it goes
+  (``bench/peers/quix_ingest.py``, run in its own virtual environment under ``.bench-venvs/``, created on the
+  first run: quixstreams pins pydantic and confluent-kafka versions the project does not use).
+
+All are timed from the first record polled to the last record consumed (baseline) or committed (ours, the
+peer), so the group-join delay is left out; it is printed separately. Targets: ours >= 0.5x the bare loop and
+>= 1.5x the peer; event -> lake latency at a steady 1,000 events/s: p99 <= 5 s.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -115,6 +123,98 @@ def flywheel_consume(settings: Settings, n: int, home: Path) -> tuple[float, flo
     return first - started, done - first
 
 
+ROOT = Path(__file__).resolve().parent.parent
+PEER_VENV = ROOT / ".bench-venvs" / "quixstreams"
+PEER_PACKAGES = ["quixstreams==3.28.1", "pyarrow"]
+
+
+def peer_python() -> Path:
+    """The quixstreams environment's interpreter, created (about a minute, from PyPI) when missing."""
+    python = PEER_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"creating {PEER_VENV} for the quixstreams peer ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(PEER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        *PEER_PACKAGES], check=True)
+    return python
+
+
+def peer_consume(settings: Settings, n: int, home: Path) -> tuple[float, float]:
+    """(join seconds, consume-to-committed seconds) of the quixstreams pipeline in a fresh group."""
+    out = home / f"quix-{uuid.uuid4().hex[:8]}"
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(peer_python()), str(ROOT / "bench" / "peers" / "quix_ingest.py"),
+                        settings.kafka.bootstrap_servers, settings.kafka.topic, str(n), str(out)],
+                       capture_output=True, text=True, env=env, timeout=900)
+    if r.returncode != 0:
+        raise RuntimeError(f"the quixstreams peer failed: {r.stderr[-3000:]}")
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    if result["events"] < n:
+        raise RuntimeError(f"the quixstreams peer read {result['events']} of {n} records")
+    return result["join_s"], result["seconds"]
+
+
+def freshness(settings: Settings, home: Path, rate: int = 1_000, seconds: float = 20.0) -> tuple[float, float]:
+    """(p50, p99) seconds from the send of an event to its row in the lake, at a steady ``rate`` events/s into
+    a running ``flywheel ingest`` (its default commit settings). The lake is watched every 50 ms."""
+    import io
+
+    import pyarrow.parquet as pq
+    from kafka import KafkaProducer
+
+    from flywheel.storage import LocalStorage
+
+    s = settings.model_copy(deep=True)
+    s.kafka.topic, s.kafka.group_id = f"fresh.{uuid.uuid4().hex[:6]}", f"fresh-{uuid.uuid4().hex[:6]}"
+    s.lake.uri = (home / f"lake-{s.kafka.group_id}").as_uri()
+    ensure_topics(s.kafka)
+    events = list(example_traffic(chat_samples(500), int(rate * seconds), seed=11))
+    stop = threading.Event()
+    consumer = threading.Thread(target=run_ingest, args=(s, stop), kwargs={"registry": CollectorRegistry()})
+    consumer.start()
+    producer = KafkaProducer(**s.kafka.client_config(), acks="all", linger_ms=5)
+    sent: dict[str, float] = {}
+    landed: dict[str, float] = {}
+    storage = LocalStorage(home / f"lake-{s.kafka.group_id}")
+    seen_files: set[str] = set()
+
+    def watch() -> None:
+        while not stop.is_set() or len(landed) < len(events):
+            now = time.perf_counter()
+            for key in storage.list("events/"):
+                if key.endswith(".parquet") and key not in seen_files:
+                    seen_files.add(key)
+                    for eid in pq.read_table(io.BytesIO(storage.get_bytes(key)), columns=["event_id"]).column(0).to_pylist():
+                        landed.setdefault(eid, now)
+            if time.perf_counter() - t_end > 60:
+                return
+            time.sleep(0.05)
+
+    time.sleep(5)  # the consumer joins its group before the load starts
+    t_end = time.perf_counter() + seconds + 60
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    start = time.perf_counter()
+    for i, ev in enumerate(events):
+        due = start + i / rate
+        while time.perf_counter() < due:
+            time.sleep(0.0005)
+        sent[ev["event_id"]] = time.perf_counter()
+        producer.send(s.kafka.topic, key=ev["event_id"].encode(), value=json.dumps(ev).encode())
+    producer.flush(30)
+    producer.close()
+    deadline = time.perf_counter() + 60
+    while len(landed) < len(events) and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    consumer.join(60)
+    watcher.join(70)
+    lags = sorted(landed[e] - sent[e] for e in sent if e in landed)
+    if len(lags) < len(events):
+        raise RuntimeError(f"{len(events) - len(lags)} of {len(events)} events never reached the lake")
+    return lags[len(lags) // 2], lags[int(len(lags) * 0.99)]
+
+
 def stage_costs(settings: Settings, n: int, home: Path) -> dict[str, float]:
     """Microseconds per event of each stage of our loop, on the topic's own records, without the broker."""
     from kafka import KafkaConsumer
@@ -136,8 +236,9 @@ def stage_costs(settings: Settings, n: int, home: Path) -> dict[str, float]:
     verdicts = validate_records(records, QualityRules())
     t1 = time.perf_counter()
     sink = LakeSink(LocalStorage(home / "stage-lake"))
-    for i in range(0, len(verdicts), 2_000):  # flushes of the size the consumer commits
-        for record, event in verdicts[i:i + 2_000]:
+    every = settings.ingest.commit_every
+    for i in range(0, len(verdicts), every):  # flushes of the size the consumer commits under load
+        for record, event in verdicts[i:i + every]:
             sink.add(event, record.topic, record.partition, record.offset)
         sink.flush()
     t2 = time.perf_counter()
@@ -149,6 +250,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=60_000)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-peer", action="store_true", help="skip the quixstreams peer (needs PyPI on first run)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,18 +264,29 @@ def main() -> None:
             nbytes = produce(settings, args.events)
             print(f"produced {args.events:,} events ({nbytes / args.events:.0f} B avg) "
                   f"in {time.perf_counter() - t0:.1f}s; {args.partitions} partitions")
-            bare, ours = [], []
+            bare, ours, peer = [], [], []
             for r in range(args.rounds):
                 jb, tb = bare_consume(settings, args.events)
                 jo, to = flywheel_consume(settings, args.events, home)
                 bare.append(args.events / tb)
                 ours.append(args.events / to)
-                print(f"round {r + 1}: bare {bare[-1]:>9,.0f} ev/s (join {jb:.1f}s)   "
-                      f"flywheel ingest {ours[-1]:>9,.0f} ev/s (join {jo:.1f}s)")
+                line = (f"round {r + 1}: bare {bare[-1]:>9,.0f} ev/s (join {jb:.1f}s)   "
+                        f"flywheel ingest {ours[-1]:>9,.0f} ev/s (join {jo:.1f}s)")
+                if not args.no_peer:
+                    jp, tp = peer_consume(settings, args.events, home)
+                    peer.append(args.events / tp)
+                    line += f"   quixstreams {peer[-1]:>9,.0f} ev/s (join {jp:.1f}s)"
+                print(line, flush=True)
             b, o = statistics.median(bare), statistics.median(ours)
-            print(f"\nbare kafka-python consume loop : {b:>9,.0f} events/s")
+            print(f"\nbare kafka-python consume loop   : {b:>9,.0f} events/s")
+            if peer:
+                print(f"quixstreams pipeline (the peer)  : {statistics.median(peer):>9,.0f} events/s")
             print(f"flywheel ingest (to durable lake): {o:>9,.0f} events/s")
-            print(f"ratio ours / bare              : {o / b:.2f}   (target >= 0.80)")
+            print(f"ratio ours / bare                : {o / b:.2f}   (target >= 0.5)")
+            if peer:
+                print(f"ratio ours / quixstreams         : {o / statistics.median(peer):.2f}   (target >= 1.5)")
+            p50, p99 = freshness(settings, home)
+            print(f"event -> lake at a steady 1,000 events/s: p50 {p50:.2f}s, p99 {p99:.2f}s   (target p99 <= 5 s)")
             print(f"\nper event: bare consume loop {1e6 / b:.1f} us; our stages on top of it:")
             for stage, us in stage_costs(settings, args.events, home).items():
                 print(f"  {stage:36s} {us:6.1f} us")

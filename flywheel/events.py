@@ -274,6 +274,13 @@ def validate_event(obj: object, *, feedback_only: bool = False) -> AnyEvent:
     return _event_adapter.validate_python(obj)
 
 
+def validate_feedback_json(data: bytes) -> AnyFeedback:
+    """Validate raw JSON bytes as one feedback event in a single pass (pydantic-core parses and validates
+    together, no intermediate Python objects); raises pydantic's ``ValidationError`` for anything else,
+    including a body that leaves ``event_id`` or ``occurred_at`` to the server."""
+    return _feedback_adapter.validate_json(data)
+
+
 def parse_json(data: bytes, *, max_bytes: int | None = None) -> Any:
     """Parse untrusted JSON with hard bounds; raises :class:`EventDecodeError`, never anything else.
 

@@ -160,8 +160,9 @@ class EventPublisher:
             return self._producer
 
     # -- publishing -------------------------------------------------------------------------------
-    def _encode(self, events: list[Any]) -> list[tuple[bytes, bytes]]:
-        records = [(e.conversation_id.encode(), encode_event(e)) for e in events]
+    def _encode(self, events: list[Any], encoded: list[bytes] | None = None) -> list[tuple[bytes, bytes]]:
+        values = encoded if encoded is not None else [encode_event(e) for e in events]
+        records = [(e.conversation_id.encode(), v) for e, v in zip(events, values, strict=True)]
         for (_k, v), e in zip(records, events, strict=True):
             if len(v) > self.max_record_bytes:
                 raise EventTooLarge(f"event {e.event_id} is {len(v)} bytes encoded; the limit is "
@@ -193,10 +194,11 @@ class EventPublisher:
 
             loop.call_soon_threadsafe(wake)
 
-    def publish(self, events: list[Any]) -> str:
-        """Make ``events`` durable; returns ``"broker"`` or ``"spool"``. Raises ``SpoolFull``, ``EventTooLarge``."""
+    def publish(self, events: list[Any], encoded: list[bytes] | None = None) -> str:
+        """Make ``events`` durable; returns ``"broker"`` or ``"spool"``. Raises ``SpoolFull``, ``EventTooLarge``.
+        ``encoded``: the events' wire form when the caller already has it (``encode_event`` of each)."""
         started = time.perf_counter()
-        records = self._encode(events)
+        records = self._encode(events, encoded)
         path = "spool"
         if not self._spooling:
             try:
@@ -211,7 +213,7 @@ class EventPublisher:
         self.metrics.publish_seconds.observe(time.perf_counter() - started)
         return path
 
-    async def publish_async(self, events: list[Any]) -> str:
+    async def publish_async(self, events: list[Any], encoded: list[bytes] | None = None) -> str:
         """``publish`` for the event loop. The common case (broker up, producer ready) hands the records to
         the producer from the loop and awaits the broker's acks without a thread hop; everything else
         (first connection, spooling, a failed send) goes through ``publish`` on a worker thread. A request
@@ -219,9 +221,9 @@ class EventPublisher:
         loop = asyncio.get_running_loop()
         producer = self._producer
         if producer is None or self._spooling:
-            return await loop.run_in_executor(self._executor, self.publish, events)
+            return await loop.run_in_executor(self._executor, self.publish, events, encoded)
         started = time.perf_counter()
-        records = self._encode(events)
+        records = self._encode(events, encoded)
         if self._trip is None or self._trip.done() or self._trip_loop is not loop:
             self._trip, self._trip_loop = loop.create_future(), loop
         trip = self._trip

@@ -10,14 +10,14 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from flywheel.events import Id, Message, Turn
+from flywheel.events import Id, Message, Turn, encode_event
 from serving.champion import ChampionPolicy
 from serving.deps import Caller, Policy, Publisher, State
 from serving.errors import ApiError, invalid
 from serving.generation_pool import Overloaded
 from serving.openapi import UNAVAILABLE, inline_schema, json_body
 from serving.policy import PolicyHandle
-from serving.routers.events import parse_json, publish
+from serving.routers.events import Checked, parse_json, publish
 from serving.security import retry_after_header
 
 router = APIRouter(prefix="/v1", tags=["chat"])
@@ -94,7 +94,7 @@ async def chat(request: Request, _caller: Caller, state: State, policy: Policy, 
         response=reply.text,
         parent_response_id=req.parent_response_id,
     )
-    durable = await publish(publisher, [turn])
+    durable = await publish(publisher, [Checked(turn, encode_event(turn))])
     return {
         "conversation_id": turn.conversation_id,
         "response_id": turn.response_id,

@@ -17,14 +17,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flywheel.events import MAX_TEXT_CHARS
+from flywheel.events import MAX_TEXT_CHARS, encode_event
 from flywheel.settings import ApiKey
 from ingest.validation import check_event
 from serving.deps import Caller, Publisher, State
 from serving.errors import ApiError, invalid
 from serving.openapi import UNAVAILABLE, inline_schema, json_body
 from serving.review import ReviewDesk
-from serving.routers.events import parse_json, publish
+from serving.routers.events import Checked, parse_json, publish
 
 router = APIRouter(tags=["review"])
 
@@ -121,7 +121,7 @@ async def decide(item_id: str, request: Request, reviewer: Reviewer, state: Stat
     verdict = check_event(event, state.rules, datetime.now(UTC))  # what the consumer would dead-letter
     if verdict is not None:
         raise ApiError(422, verdict[0], verdict[1], fields=[{"field": "edited_text", "message": verdict[1]}])
-    durable = await publish(publisher, [event])
+    durable = await publish(publisher, [Checked(event, encode_event(event))])
     review_desk.record(event)
     return {"event_id": str(event.event_id), "item_id": item_id, "decision": body.decision, "repeated": repeated,
             "durable": durable}
