@@ -167,7 +167,7 @@ def brigading(fb: pd.DataFrame, turns: pd.DataFrame, cfg: FilterConfig) -> pd.Da
         return _held([], "brigading")
     texts = corr["corrected_text"].tolist()
     groups = near_duplicate_groups(texts)
-    prompt_of = dict(zip(turns["response_id"], turns["prompt_key"], strict=True))
+    prompt_of = dict(zip(turns["response_id"].tolist(), turns["prompt_key"].tolist(), strict=True))
     corr = corr.assign(group=groups, prompt_key=corr["response_id"].map(prompt_of).fillna(corr["response_id"]))
     sizes = corr.groupby("group")["user_id"].transform("nunique")
     spread = corr.groupby("group")["prompt_key"].transform("nunique")

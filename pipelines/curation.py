@@ -111,7 +111,7 @@ def _mask(df: pd.DataFrame, cols: list[str], counts: dict[str, int]) -> pd.DataF
     cache: dict[str, str] = {}
     for col in cols:
         out = []
-        for text in df[col]:
+        for text in df[col].tolist():  # a list, not the Series: pandas' Arrow strings iterate slowly
             masked = cache.get(text)
             if masked is None:
                 masked, found = mask_pii(text)

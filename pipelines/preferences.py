@@ -76,7 +76,7 @@ def correction_votes(fb: pd.DataFrame, turns: pd.DataFrame) -> pd.DataFrame:
         "prompt_key": c["prompt_key_t"], "prompt": c["prompt_t"],
         "x_key": c["corrected_text"].map(stable_hash), "x": c["corrected_text"],
         "y_key": c["response_key_t"], "y": c["response_t"], "rater": c["user_id"],
-        "event_ids": [[a, b] for a, b in zip(c["event_id"], c["event_id_t"], strict=True)],
+        "event_ids": [[a, b] for a, b in zip(c["event_id"].tolist(), c["event_id_t"].tolist(), strict=True)],
     }), "correction")
 
 
@@ -97,7 +97,7 @@ def pairwise_votes(fb: pd.DataFrame, turns: pd.DataFrame) -> pd.DataFrame:
         "prompt_key": p["prompt_key_a"], "prompt": p["prompt_a"],
         "x_key": pick("response_key"), "x": pick("response"),
         "y_key": other("response_key"), "y": other("response"), "rater": p["user_id"],
-        "event_ids": [[e, a, b] for e, a, b in zip(p["event_id"], p["event_id_a"], p["event_id_b"], strict=True)],
+        "event_ids": [[e, a, b] for e, a, b in zip(p["event_id"].tolist(), p["event_id_a"].tolist(), p["event_id_b"].tolist(), strict=True)],
     }), "pairwise")
 
 
@@ -149,27 +149,28 @@ def thumbs_pairs(fb: pd.DataFrame, turns: pd.DataFrame, cfg: PairingConfig) -> p
                      ups=("up", "sum"), downs=("down", "sum"), event_ids=("event_id", list))
                 .reset_index())
     per_text = per_text[per_text.groupby(group)["response_key_t"].transform("size") > 1]
-    rows = []
-    for (prompt_key, _model), g in per_text.groupby(group, sort=True):
-        recs = g.to_dict("records")
-        cands = []
-        for x in recs:
-            for y in recs:
-                if x is y or x["ups"] == 0 or y["downs"] == 0:
-                    continue
-                if x["ups"] / (x["ups"] + x["downs"]) <= y["ups"] / (y["ups"] + y["downs"]):
-                    continue
-                support, against = x["ups"] + y["downs"], x["downs"] + y["ups"]
-                if support <= against:
-                    continue
-                cands.append((-(support - against), x["response_key_t"], y["response_key_t"], x, y, support, against))
-        cands.sort(key=lambda c: c[:3])
-        for *_, x, y, support, against in cands[: cfg.max_thumb_pairs_per_prompt]:
-            rows.append({"prompt_key": prompt_key, "prompt": x["prompt"], "chosen": x["response"],
-                         "rejected": y["response"], "source": "thumbs",
-                         "margin": vote_share(support, support + against), "n_votes": support + against,
-                         "event_ids": sorted(x["event_ids"] + y["event_ids"])})
-    return pd.DataFrame(rows, columns=cols)
+    # every ordered pair of texts of one group at once (a self-join on the group), then the rules as columns
+    x = per_text.reset_index(drop=True)
+    pairs = x.merge(x, on=group, suffixes=("_x", "_y"))
+    pairs = pairs[(pairs["response_key_t_x"] != pairs["response_key_t_y"]) & (pairs["ups_x"] > 0)
+                  & (pairs["downs_y"] > 0)]
+    share_x = pairs["ups_x"] / (pairs["ups_x"] + pairs["downs_x"])
+    share_y = pairs["ups_y"] / (pairs["ups_y"] + pairs["downs_y"])
+    support, against = pairs["ups_x"] + pairs["downs_y"], pairs["downs_x"] + pairs["ups_y"]
+    pairs = pairs.assign(support=support, against=against, strength=against - support)
+    pairs = pairs[(share_x > share_y) & (pairs["support"] > pairs["against"])]
+    # the strongest evidence first, then by text key: at most max_thumb_pairs_per_prompt pairs a group
+    pairs = pairs.sort_values([*group, "strength", "response_key_t_x", "response_key_t_y"], kind="stable")
+    pairs = pairs.groupby(group, sort=False).head(cfg.max_thumb_pairs_per_prompt)
+    if pairs.empty:
+        return pd.DataFrame(columns=cols)
+    n = (pairs["support"] + pairs["against"]).to_numpy()
+    return pd.DataFrame({
+        "prompt_key": pairs["prompt_key_t"].to_numpy(), "prompt": pairs["prompt_x"].to_numpy(),
+        "chosen": pairs["response_x"].to_numpy(), "rejected": pairs["response_y"].to_numpy(), "source": "thumbs",
+        "margin": vote_share(pairs["support"].to_numpy(), n), "n_votes": n,
+        "event_ids": [sorted(a + b) for a, b in zip(pairs["event_ids_x"].tolist(), pairs["event_ids_y"].tolist(), strict=True)],
+    }, columns=cols)
 
 
 def build_votes(fb: pd.DataFrame, turns: pd.DataFrame) -> pd.DataFrame:
@@ -222,13 +223,13 @@ def unpaired_labels(fb: pd.DataFrame, turns: pd.DataFrame) -> pd.DataFrame:
     parts = [
         pd.DataFrame({"prompt_key": th["prompt_key_t"], "prompt": th["prompt_t"], "completion": th["response_t"],
                       "label": th["value"] == "up", "source": "thumbs",
-                      "event_ids": [[a, b] for a, b in zip(th["event_id"], th["event_id_t"], strict=True)]}),
+                      "event_ids": [[a, b] for a, b in zip(th["event_id"].tolist(), th["event_id_t"].tolist(), strict=True)]}),
         pd.DataFrame({"prompt_key": co["prompt_key_t"], "prompt": co["prompt_t"], "completion": co["corrected_text"],
                       "label": True, "source": "correction",
-                      "event_ids": [[a, b] for a, b in zip(co["event_id"], co["event_id_t"], strict=True)]}),
+                      "event_ids": [[a, b] for a, b in zip(co["event_id"].tolist(), co["event_id_t"].tolist(), strict=True)]}),
         pd.DataFrame({"prompt_key": co["prompt_key_t"], "prompt": co["prompt_t"], "completion": co["response_t"],
                       "label": False, "source": "correction",
-                      "event_ids": [[a, b] for a, b in zip(co["event_id"], co["event_id_t"], strict=True)]}),
+                      "event_ids": [[a, b] for a, b in zip(co["event_id"].tolist(), co["event_id_t"].tolist(), strict=True)]}),
     ]
     out = pd.concat([p for p in parts if not p.empty], ignore_index=True) if any(not p.empty for p in parts) else \
         pd.DataFrame(columns=["prompt_key", "prompt", "completion", "label", "source", "event_ids"])
