@@ -210,3 +210,32 @@ def test_a_reviewer_rejects_with_the_keyboard_and_curation_and_kappa_follow(sett
     review = ds.manifest["review"]
     assert review["outcomes"] == {"accept": 1, "fix": 0, "reject": 1, "disputed": 1}
     assert review["kappa"] == [{"reviewers": ["ana", "ben"], "items": 3, "kappa": 0.4, "agreement": 0.6667}]
+
+
+def test_the_demos_simulated_reviewers_work_the_queue_through_the_api_and_the_report_shows_it(settings, tmp_path):
+    """What ``flywheel demo`` does each cycle (with ``--reviewers``), on a small queue: reviewers who know the
+    truth, one of them always wrong, decide every item through the HTTP endpoints; the report has the section."""
+    from flywheel.app.demo_report import _review_section
+    from flywheel.app.reviewers import SimReviewer, right_call, work_queue
+
+    secret = keys(settings)
+    settings.review.double_share = 1.0
+    with consumer_thread(settings), BackgroundServer(create_app(settings), port=free_port()) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as client:
+        items = queued(settings, client, secret["app"])
+        queue = read_queue(open_storage(settings.lake.uri, settings.lake)).set_index("item_id")
+        adversary = queue.loc[items[0], "target_event_id"]
+        truth = {"adversarial_events": {adversary: "brigade"}}
+        first = queue.loc[items[0]].to_dict() | {"item_id": items[0]}
+        assert right_call(first, truth, None) == ("reject", "manipulation")
+        assert right_call(queue.loc[items[1]].to_dict(), truth, None) == ("accept", None)
+        done = work_queue(client, [SimReviewer("ana", secret["ana"], 0.0), SimReviewer("ben", secret["ben"], 1.0)],
+                          truth, None)
+        assert done["decisions"] == {"ana": 3, "ben": 3} and done["wrong_calls"] == {"ben": 3}
+        reviews_in_lake(settings, 6)
+    ds = open_dataset(curate(settings, START, END, route_review=False).version, settings)
+    review = ds.manifest["review"]
+    assert review["outcomes"]["disputed"] == 3  # ana right, ben wrong on every item: a third reviewer is due
+    section = "\n".join(_review_section([{"number": 1, "review": review | {"simulated": done}}]))
+    assert "## Human review" in section and "ana (error rate 0%), ben (error rate 100%)" in section
+    assert "| 1 | 3 (3 / 0 / 0) | 3 | 0 |" in section
