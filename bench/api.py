@@ -36,6 +36,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from fastapi import Request  # noqa: E402  (module level: FastAPI resolves the peer handler's string annotation here)
+
 
 # ----------------------------------------------------------------------------------------------- servers
 def bare_app():  # imported by uvicorn in the baseline server process
@@ -53,7 +55,7 @@ def bare_app():  # imported by uvicorn in the baseline server process
 def peer_app():  # imported by uvicorn in the peer's server process
     import asyncio
 
-    from fastapi import FastAPI, Request, Response
+    from fastapi import FastAPI, Response
     from kafka import KafkaProducer
     from pydantic import TypeAdapter, ValidationError
 

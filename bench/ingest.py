@@ -141,7 +141,7 @@ def peer_python() -> Path:
 
 def peer_consume(settings: Settings, n: int, home: Path) -> tuple[float, float]:
     """(join seconds, consume-to-committed seconds) of the quixstreams pipeline in a fresh group."""
-    out = home / f"quix-{uuid.uuid4().hex[:8]}"
+    out = home / f"quix_{uuid.uuid4().hex[:8]}"  # its sink takes letters, digits, dots and underscores only
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([str(peer_python()), str(ROOT / "bench" / "peers" / "quix_ingest.py"),
                         settings.kafka.bootstrap_servers, settings.kafka.topic, str(n), str(out)],
@@ -181,8 +181,8 @@ def freshness(settings: Settings, home: Path, rate: int = 1_000, seconds: float 
     def watch() -> None:
         while not stop.is_set() or len(landed) < len(events):
             now = time.perf_counter()
-            for key in storage.list("events/"):
-                if key.endswith(".parquet") and key not in seen_files:
+            for key in storage.list(""):  # the event tables and the quarantine area (held events land there)
+                if key.endswith(".parquet") and not key.startswith("_index/") and key not in seen_files:
                     seen_files.add(key)
                     for eid in pq.read_table(io.BytesIO(storage.get_bytes(key)), columns=["event_id"]).column(0).to_pylist():
                         landed.setdefault(eid, now)
