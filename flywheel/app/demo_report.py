@@ -67,7 +67,7 @@ def write_report(summary: dict[str, Any], run_dir: Path) -> Path:
             f"{'v' + str(pol['version']) if pol.get('trained') else '—'} | {_ci(pol.get('hidden_preference'))} | "
             f"{_f(ch.get('win_rate'))} / {_f(ch.get('lc_win_rate'))} | {_f(ch.get('kl'), 2)} | "
             f"{_f(ch.get('length_mean'), 1)} vs {_f(cp.get('length_mean'), 1)} | **{pol.get('action', '—')}** |")
-    md += _review_section(cycles)
+    md += review_section(cycles)
     md += ["", "## Details per cycle", ""]
     for c in cycles:
         cur, rm, pol, flt = c["curation"], c["reward"], c["policy"], c["filters"]
@@ -115,7 +115,7 @@ def write_report(summary: dict[str, Any], run_dir: Path) -> Path:
     return out
 
 
-def _review_section(cycles: list[dict[str, Any]]) -> list[str]:
+def review_section(cycles: list[dict[str, Any]]) -> list[str]:
     """Human review, cycle by cycle: what curation routed, what the simulated reviewers decided (through the
     HTTP endpoints), the filters' precision as review measured it, and the reviewers' agreement."""
     rows = [c for c in cycles if c.get("review")]

@@ -215,7 +215,7 @@ def test_a_reviewer_rejects_with_the_keyboard_and_curation_and_kappa_follow(sett
 def test_the_demos_simulated_reviewers_work_the_queue_through_the_api_and_the_report_shows_it(settings, tmp_path):
     """What ``flywheel demo`` does each cycle (with ``--reviewers``), on a small queue: reviewers who know the
     truth, one of them always wrong, decide every item through the HTTP endpoints; the report has the section."""
-    from flywheel.app.demo_report import _review_section
+    from flywheel.app.demo_report import review_section
     from flywheel.app.reviewers import SimReviewer, right_call, work_queue
 
     secret = keys(settings)
@@ -236,6 +236,6 @@ def test_the_demos_simulated_reviewers_work_the_queue_through_the_api_and_the_re
     ds = open_dataset(curate(settings, START, END, route_review=False).version, settings)
     review = ds.manifest["review"]
     assert review["outcomes"]["disputed"] == 3  # ana right, ben wrong on every item: a third reviewer is due
-    section = "\n".join(_review_section([{"number": 1, "review": review | {"simulated": done}}]))
+    section = "\n".join(review_section([{"number": 1, "review": review | {"simulated": done}}]))
     assert "## Human review" in section and "ana (error rate 0%), ben (error rate 100%)" in section
     assert "| 1 | 3 (3 / 0 / 0) | 3 | 0 |" in section
