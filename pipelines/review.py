@@ -118,9 +118,13 @@ def route_items(turns: pd.DataFrame, feedback: pd.DataFrame, quarantine: pd.Data
             "filter_reasons": json.dumps(reasons or []), "model_view": "", "double": False,
             "interval_start": start, "interval_end": end})
     items = pd.DataFrame(rows, columns=ITEM_COLUMNS) if rows else empty_items()
+    return finish_items(in_route_order(items).head(cfg.max_items), cfg)
+
+
+def in_route_order(items: pd.DataFrame) -> pd.DataFrame:
+    """Corrections first, then the held-back sample, then the uncertain pairs; oldest first within a route."""
     order = items["route"].map({r: i for i, r in enumerate(ROUTES)})
-    items = items.assign(_o=order).sort_values(["_o", "occurred_at", "item_id"], kind="stable").drop(columns="_o")
-    return finish_items(items.head(cfg.max_items), cfg)
+    return items.assign(_o=order).sort_values(["_o", "occurred_at", "item_id"], kind="stable").drop(columns="_o")
 
 
 def _shown(fb: Any, turn: pd.Series | None, other: pd.Series | None) -> tuple[str, str, str]:

@@ -66,6 +66,18 @@ async def require_key(request: Request, state: State) -> ApiKey:
 Caller = Annotated[ApiKey, Depends(require_key)]
 
 
+def require_role(role: str, refusal: str) -> Any:
+    """The dependency for routes only keys with ``role`` (an ``ApiKey`` flag: ``admin``, ``reviewer``) may call;
+    any other key gets 403 with ``refusal`` (``{name}``: the key's name)."""
+
+    async def check(caller: Caller) -> ApiKey:
+        if not getattr(caller, role):
+            raise ApiError(403, "forbidden", refusal.format(name=caller.name))
+        return caller
+
+    return Annotated[ApiKey, Depends(check)]
+
+
 def is_json_media_type(content_type: str) -> bool:
     """``application/json`` or ``application/<anything>+json``, with any parameters (a charset, say)."""
     media = content_type.partition(";")[0].strip().lower()

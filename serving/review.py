@@ -30,8 +30,8 @@ from flywheel.storage import open_storage
 from ingest.lake import read_events
 from pipelines.review import (
     DECISION_COLUMNS,
-    ROUTES,
     empty_items,
+    in_route_order,
     latest_decisions,
     outcomes,
     read_queue,
@@ -72,10 +72,7 @@ class ReviewDesk:
         with self._loading:
             if not force and time.monotonic() - self._loaded_at < self.refresh_s:
                 return  # another request refreshed while this one waited
-            items = read_queue(self.storage)
-            order = items["route"].map({r: i for i, r in enumerate(ROUTES)})
-            items = items.assign(_o=order).sort_values(["_o", "occurred_at", "item_id"], kind="stable") \
-                .drop(columns="_o").reset_index(drop=True)
+            items = in_route_order(read_queue(self.storage)).reset_index(drop=True)
             lake = read_events(self.storage, "review")
             lake = lake.reindex(columns=DECISION_COLUMNS) if len(lake) else pd.DataFrame(columns=DECISION_COLUMNS)
             with self._lock:

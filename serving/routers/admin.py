@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from flywheel.settings import ApiKey
-from serving.deps import Caller, State
+from serving.deps import State, require_role
 from serving.errors import ApiError, invalid
 from serving.openapi import inline_schema, json_body
 from serving.routers.events import parse_json
@@ -26,14 +25,8 @@ from training.tracking import MODELS, POLICY_MODEL
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
-async def require_admin(caller: Caller) -> ApiKey:
-    if not caller.admin:
-        raise ApiError(403, "forbidden", f"key '{caller.name}' is not an admin key; promote, rollback and reload "
-                                         "need a key created with `flywheel keys --admin`")
-    return caller
-
-
-Admin = Annotated[ApiKey, Depends(require_admin)]
+Admin = require_role("admin", "key '{name}' is not an admin key; promote, rollback and reload need a key "
+                              "created with `flywheel keys --admin`")
 
 
 # Registry versions are 32-bit integers in MLflow's store: a longer number would fail its query, not match nothing.

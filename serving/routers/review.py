@@ -10,17 +10,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from importlib.resources import files
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flywheel.events import MAX_TEXT_CHARS, encode_event
-from flywheel.settings import ApiKey
 from ingest.validation import check_event
-from serving.deps import Caller, Publisher, State
+from serving.deps import Publisher, State, require_role
 from serving.errors import ApiError, invalid
 from serving.openapi import UNAVAILABLE, inline_schema, json_body
 from serving.review import ReviewDesk
@@ -29,14 +28,8 @@ from serving.routers.events import Checked, parse_json, publish
 router = APIRouter(tags=["review"])
 
 
-async def require_reviewer(caller: Caller) -> ApiKey:
-    if not caller.reviewer:
-        raise ApiError(403, "forbidden", f"key '{caller.name}' does not have the reviewer role; review needs a key "
-                                         "created with `flywheel keys --reviewer`")
-    return caller
-
-
-Reviewer = Annotated[ApiKey, Depends(require_reviewer)]
+Reviewer = require_role("reviewer", "key '{name}' does not have the reviewer role; review needs a key created "
+                                    "with `flywheel keys --reviewer`")
 
 
 class DecisionRequest(BaseModel):
