@@ -220,7 +220,7 @@ def stage_costs(settings: Settings, n: int, home: Path) -> dict[str, float]:
     from kafka import KafkaConsumer
 
     from flywheel.storage import LocalStorage
-    from ingest.consumer import Record, validate_records
+    from ingest.consumer import Record, handle_batch
     from ingest.lake import LakeSink
     from ingest.validation import QualityRules
 
@@ -233,13 +233,16 @@ def stage_costs(settings: Settings, n: int, home: Path) -> dict[str, float]:
             records.extend(Record(r.topic, r.partition, r.offset, r.key, r.value) for r in recs)
     consumer.close()
     t0 = time.perf_counter()
-    verdicts = validate_records(records, QualityRules())
+    polls = [handle_batch(records[i:i + 2000], QualityRules()) for i in range(0, len(records), 2000)]
     t1 = time.perf_counter()
     sink = LakeSink(LocalStorage(home / "stage-lake"))
-    every = settings.ingest.commit_every
-    for i in range(0, len(verdicts), every):  # flushes of the size the consumer commits under load
-        for record, event in verdicts[i:i + every]:
-            sink.add(event, record.topic, record.partition, record.offset)
+    every = max(1, settings.ingest.commit_every // 2000)
+    for i in range(0, len(polls), every):  # flushes of the size the consumer commits under load
+        for handled in polls[i:i + every]:
+            for event_type, table in handled.tables.items():
+                sink.add_table(event_type, table)
+            for record, event in handled.verdicts:
+                sink.add(event, record.topic, record.partition, record.offset)  # type: ignore[arg-type]
         sink.flush()
     t2 = time.perf_counter()
     return {"decode + validate": (t1 - t0) / n * 1e6, "lake sink (Parquet, dedupe, fsync)": (t2 - t1) / n * 1e6}

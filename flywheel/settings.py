@@ -136,6 +136,10 @@ class IngestSettings(BaseModel):
     commit_interval_s: float = Field(default=2.0, gt=0, description="... or after this many seconds.")
     poll_timeout_ms: int = 500
     max_poll_records: int = 2_000
+    batch_records: int = Field(default=8_000, ge=1, description="The consumer gathers up to this many records "
+                               "into one batch (validation costs less per record in larger batches; never more than commit_every) ...")
+    batch_wait_ms: int = Field(default=100, ge=0, description="... waiting at most this long after the first "
+                               "record of a batch arrived (0: one fetch per batch).")
     max_future_skew_s: float = Field(default=300.0, description="occurred_at may lead the clock by this.")
     max_age_days: float = Field(default=30.0, description="occurred_at older than this is dead-lettered.")
     max_text_chars: int = Field(default=32_000, description="Longest prompt/response/correction kept.")

@@ -1,6 +1,7 @@
 """The one consumer loop: Kafka -> validation -> event lake, at-least-once delivery, exactly-once rows.
 
-    poll -> decode (bad bytes -> DLQ with reason) -> validate (pydantic per record, pandera per batch)
+    poll -> decode + validate column-wise (``ingest.fastpath``: Arrow, no object per event); the records it is
+            not sure of -> the contract's models one by one (bad bytes -> DLQ with the reason)
          -> screen (consumer-path abuse filters: blocked accounts, harmful or empty corrections)
          -> valid records to the lake sink (held ones to its quarantine area), invalid ones to the DLQ
          -> every ``commit_every`` records or ``commit_interval_s`` seconds:
@@ -29,15 +30,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import pyarrow as pa
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from flywheel.events import AnyEvent, EventDecodeError, decode_event
 from flywheel.settings import KafkaSettings
 from ingest.deadletters import LocalDeadLetters
+from ingest.fastpath import decode_batch
+from ingest.filters import StreamScreen
 from ingest.validation import QualityRules, check_batch, check_event
 
 log = logging.getLogger(__name__)
@@ -68,7 +72,19 @@ class Held:
 
 
 Verdict = AnyEvent | Held | Rejected
-Handler = Callable[[list[Record]], list[tuple[Record, Verdict]]]
+
+
+@dataclass
+class Handled:
+    """What a handler made of one poll: per-record verdicts, and rows accepted column-wise (``tables``, one
+    per event type in the lake's schema; ``held[type][i]`` is row i's hold reason or ``None``)."""
+
+    verdicts: list[tuple[Record, Verdict]]
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    held: dict[str, list[str | None]] = field(default_factory=dict)
+
+
+Handler = Callable[[list[Record]], "Handled | list[tuple[Record, Verdict]]"]
 
 
 Offsets = dict[tuple[str, int], int]
@@ -86,6 +102,7 @@ class Source(Protocol):
 
 class Sink(Protocol):
     def add(self, event: AnyEvent, topic: str, partition: int, offset: int, held: str | None = None) -> None: ...
+    def add_table(self, event_type: str, table: pa.Table, held: list[str | None] | None = None) -> None: ...
     def flush(self) -> Any: ...
     def reset_index(self) -> None: ...
 
@@ -158,6 +175,24 @@ def validate_records(records: list[Record], rules: QualityRules, now: datetime |
     return out
 
 
+COLUMNAR_MIN_RECORDS = 1_000
+"""Below this many records a batch is decoded record by record: the column-wise path costs a few
+milliseconds per event type and batch whatever the batch's size (``bench/ingest.py`` prints both)."""
+
+
+def handle_batch(records: list[Record], rules: QualityRules, now: datetime | None = None,
+                 screen: StreamScreen | None = None, *, columnar_min: int = COLUMNAR_MIN_RECORDS) -> Handled:
+    """The consumer's handler: a poll decoded column-wise (``ingest.fastpath``); the records the fast path is
+    not sure of (bad ones, unusual forms) get :func:`validate_records` and its exact verdicts. A small batch
+    (light traffic) goes record by record."""
+    if len(records) < columnar_min:
+        return Handled(validate_records(records, rules, now, screen))
+    decoded = decode_batch([r.value for r in records], [r.topic for r in records], [r.partition for r in records],
+                           [r.offset for r in records], rules, now, screen.screen_rows if screen else None)
+    slow = validate_records([records[i] for i in decoded.slow], rules, now, screen) if decoded.slow else []
+    return Handled(slow, decoded.tables, decoded.held)
+
+
 def _check_one(event: AnyEvent, rules: QualityRules, now: datetime) -> tuple[str, str] | None:
     try:
         return check_event(event, rules, now)
@@ -221,7 +256,15 @@ def run_consumer(
         while not stop.is_set():
             records = source.poll()
             m.records_in.inc(len(records))
-            for record, verdict in handle(records):
+            handled = handle(records)
+            if isinstance(handled, list):  # a per-record handler (validate_records)
+                handled = Handled(handled)
+            for event_type, table in handled.tables.items():
+                held = handled.held.get(event_type)
+                sink.add_table(event_type, table, held)
+                for reason in filter(None, held or ()):
+                    m.held.labels(reason).inc()
+            for record, verdict in handled.verdicts:
                 if isinstance(verdict, Rejected):
                     dlq.send(record, verdict.reason, verdict.detail)
                     m.dead_lettered.labels(verdict.reason).inc()
@@ -230,6 +273,7 @@ def run_consumer(
                     m.held.labels(verdict.reason).inc()
                 else:
                     sink.add(verdict, record.topic, record.partition, record.offset)
+            for record in records:
                 pending[(record.topic, record.partition)] = record.offset + 1
             since_commit += len(records)
             if since_commit >= commit_every or time.monotonic() - last_commit >= commit_interval_s:
@@ -259,10 +303,14 @@ class KafkaSource:
     """
 
     def __init__(self, kafka: KafkaSettings, *, poll_timeout_ms: int = 500, max_poll_records: int = 2000,
-                 group_id: str | None = None, assignment: str = "group"):
+                 group_id: str | None = None, assignment: str = "group", batch_records: int = 0,
+                 batch_wait_ms: int = 0):
         from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
         self._poll_timeout_ms = poll_timeout_ms
+        # poll() gathers up to batch_records records, waiting at most batch_wait_ms after the first arrived
+        self._batch_records, self._batch_wait_s = max(batch_records, max_poll_records), batch_wait_ms / 1000
+        self._rebalanced = False
         self._revoked: Callable[[], Offsets] = dict
         self._assigned: Callable[[], None] = lambda: None
         self.revoke_commits: list[Offsets] = []  # offsets committed on revoke (for tests and logs)
@@ -288,6 +336,7 @@ class KafkaSource:
             # Runs on kafka-python's IO thread while the loop's thread waits in poll() or close(), so it may
             # touch the sink; it must not call the blocking commit() there, so it awaits commit_async().
             async def on_partitions_revoked(self, revoked: Any) -> None:
+                source._rebalanced = True
                 log.info("partitions revoked: %s", sorted(revoked))
                 offsets = source._revoked()
                 if offsets:
@@ -296,10 +345,12 @@ class KafkaSource:
                     log.info("committed %s on revoke", offsets)
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
+                source._rebalanced = True
                 log.info("partitions assigned: %s", sorted(assigned))
                 source._assigned()
 
             async def on_partitions_lost(self, lost: Any) -> None:
+                source._rebalanced = True
                 # evicted: another member may own these already, so nothing may be committed for them
                 log.warning("partitions lost (evicted from the group): %s", sorted(lost))
 
@@ -309,12 +360,25 @@ class KafkaSource:
         self._revoked, self._assigned = revoked, assigned
 
     def poll(self) -> list[Record]:
-        batches = self.consumer.poll(timeout_ms=self._poll_timeout_ms)
-        return [
-            Record(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
-            for recs in batches.values()
-            for r in recs
-        ]
+        """The next records, several fetches gathered into one batch when they come quickly (the column-wise
+        decoding costs less per record in larger batches). Records gathered before a rebalance are dropped:
+        nothing of them was processed or committed, and whoever owns their partitions now (this consumer
+        too) reads them again from the committed offsets."""
+        batch: list[Record] = []
+        timeout_ms, deadline = self._poll_timeout_ms, None
+        while True:
+            self._rebalanced = False
+            fetched = self.consumer.poll(timeout_ms=timeout_ms, max_records=self._batch_records - len(batch))
+            if self._rebalanced:
+                batch = []
+            batch += [Record(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                      for recs in fetched.values() for r in recs]
+            if not fetched or len(batch) >= self._batch_records or not self._batch_wait_s:
+                return batch
+            deadline = deadline or time.monotonic() + self._batch_wait_s
+            timeout_ms = int((deadline - time.monotonic()) * 1000)
+            if timeout_ms <= 0:
+                return batch
 
     def commit(self, offsets: Offsets) -> None:
         self.consumer.commit(_offsets_struct(offsets))

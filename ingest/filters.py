@@ -290,7 +290,17 @@ class StreamScreen:
 
     def __call__(self, event: AnyEvent) -> str | None:
         self._maybe_reload()
-        return screen_event(event.type, event.user_id, getattr(event, "corrected_text", None), self.cfg)
+        text = event.corrected_text if event.type == "correction" else None
+        return screen_event(event.type, event.user_id, text, self.cfg)
+
+    def screen_rows(self, event_type: str, user_ids: list[str], corrected_texts: list[str] | None) -> list[str | None]:
+        """:func:`screen_event` for many events of one type (the consumer's column-wise path)."""
+        self._maybe_reload()
+        cfg = self.cfg
+        if event_type in ("turn", "review") or (event_type != "correction" and not cfg.blocked_users):
+            return [None] * len(user_ids)
+        texts = corrected_texts if corrected_texts is not None else [None] * len(user_ids)
+        return [screen_event(event_type, u, t, cfg) for u, t in zip(user_ids, texts, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------------ all

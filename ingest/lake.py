@@ -56,8 +56,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, get_args, get_origin
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import AwareDatetime
 
@@ -148,6 +150,7 @@ class LakeSink:
                  clock: Any = None):
         self.storage = storage
         self._pending: list[tuple[AnyEvent, str, int, int, str | None]] = []
+        self._tables: list[tuple[str, str | None, pa.Table]] = []  # (event type, hold reason, rows)
         # lake partition prefix -> {event_id: file name}; LRU-bounded, reloaded from storage on a miss.
         self._index: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._index_partitions = index_partitions
@@ -162,8 +165,20 @@ class LakeSink:
         """Buffer one event; ``held`` (a filter's reason code) sends it to the quarantine area."""
         self._pending.append((event, topic, partition, offset, held))
 
+    def add_table(self, event_type: str, table: pa.Table, held: list[str | None] | None = None) -> None:
+        """Buffer many events of one type at once: ``table`` in the lake's schema (``SCHEMAS[event_type]``,
+        Kafka lineage included); ``held[i]``, when given, is row i's hold reason or ``None``."""
+        if held is None or not any(held):
+            self._tables.append((event_type, None, table))
+            return
+        by_reason: dict[str | None, list[int]] = defaultdict(list)
+        for i, reason in enumerate(held):
+            by_reason[reason].append(i)
+        for reason, rows in by_reason.items():
+            self._tables.append((event_type, reason, table.take(pa.array(rows, pa.int64()))))
+
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + sum(int(t.num_rows) for _, _, t in self._tables)
 
     def reset_index(self) -> None:
         """Forget cached ids (call when the consumer's partition assignment changes)."""
@@ -213,32 +228,37 @@ class LakeSink:
         """Write everything buffered; returns once every file is durable. Raises on any storage error,
         keeping the buffer, so the caller must not commit offsets."""
         stats = FlushStats()
-        if not self._pending:
+        if not self._pending and not self._tables:
             return stats
         with self._lock:
             now_hour = _hour_floor(self._clock())
             if self._recent is not None and now_hour not in self._recent_by_hour:
                 self._maintain_index(now_hour)
             recent = self._recent_ids(now_hour)
-            groups: dict[tuple[str, int], list[tuple[AnyEvent, int, str | None]]] = defaultdict(list)
-            for event, topic, partition, offset, held in self._pending:
-                groups[(topic, partition)].append((event, offset, held))
+            # (topic, partition) -> lake partition prefix -> slices of rows, and the offsets each pair covers
+            groups: dict[tuple[str, int], dict[str, list[pa.Table]]] = {}
+            bounds: dict[tuple[str, int], tuple[int, int]] = {}
+            for event_type, held, table in [*self._event_tables(), *self._tables]:
+                for (topic, partition, hour), part in _split(table):
+                    prefix = partition_prefix(event_type, hour, held)
+                    groups.setdefault((topic, partition), {}).setdefault(prefix, []).append(part)
+                    lo, hi = pc.min_max(part.column("kafka_offset")).values()
+                    first, last = bounds.get((topic, partition), (lo.as_py(), hi.as_py()))
+                    bounds[(topic, partition)] = (min(first, lo.as_py()), max(last, hi.as_py()))
             seen: dict[str, str] = {}  # ids kept by this flush -> their data file key
             files: list[tuple[str, bytes]] = []  # data files, written together (before their index entries)
             index_files: list[tuple[str, bytes]] = []
-            for (topic, partition), rows in groups.items():
-                rows.sort(key=lambda r: r[1])
-                name = file_name(topic, partition, rows[0][1], rows[-1][1])
-                by_prefix: dict[str, list[tuple[AnyEvent, int]]] = defaultdict(list)
-                for event, offset, held in rows:
-                    by_prefix[partition_prefix(event.type, event.occurred_at, held)].append((event, offset))
+            for (topic, partition), by_prefix in groups.items():
+                name = file_name(topic, partition, *bounds[(topic, partition)])
                 written: dict[str, str] = {}
-                for prefix, part_rows in sorted(by_prefix.items()):
+                for prefix, parts in sorted(by_prefix.items()):
+                    table = pa.concat_tables(parts)
+                    table = table.take(pc.sort_indices(table.column("kafka_offset")))
                     existing = self._ids_in(prefix)
                     key = f"{prefix}/{name}"
-                    keep, kept_ids, replayed = [], [], 0
-                    for event, offset in part_rows:
-                        eid = str(event.event_id)
+                    keep = np.zeros(table.num_rows, dtype=bool)
+                    kept_ids, replayed = [], 0
+                    for i, eid in enumerate(table.column("event_id").to_pylist()):
                         if eid in seen:  # twice in this flush
                             stats.duplicates += 1
                             continue
@@ -252,16 +272,14 @@ class LakeSink:
                             replayed += 1
                         seen[eid] = key
                         kept_ids.append(eid)
-                        keep.append((event, offset))
-                    if not keep:
+                        keep[i] = True
+                    if not kept_ids:
                         continue
-                    event_type = keep[0][0].type
-                    table = _to_table(event_type, keep, topic, partition)
-                    files.append((key, parquet_bytes(table)))
+                    files.append((key, parquet_bytes(table.filter(keep) if not keep.all() else table)))
                     for eid in kept_ids:
                         existing[eid] = name
                         written[eid] = key
-                    stats.written += len(keep) - replayed
+                    stats.written += len(kept_ids) - replayed
                     stats.replayed += replayed
                     stats.files.append(key)
                 if written:  # after the data files: an index entry always points at a durable file
@@ -281,7 +299,15 @@ class LakeSink:
             recent.update(seen)
             self._recent_by_hour.setdefault(now_hour, []).extend(new_ids)
             self._pending.clear()
+            self._tables.clear()
         return stats
+
+    def _event_tables(self) -> list[tuple[str, str | None, pa.Table]]:
+        """The events buffered one by one, as tables (one per event type, hold reason and Kafka partition)."""
+        grouped: dict[tuple[str, str | None, str, int], list[tuple[AnyEvent, int]]] = defaultdict(list)
+        for event, topic, partition, offset, held in self._pending:
+            grouped[(event.type, held, topic, partition)].append((event, offset))
+        return [(t, held, _to_table(t, rows, topic, partition)) for (t, held, topic, partition), rows in grouped.items()]
 
     def _maintain_index(self, now_hour: datetime) -> None:
         """Once an hour: compact the id index of past hours into one file each, delete hours outside the
@@ -326,6 +352,26 @@ def _to_table(event_type: str, rows: list[tuple[AnyEvent, int]], topic: str, par
         else:
             columns.append(pa.array([getattr(e, f.name) for e in events], f.type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _split(table: pa.Table) -> list[tuple[tuple[str, int, datetime], pa.Table]]:
+    """A table's rows by (Kafka topic, Kafka partition, hour of ``occurred_at``)."""
+    if table.num_rows == 0:
+        return []
+    hours = pc.floor_temporal(table.column("occurred_at"), unit="hour").combine_chunks().dictionary_encode()
+    topics = table.column("kafka_topic").combine_chunks().dictionary_encode()
+    partitions = table.column("kafka_partition").to_numpy()
+    keys = (topics.indices.to_numpy().astype(np.int64) * (1 << 20) + partitions.astype(np.int64)) * (1 << 20)
+    keys += hours.indices.to_numpy()
+    unique, inverse = np.unique(keys, return_inverse=True)
+    out = []
+    for code in range(len(unique)):
+        rows = np.flatnonzero(inverse == code)
+        first = int(rows[0])
+        hour = hours.dictionary[hours.indices[first].as_py()].as_py()
+        out.append(((topics.dictionary[topics.indices[first].as_py()].as_py(), int(partitions[first]), hour),
+                    table.take(pa.array(rows))))
+    return out
 
 
 def _in_range(path: str, start: datetime | None, end: datetime | None) -> bool:

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from flywheel.settings import Settings
 from flywheel.storage import open_storage
-from ingest.consumer import ConsumerMetrics, KafkaDeadLetters, KafkaSource, run_consumer, validate_records
+from ingest.consumer import ConsumerMetrics, KafkaDeadLetters, KafkaSource, handle_batch, run_consumer
 from ingest.deadletters import LocalDeadLetters
 from ingest.filters import FilterConfig, StreamScreen
 from ingest.lake import LakeSink
@@ -60,7 +60,7 @@ def run_ingest(settings: Settings, stop: threading.Event, *, metrics_port: int |
                               settings.curation.blocklist_file)
     except (OSError, ValueError) as e:
         raise ConfigurationError(f"{type(e).__name__}: {e}") from e
-    handle = partial(validate_records, rules=QualityRules.from_settings(cfg), screen=screen)
+    handle = partial(handle_batch, rules=QualityRules.from_settings(cfg), screen=screen)
     local = LocalDeadLetters(dead_letter_file(settings, "ingest"), counter=metrics.dead_letters_parked)
     backoff = cfg.restart_backoff_s
     log.info("consuming %s into %s (%s assignment)", settings.kafka.topic, settings.lake.uri, cfg.assignment)
@@ -69,7 +69,8 @@ def run_ingest(settings: Settings, stop: threading.Event, *, metrics_port: int |
         source = dlq = None
         try:
             source = KafkaSource(settings.kafka, poll_timeout_ms=cfg.poll_timeout_ms,
-                                 max_poll_records=cfg.max_poll_records, assignment=cfg.assignment)
+                                 max_poll_records=cfg.max_poll_records, assignment=cfg.assignment,
+                                 batch_records=min(cfg.batch_records, cfg.commit_every), batch_wait_ms=cfg.batch_wait_ms)
             dlq = KafkaDeadLetters(settings.kafka, local=local)
             run_consumer(source, handle, LakeSink(storage, dedupe_window_h=cfg.dedupe_window_h), dlq, commit_every=cfg.commit_every,
                          commit_interval_s=cfg.commit_interval_s, stop=stop, metrics=metrics)
