@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from flywheel import progress
 from training.generation import SAMPLING, load_causal_lm, render_prompt, sample, shortest_first
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class PolicyHandle:
             torch.manual_seed(seed)
             try:
                 for i in range(0, len(order), per_batch):
+                    progress.report("answers generated", i, len(order))
                     idx = order[i:i + per_batch]
                     ro = sample(self.model, self.tokenizer, [prompts[j] for j in idx], max_new_tokens=max_new_tokens,
                                 temperature=self.temperature, greedy=self.temperature <= 0,
@@ -163,4 +165,5 @@ class PolicyHandle:
                         replies[j] = got[k * samples:(k + 1) * samples]
             finally:
                 torch.set_rng_state(state)
+        progress.report("answers generated", len(order), len(order))
         return [replies[j] for j in range(len(prompts))]

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flywheel import progress
 from flywheel.settings import Settings
 from training.config import GateRecipe, resolve_recipe_path
 from training.gate import wilson
@@ -162,6 +163,7 @@ def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateR
         return (kl_k3(ro.logprobs, token_logprobs(logits, ro.input_ids, ro.prompt_len, temperature)) * ro.mask).sum(1)
 
     for i in range(0, len(order), batch):
+        progress.report("gate answers", i, len(order))
         ro = sample(lm, tok, [prompts[j] for j in order[i:i + batch]], max_new_tokens=recipe.max_new_tokens,
                     temperature=recipe.temperature, greedy=recipe.temperature <= 0,
                     max_prompt_tokens=recipe.max_prompt_tokens, with_logprobs=ref is not None or base is not None)
@@ -173,6 +175,7 @@ def answer(lm: Any, tok: Any, ref: Any | None, prompts: list[str], recipe: GateR
             base_kls.append(kl_to(base, ro))
     torch.set_rng_state(state)
     back = np.argsort(order)  # position in generation order of each prompt
+    progress.report("gate answers", len(order), len(order))
     return Answers([texts[k] for k in back], torch.cat(lengths).numpy()[back], torch.cat(finished).numpy()[back],
                    torch.cat(kls).numpy()[back], torch.cat(base_kls).numpy()[back] if base is not None else None)
 

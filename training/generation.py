@@ -211,7 +211,7 @@ def render_prompt(tok: Any, prompt: Prompt) -> str:
 
 
 def _cut(tok: Any, text: str, budget: int) -> str:
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]  # whole, to be cut: no length warning
     return text if len(ids) <= budget else tok.decode(ids[:max(budget, 1)])
 
 
@@ -228,11 +228,12 @@ def fit_prompts(tok: Any, prompts: list[Prompt], max_prompt_tokens: int) -> list
             out.append(_cut(tok, p, budget))
             continue
         msgs = as_messages(p)
-        while len(msgs) > 1 and len(tok(render_prompt(tok, msgs), add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
+        while len(msgs) > 1 and len(tok(render_prompt(tok, msgs), add_special_tokens=False,
+                                        verbose=False)["input_ids"]) > max_prompt_tokens:
             msgs = msgs[1:]
             while len(msgs) > 1 and msgs[0].get("role") == "assistant":  # a conversation starts with the user
                 msgs = msgs[1:]
-        if len(tok(render_prompt(tok, msgs), add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
+        if len(tok(render_prompt(tok, msgs), add_special_tokens=False, verbose=False)["input_ids"]) > max_prompt_tokens:
             msgs = [{**msgs[-1], "content": _cut(tok, msgs[-1]["content"], budget)}]
         out.append(msgs)
     return out
@@ -242,7 +243,7 @@ def shortest_first(tok: Any, prompts: list[Prompt], max_prompt_tokens: int) -> l
     """Indices of ``prompts`` from the shortest to the longest once chat-formatted and cut to
     ``max_prompt_tokens`` (stable): batches of prompts of similar length carry less left padding, which costs
     as much compute as the prompt itself."""
-    lengths = [len(tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"])
+    lengths = [len(tok(render_prompt(tok, p), add_special_tokens=False, verbose=False)["input_ids"])
                for p in fit_prompts(tok, prompts, max_prompt_tokens)]
     return sorted(range(len(prompts)), key=lengths.__getitem__)
 

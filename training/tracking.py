@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from flywheel import progress
 from flywheel.settings import Settings
 
 # the registered models (and the MLflow experiment each one's runs are logged to)
@@ -58,11 +59,28 @@ def download_model(uri: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
 
 
-def progress_bar(total: int, initial: int, desc: str, unit: str, disable: bool = False) -> Any:
-    """A tqdm bar for a training loop: shown on a terminal, silent in task logs and tests (and on ranks > 0)."""
-    import sys
+class StepProgress:
+    """A training loop's progress, reported through :mod:`flywheel.progress` (the CLI draws the bar; nothing is
+    printed here, so task logs and tests stay clean). ``disable`` silences it (ranks > 0)."""
 
-    from tqdm import tqdm
+    def __init__(self, total: int, initial: int, task: str, *, disable: bool = False):
+        self.task, self.total, self.done, self.disable = task, total, initial, disable
+        self.metrics: dict[str, float] = {}
+        self._report()
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable or not sys.stderr.isatty(), leave=False,
-                dynamic_ncols=True)
+    def update(self, n: int = 1, **metrics: float) -> None:
+        self.done += n
+        self.metrics.update(metrics)
+        self._report()
+
+    def _report(self) -> None:
+        if not self.disable:
+            progress.report(self.task, self.done, self.total, **self.metrics)
+
+    def close(self) -> None:
+        """Nothing to release (kept so that a loop reads like one over a bar)."""
+
+
+def progress_bar(total: int, initial: int, desc: str, unit: str = "step", disable: bool = False) -> StepProgress:
+    """The progress of a training loop of ``total`` steps (see :class:`StepProgress`)."""
+    return StepProgress(total, initial, desc, disable=disable)

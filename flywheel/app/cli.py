@@ -122,7 +122,8 @@ def _keys(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from flywheel.app.demo import DemoConfig, run_demo
+    from flywheel.app.demo import DemoConfig, demo_run_dir, run_demo
+    from flywheel.app.progress import Display, quiet_libraries
 
     chosen = {k: v for k, v in {"cycles": args.cycles, "honest_users": args.users, "adversary_share": args.adversaries,
                                 "scenario": args.scenario, "eval_prompts": args.eval_prompts,
@@ -130,7 +131,9 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
                                 "reviewers": args.reviewers, "reviewer_error": args.reviewer_error,
                                 "seed": args.seed}.items() if v is not None}
     cfg = DemoConfig.quick(**chosen) if args.quick else DemoConfig(**chosen)
-    summary = run_demo(settings, cfg, run_dir=Path(args.run_dir) if args.run_dir else None)
+    run_dir = (Path(args.run_dir) if args.run_dir else demo_run_dir(settings, cfg)).resolve()
+    with quiet_libraries(run_dir / "run.log", verbose=args.verbose), Display() as display:
+        summary = run_demo(settings, cfg, run_dir=run_dir, display=display)
     if cfg.scenario == "reward-hacking":
         return 0 if not summary["promotions"] else 1
     if args.quick:  # 2 PPO steps of 8 answers, 24 held-out prompts: a smoke run of the loop, too short to expect a promotion
@@ -359,6 +362,14 @@ def _history(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from flywheel.app.status import gather, render
+
+    status = gather(settings, timeout_s=args.timeout)
+    print(json.dumps(status, indent=1, default=str) if args.json else render(status))
+    return 0
+
+
 def _bootstrap(_args: argparse.Namespace, settings: Settings) -> int:
     from training.registry import bootstrap_policy
 
@@ -483,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_history)
 
+    s = sub.add_parser("status", help="one screen for an operator: services, consumer lag, the lake's last hour, "
+                                      "the last dataset, champions and challengers, the next DAG runs")
+    s.add_argument("--json", action="store_true", help="the same as JSON, for scripts")
+    s.add_argument("--timeout", type=float, default=5.0, help="seconds before a service counts as not answering")
+    s.set_defaults(func=_status)
+
     s = sub.add_parser("bootstrap", help="register the base policy as flywheel-policy v1 @champion if none exists")
     s.set_defaults(func=_bootstrap)
 
@@ -492,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the whole loop on the embedded stack: simulated users -> API -> lake -> curate "
                        "-> reward model -> PPO -> gate -> promote -> serving, several cycles, with a report")
-    s.add_argument("--quick", action="store_true", help="one short cycle, a smoke run of the loop (under 3 minutes here; exit 0 whether or not it promotes)")
+    s.add_argument("--quick", action="store_true", help="one short cycle, a smoke run of the loop (a few minutes; exit 0 whether or not it promotes)")
+    s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="the libraries' warnings and log lines on the terminal too (they always go to <run dir>/run.log)")
     s.add_argument("--scenario", choices=["default", "reward-hacking"], default=None,
                    help="reward-hacking: users click for the shortest answer; the gate must refuse what that teaches")
     s.add_argument("--cycles", type=int, default=None, help="cycles of one simulated hour each (default 2)")

@@ -29,6 +29,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from flywheel.app.progress import Display
 from flywheel.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,8 +105,21 @@ class Cycle:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+_ui: Display | None = None  # the running demo's display (set by run_demo)
+
+
 def _say(msg: str) -> None:
-    print(msg, flush=True)
+    if _ui is not None:
+        _ui.say(msg)
+    else:
+        print(msg, flush=True)
+
+
+@contextmanager
+def _step(name: str, timings: dict[str, float], key: str) -> Iterator[None]:
+    """One step of the run: shown by the display, timed into ``timings[key]``."""
+    with (_ui.step(name) if _ui is not None else nullcontext()), _Timer(timings, key):
+        yield
 
 
 class _Timer:
@@ -157,8 +173,25 @@ def win_rate(a: list[str], b: list[str], score: Any) -> dict[str, float]:
             "ties": float((sa == sb).mean())}
 
 
-def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None) -> dict[str, Any]:
-    """Run the demo; returns the summary written to ``summary.json`` (the report's numbers)."""
+def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None,
+             display: Display | None = None) -> dict[str, Any]:
+    """Run the demo; returns the summary written to ``summary.json`` (the report's numbers). ``display`` shows
+    its progress (plain lines, one a step, without one)."""
+    global _ui
+    _ui = display or Display(live=False)
+    try:
+        return _run_demo(settings, cfg, run_dir)
+    finally:
+        _ui = None
+
+
+def demo_run_dir(settings: Settings, cfg: DemoConfig) -> Path:
+    """Where a run's files go (report, summary, simulations, its log) unless the caller names a directory."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    return (settings.home / "demo" / f"{stamp}-{cfg.scenario}-seed{cfg.seed}").resolve()
+
+
+def _run_demo(settings: Settings, cfg: DemoConfig, run_dir: Path | None) -> dict[str, Any]:
 
     from flywheel.app import loop, stack
     from flywheel.app.simulate import (
@@ -177,8 +210,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
     from training.tracking import POLICY_MODEL, REWARD_MODEL
 
     t_start = time.monotonic()
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    run_dir = (run_dir or settings.home / "demo" / f"{stamp}-{cfg.scenario}-seed{cfg.seed}").resolve()
+    run_dir = (run_dir or demo_run_dir(settings, cfg)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     s = run_settings(settings, run_dir, cfg.cycles)
     _say(f"flywheel demo ({cfg.scenario}, seed {cfg.seed}, {cfg.cycles} cycle(s), {cfg.users} users a cycle of "
@@ -212,7 +244,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
     # accounts trust & safety flagged before the traffic: the consumer and curation both know them
     s.curation.blocked_users = sorted({u for sim in sims for u in sim.blocked_users})
 
-    with _Timer(timings := {}, "stack"):
+    with _step("start the stack (broker, MLflow, lake) and register the base policy", timings := {}, "stack"):
         for k_, v in stack.up(s).items():
             _say(f"  {k_:7s} {v}")
         v1 = bootstrap_policy(s)
@@ -229,14 +261,15 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
             loader.start()
             _say(f"API on {client.base_url} serving models:/{POLICY_MODEL}@{CHAMPION}; consumer writing the lake")
             for cyc, sim_cfg in zip(cycles, sim_cfgs, strict=True):
+                tag = f"cycle {cyc.number}/{cfg.cycles} ·"
                 _say(f"\n=== cycle {cyc.number}/{cfg.cycles}: traffic of [{cyc.start[11:16]}, {cyc.end[11:16]}) UTC ===")
                 # 0. the chat service answers the users' prompts with the serving champion
-                with _Timer(cyc.seconds, "chat_service"):
+                with _step(f"{tag} the chat service answers the users' prompts", cyc.seconds, "chat_service"):
                     loader.join()
                     sim, cyc.answered_by = _traffic(champion_policy, samples, sim_cfg, cfg, cyc)
                     write_truth(run_dir / "simulations" / f"truth-cycle{cyc.number}.json", sim)
                 # 1. traffic through the real API
-                with _Timer(cyc.seconds, "traffic"):
+                with _step(f"{tag} users' feedback through the API into the lake", cyc.seconds, "traffic"):
                     cyc.events_sent = send_events(client, sim.events)
                     for prompt in held_out[:cfg.chats_per_cycle]:
                         r = client.post("/v1/chat", json={"user_id": "u-demo", "max_new_tokens": 32, "seed": cfg.seed,
@@ -252,7 +285,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
                         raise TimeoutError(f"{len(missing)} events did not reach the lake")
                 _say(f"{cyc.events_sent} events accepted and in the lake; /v1/chat answered by {sorted(set(cyc.served_by))}")
                 # 2. curate the hour
-                with _Timer(cyc.seconds, "curate"):
+                with _step(f"{tag} curation", cyc.seconds, "curate"):
                     cur = loop.curate_interval(cyc.start, cyc.end, s, with_review=True)
                     from flywheel.app.simulate import filter_report
                     from pipelines.dataset import open_dataset
@@ -267,7 +300,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
                      f"{cur['pairs']} pairs")
                 # 2b. simulated reviewers work the queue through the API; their decisions travel to the lake
                 if reviewers:
-                    with _Timer(cyc.seconds, "review"):
+                    with _step(f"{tag} human review (simulated reviewers)", cyc.seconds, "review"):
                         cyc.review = _review_cycle(s, client, reviewers, sim.truth, truth, cyc, cfg.seed)
                     rv = cyc.review
                     _say(f"review: {rv['routed']} items routed {rv['routed_by_route']}; {len(reviewers)} simulated "
@@ -276,7 +309,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
                          f"{_num(rv['filter_precision']['precision'])}; kappa "
                          f"{[k['kappa'] for k in rv['kappa']]}")
                 # 3. reward model, its gate
-                with _Timer(cyc.seconds, "reward"):
+                with _step(f"{tag} reward model: train, evaluate, gate", cyc.seconds, "reward"):
                     rm = loop.train_reward_model(cyc.end, s)  # on every hour so far
                     pairs = open_dataset(rm["dataset"], s).table("pairs")
                     eval_pairs = pairs[pairs["split"] == "eval"].reset_index(drop=True)
@@ -295,11 +328,11 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
                      f"against the hidden preference {cyc.reward['hidden_preference_accuracy'] or float('nan'):.3f}; "
                      f"gate: {gate_rm['action'].upper()} ({'; '.join(gate_rm['reasons'])})")
                 # 4. policy: PPO, evaluation, gate, promotion
-                with _Timer(cyc.seconds, "policy"):
+                with _step(f"{tag} policy: PPO, evaluation, gate", cyc.seconds, "policy"):
                     cyc.policy = _policy_cycle(s, cfg, rm["dataset"], held_out, cache, answers, truth, v1)
                 if cyc.policy.get("promoted"):
                     new = cyc.policy["version"]
-                    with _Timer(cyc.seconds, "serving_swap"):
+                    with _step(f"{tag} serving picks up the new champion", cyc.seconds, "serving_swap"):
                         deadline = time.monotonic() + 120
                         while champion_policy.versions()["champion"] != f"{POLICY_MODEL}/{new}":
                             if time.monotonic() > deadline:
@@ -329,9 +362,26 @@ def run_demo(settings: Settings, cfg: DemoConfig, *, run_dir: Path | None = None
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     from flywheel.app.demo_report import write_report
 
-    md = write_report(summary, run_dir)
+    with _step("report", summary["seconds"], "report"):
+        md = write_report(summary, run_dir)
+    if _ui is not None:
+        _ui.summary("the run, cycle by cycle", _summary_rows(summary),
+                    ("cycle", "events", "pairs", "reward model (hidden pref.)", "its gate", "policy win rate",
+                     "its gate", "seconds"))
     _say(_closing(summary, md))
     return summary
+
+
+def _summary_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows = []
+    for c in summary["cycles"]:
+        rm, pol = c.get("reward") or {}, c.get("policy") or {}
+        hp = (pol.get("hidden_preference") or {}).get("win_rate")
+        rows.append((str(c["number"]), str(c["events_sent"]), str((c.get("curation") or {}).get("pairs", "")),
+                     f"v{rm.get('version', '?')} {_num(rm.get('hidden_preference_accuracy'))}", rm.get("action", ""),
+                     f"v{pol['version']} {_num(hp)}" if pol.get("trained") else "—", pol.get("action", ""),
+                     f"{sum(c['seconds'].values()):.0f}"))
+    return rows
 
 
 def _traffic(champion: Any, samples: list[Any], sim_cfg: Any, cfg: DemoConfig, cyc: Cycle) -> tuple[Any, str]:
@@ -439,7 +489,7 @@ def _policy_cycle(s: Settings, cfg: DemoConfig, dataset: str, held_out: list[str
 
 def _closing(summary: dict[str, Any], md: Path) -> str:
     fv = summary.get("final_vs_v1")
-    lines = [f"\nreport: {md}\n        {md.with_suffix('.png')}"]
+    lines = [f"\nreport: {md}\n        {md.with_suffix('.png')}\nlog:    {md.parent / 'run.log'}"]
     if summary["promotions"]:
         lines.append(f"promoted: {', '.join('v' + v for v in summary['promotions'])}; final champion "
                      f"v{summary['final_champion']}")

@@ -129,6 +129,8 @@ def test_cross_field_rules():
         (b"{not json", "invalid_json"),
         (b"[1, 2]", "not_an_object"),
         (b'{"type": "emoji_reaction"}', "unknown_type"),
+        (b'{"type": ["thumbs"]}', "unknown_type"),  # not hashable: must not crash the consumer
+        (b'{"type": {"a": 1}}', "unknown_type"),
         (json.dumps({**EXAMPLES[2], "value": 1}).encode(), "schema_violation"),
     ],
 )

@@ -401,16 +401,14 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
             mlflow.log_metrics(before, step=0)
         history: list[dict[str, float]] = []
         rng = random.Random(recipe.seed)
-        bar = progress_bar(recipe.steps, trainer.step, f"PPO {recipe.name}", "step", disable=not dist.main)
+        bar = progress_bar(recipe.steps, trainer.step, f"policy steps (PPO, {recipe.name})", "step", disable=not dist.main)
         while trainer.step < recipe.steps:
             rng.seed(recipe.seed * 100_003 + trainer.step)  # the batch of a step is a function of the step
             per_step = recipe.rollout_batch // recipe.samples_per_prompt  # prompts a step
             batch = rng.sample(train_prompts, min(per_step, len(train_prompts)))
             metrics = trainer.train_step(dist.shard(batch))
             history.append(metrics)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['ppo/reward']:.2f}", kl=f"{metrics['ppo/kl']:.2f}",
-                            length=f"{metrics['ppo/response_length']:.0f}")
+            bar.update(1, reward=metrics["ppo/reward"], kl=metrics["ppo/kl"], length=metrics["ppo/response_length"])
             if dist.main:
                 mlflow.log_metrics(metrics, step=trainer.step)
                 log.info("PPO step %d: reward %.3f kl %.3f beta %.4f", trainer.step, metrics["ppo/reward"],

@@ -161,8 +161,10 @@ class RewardModel(nn.Module):
         three quarters of the budget, the prompt keeps its **end** (the last turn of a conversation is the one the
         response answers; cutting a pair "longest first" would drop exactly that turn of a long conversation)."""
         tok = self.tokenizer
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        r_ids = tok(response, add_special_tokens=False)["input_ids"]
+        # tokenised whole on purpose, to be cut below: verbose=False silences the tokenizer's warning that a
+        # text is longer than the model's maximum (nothing this long ever reaches the model)
+        p_ids = tok(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+        r_ids = tok(response, add_special_tokens=False, verbose=False)["input_ids"]
         budget = self.max_length - self._overhead
         if len(p_ids) + len(r_ids) <= budget:
             return prompt, response

@@ -237,7 +237,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
             mlflow.log_metric("time/trunk_states_s", trunk_s)
         model.train()
         started, seen, window, epoch_batches = time.perf_counter(), 0, [], None
-        bar = progress_bar(total, step, f"reward model {recipe.name}", "step", disable=not dist.main)
+        bar = progress_bar(total, step, f"reward model steps ({recipe.name})", "step", disable=not dist.main)
         while step < total:
             epoch, i = divmod(step, per_epoch)
             if i == 0 or epoch_batches is None:
@@ -264,6 +264,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
             window.append((loss.detach(), (rc > rr).float().mean().detach()))
             if step % recipe.log_every == 0 or step == total:
                 means = dist.mean(torch.stack([torch.stack(w) for w in window]).float().mean(0))
+                bar.update(0, loss=float(means[0]), accuracy=float(means[1]))
                 if dist.main:
                     mlflow.log_metrics({"train/loss": float(means[0]), "train/accuracy": float(means[1]),
                                         "train/lr": sched.get_last_lr()[0]}, step=step)
