@@ -307,7 +307,7 @@ class LakeSink:
         grouped: dict[tuple[str, str | None, str, int], list[tuple[AnyEvent, int]]] = defaultdict(list)
         for event, topic, partition, offset, held in self._pending:
             grouped[(event.type, held, topic, partition)].append((event, offset))
-        return [(t, held, _to_table(t, rows, topic, partition)) for (t, held, topic, partition), rows in grouped.items()]
+        return [(t, held, events_table(t, rows, topic, partition)) for (t, held, topic, partition), rows in grouped.items()]
 
     def _maintain_index(self, now_hour: datetime) -> None:
         """Once an hour: compact the id index of past hours into one file each, delete hours outside the
@@ -330,7 +330,7 @@ class LakeSink:
             log.warning("id index maintenance failed (%s: %s); will retry next hour", type(e).__name__, e)
 
 
-def _to_table(event_type: str, rows: list[tuple[AnyEvent, int]], topic: str, partition: int) -> pa.Table:
+def events_table(event_type: str, rows: list[tuple[AnyEvent, int]], topic: str, partition: int) -> pa.Table:
     """Column by column from the models' attributes: about 3x faster than ``model_dump`` + ``from_pylist``."""
     schema = SCHEMAS[event_type]
     events = [event for event, _ in rows]

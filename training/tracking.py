@@ -79,8 +79,3 @@ class StepProgress:
 
     def close(self) -> None:
         """Nothing to release (kept so that a loop reads like one over a bar)."""
-
-
-def progress_bar(total: int, initial: int, desc: str, unit: str = "step", disable: bool = False) -> StepProgress:
-    """The progress of a training loop of ``total`` steps (see :class:`StepProgress`)."""
-    return StepProgress(total, initial, desc, disable=disable)

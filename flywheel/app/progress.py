@@ -49,7 +49,6 @@ class Display:
         self._lock = threading.Lock()
         self._bars: dict[str, TaskID] = {}
         self._step: TaskID | None = None
-        self._step_name = ""
         self._progress = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(),
             TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
@@ -82,7 +81,6 @@ class Display:
             yield
             return
         with self._lock:
-            self._step_name = name
             self._step = self._progress.add_task(f"[bold]{name}[/]", total=None, metrics="")
         try:
             yield

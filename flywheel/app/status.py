@@ -113,8 +113,8 @@ def _consumer_metrics(settings: Settings, timeout_s: float) -> dict[str, Any]:
     for line in text.splitlines():
         if line.startswith("flywheel_ingest_") and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
-            base = name.split("{")[0].removesuffix("_total")
-            totals[base.removeprefix("flywheel_ingest_")] = totals.get(base, 0.0) + float(value)
+            key = name.split("{")[0].removesuffix("_total").removeprefix("flywheel_ingest_")
+            totals[key] = totals.get(key, 0.0) + float(value)  # labelled counters: the sum of their series
     return {"state": "up", "where": url, "totals": {k: v for k, v in totals.items()
                                                      if k in ("records_in", "records_written", "dead_lettered",
                                                               "held", "restarts", "commits")}}

@@ -189,7 +189,7 @@ def test_the_demo_commands_exit_status_says_whether_its_claim_held(monkeypatch, 
 
     seen = {}
 
-    def fake_run_demo(settings, cfg, run_dir=None):
+    def fake_run_demo(settings, cfg, run_dir=None, display=None):
         seen["cfg"] = cfg
         return {"promotions": promotions}
 

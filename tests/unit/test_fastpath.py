@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from ingest.consumer import Held, Record, Rejected, handle_batch, validate_records
 from ingest.fastpath import COLUMNS, decode_batch
 from ingest.filters import FilterConfig, StreamScreen
-from ingest.lake import _to_table
+from ingest.lake import events_table
 from ingest.validation import QualityRules
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -102,7 +102,7 @@ def assert_fast_rows_match_the_models(values: list[bytes]) -> int:
             model = verdict.event if isinstance(verdict, Held) else verdict
             assert model.type == event_type
             assert hold == (verdict.reason if isinstance(verdict, Held) else None), record.value
-            expected = _to_table(event_type, [(model, record.offset)], record.topic, record.partition).to_pylist()[0]
+            expected = events_table(event_type, [(model, record.offset)], record.topic, record.partition).to_pylist()[0]
             assert row == expected, record.value
             accepted += 1
     positions = {i for i in decoded.slow}

@@ -97,7 +97,7 @@ from training.reward.train import load_registered_reward
 from training.runs import PolicyResult, load_checkpoint, register_challenger, save_checkpoint, tracked_run
 from training.tracking import (
     POLICY_MODEL,
-    progress_bar,
+    StepProgress,
     use_tracking,
 )
 
@@ -401,7 +401,7 @@ def train_ppo(settings: Settings, recipe: PPORecipe, dataset_ref: str, *, checkp
             mlflow.log_metrics(before, step=0)
         history: list[dict[str, float]] = []
         rng = random.Random(recipe.seed)
-        bar = progress_bar(recipe.steps, trainer.step, f"policy steps (PPO, {recipe.name})", "step", disable=not dist.main)
+        bar = StepProgress(recipe.steps, trainer.step, f"policy steps (PPO, {recipe.name})", disable=not dist.main)
         while trainer.step < recipe.steps:
             rng.seed(recipe.seed * 100_003 + trainer.step)  # the batch of a step is a function of the step
             per_step = recipe.rollout_batch // recipe.samples_per_prompt  # prompts a step

@@ -40,8 +40,8 @@ from training.reward.model import RewardModel
 from training.runs import load_checkpoint, register_challenger, save_checkpoint, tracked_run
 from training.tracking import (
     REWARD_MODEL,
+    StepProgress,
     download_model,
-    progress_bar,
     use_tracking,
 )
 
@@ -237,7 +237,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
             mlflow.log_metric("time/trunk_states_s", trunk_s)
         model.train()
         started, seen, window, epoch_batches = time.perf_counter(), 0, [], None
-        bar = progress_bar(total, step, f"reward model steps ({recipe.name})", "step", disable=not dist.main)
+        bar = StepProgress(total, step, f"reward model steps ({recipe.name})", disable=not dist.main)
         while step < total:
             epoch, i = divmod(step, per_epoch)
             if i == 0 or epoch_batches is None:
