@@ -6,9 +6,11 @@ pipeline doing the same work, same topic, same run.
 Starts an embedded Tansu broker, produces ``--events`` realistic JSON events (all six types, built from
 ShareGPT prompts) once, then, alternating, consumes the whole topic with
 
-- the baseline: a bare ``KafkaConsumer`` in a fresh group that only touches each record's value;
-- ours: ``run_ingest`` in a fresh group (decode, pydantic + pandera validation, Parquet lake writes, offset
-  commits), finished when every event is durably in the lake.
+- the baseline: a bare kafka-python ``KafkaConsumer`` in a fresh group that only touches each record's value
+  (also printed, not a target: the same bare loop with confluent-kafka, the client ``flywheel ingest`` uses
+  by default);
+- ours: ``run_ingest`` in a fresh group (decode and validate column-wise, the models for what the fast path
+  is unsure of, Parquet lake writes, offset commits), finished when every event is durably in the lake.
 
 - the peer: a quixstreams ``Application`` (confluent-kafka underneath) in a fresh group that decodes and validates
   each record with the same event contract and writes Parquet with its ``LocalFileSink``, committing as it goes
@@ -81,6 +83,33 @@ def bare_consume(settings: Settings, n: int) -> tuple[float, float]:
             for r in recs:
                 total_bytes += len(r.value)
             seen += len(recs)
+    done = time.perf_counter()
+    consumer.close()
+    assert first is not None and total_bytes > 0
+    return first - started, done - first
+
+
+def bare_confluent_consume(settings: Settings, n: int) -> tuple[float, float]:
+    """(join seconds, consume seconds) of a bare confluent-kafka consumer group reading ``n`` records: the
+    limit of the client our loop uses by default (``ingest.client``)."""
+    from confluent_kafka import Consumer
+
+    k = settings.kafka
+    consumer = Consumer({"bootstrap.servers": k.bootstrap_servers, "group.id": f"bare-ck-{uuid.uuid4().hex[:8]}",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                         "session.timeout.ms": k.session_timeout_ms, "heartbeat.interval.ms": k.heartbeat_interval_ms})
+    consumer.subscribe([k.topic])
+    started = time.perf_counter()
+    first = None
+    seen = total_bytes = 0
+    while seen < n:
+        messages = consumer.consume(settings.ingest.max_poll_records, settings.ingest.poll_timeout_ms / 1000)
+        if messages and first is None:
+            first = time.perf_counter()
+        for m in messages:
+            if m.error() is None:
+                total_bytes += len(m.value() or b"")
+                seen += 1
     done = time.perf_counter()
     consumer.close()
     assert first is not None and total_bytes > 0
@@ -267,14 +296,16 @@ def main() -> None:
             nbytes = produce(settings, args.events)
             print(f"produced {args.events:,} events ({nbytes / args.events:.0f} B avg) "
                   f"in {time.perf_counter() - t0:.1f}s; {args.partitions} partitions")
-            bare, ours, peer = [], [], []
+            bare, bare_ck, ours, peer = [], [], [], []
             for r in range(args.rounds):
                 jb, tb = bare_consume(settings, args.events)
+                _, tc = bare_confluent_consume(settings, args.events)
                 jo, to = flywheel_consume(settings, args.events, home)
                 bare.append(args.events / tb)
+                bare_ck.append(args.events / tc)
                 ours.append(args.events / to)
-                line = (f"round {r + 1}: bare {bare[-1]:>9,.0f} ev/s (join {jb:.1f}s)   "
-                        f"flywheel ingest {ours[-1]:>9,.0f} ev/s (join {jo:.1f}s)")
+                line = (f"round {r + 1}: bare {bare[-1]:>9,.0f} ev/s (join {jb:.1f}s)   bare confluent "
+                        f"{bare_ck[-1]:>9,.0f} ev/s   flywheel ingest {ours[-1]:>9,.0f} ev/s (join {jo:.1f}s)")
                 if not args.no_peer:
                     jp, tp = peer_consume(settings, args.events, home)
                     peer.append(args.events / tp)
@@ -282,6 +313,8 @@ def main() -> None:
                 print(line, flush=True)
             b, o = statistics.median(bare), statistics.median(ours)
             print(f"\nbare kafka-python consume loop   : {b:>9,.0f} events/s")
+            print(f"bare confluent-kafka consume loop: {statistics.median(bare_ck):>9,.0f} events/s   "
+                  f"(our client's own limit)")
             if peer:
                 print(f"quixstreams pipeline (the peer)  : {statistics.median(peer):>9,.0f} events/s")
             print(f"flywheel ingest (to durable lake): {o:>9,.0f} events/s")

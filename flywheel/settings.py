@@ -41,6 +41,27 @@ class KafkaSettings(BaseModel):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
 
+    def librdkafka_config(self, logger: object = None) -> dict[str, object]:
+        """The same connection settings in librdkafka's names (confluent-kafka clients); ``logger``: a
+        ``logging.Logger`` that librdkafka's own lines go to instead of stderr."""
+        cfg: dict[str, object] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol.lower(),
+            "socket.timeout.ms": self.request_timeout_ms,
+        }
+        if logger is not None:
+            cfg["logger"] = logger
+        if self.sasl_mechanism:
+            cfg["sasl.mechanism"] = self.sasl_mechanism
+            cfg["sasl.username"] = self.sasl_username
+            cfg["sasl.password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        for ours, theirs in (("ssl_cafile", "ssl.ca.location"), ("ssl_certfile", "ssl.certificate.location"),
+                             ("ssl_keyfile", "ssl.key.location")):
+            if getattr(self, ours):
+                cfg[theirs] = getattr(self, ours)
+        return cfg
+
     def client_config(self) -> dict[str, object]:
         """Connection settings shared by every kafka-python client (producer, consumer, admin)."""
         cfg: dict[str, object] = {
@@ -144,6 +165,9 @@ class IngestSettings(BaseModel):
     max_age_days: float = Field(default=30.0, description="occurred_at older than this is dead-lettered.")
     max_text_chars: int = Field(default=32_000, description="Longest prompt/response/correction kept.")
     metrics_port: int = 9464
+    client: Literal["confluent", "kafka-python"] = Field(
+        default="confluent", description="The consumer's Kafka client: 'confluent' (librdkafka: fetches and decodes "
+        "record batches in C threads) or 'kafka-python' (pure Python).")
     assignment: Literal["group", "manual"] = Field(
         default="group", description="'group': join the consumer group (partitions shared by every member, moved "
         "on rebalances). 'manual': this one consumer takes every partition and commits without joining: for a "

@@ -18,9 +18,8 @@ headers carry the reason and the source topic/partition/offset. A dead letter th
 bounded number of times and then parked in the local dead-letter file (``ingest.deadletters``): a record can
 never stop its partition.
 
-On a rebalance the partitions being revoked are handed over cleanly: the listener (kafka-python's async
-variant: it runs on the client's IO thread, where a blocking call is not allowed) flushes the sink and the
-DLQ and awaits the offset commit before the group moves on.
+On a rebalance the partitions being revoked are handed over cleanly: the source's revoke callback flushes the
+sink and the DLQ and commits before the group moves on (the sources: ``ingest.sources``).
 """
 
 from __future__ import annotations
@@ -211,8 +210,14 @@ def run_consumer(
     stop: threading.Event,
     metrics: ConsumerMetrics | None = None,
     on_commit: Callable[[dict[tuple[str, int], int]], None] | None = None,
+    flush_when_idle: bool = True,
 ) -> None:
-    """Run until ``stop`` is set; then flush and commit what was processed."""
+    """Run until ``stop`` is set; then flush and commit what was processed.
+
+    The sink is flushed and the offsets committed after ``commit_every`` records, after ``commit_interval_s``,
+    and (``flush_when_idle``) as soon as a poll comes back empty: the consumer has caught up with the topic,
+    so nothing is gained by holding what it has (measured: the last records of a burst otherwise waited up
+    to ``commit_interval_s`` to land)."""
     m = metrics or ConsumerMetrics()
     pending: Offsets = {}
     since_commit = 0
@@ -276,7 +281,8 @@ def run_consumer(
             for record in records:
                 pending[(record.topic, record.partition)] = record.offset + 1
             since_commit += len(records)
-            if since_commit >= commit_every or time.monotonic() - last_commit >= commit_interval_s:
+            if since_commit >= commit_every or time.monotonic() - last_commit >= commit_interval_s \
+                    or (flush_when_idle and not records):
                 checkpoint()
         checkpoint()
     except BaseException:
@@ -284,107 +290,6 @@ def run_consumer(
         # triggers: the records since the last commit are replayed by whoever owns the partitions next.
         source.on_rebalance(revoked=dict, assigned=lambda: None)
         raise
-
-
-def _offsets_struct(offsets: Offsets) -> dict[Any, Any]:
-    from kafka import TopicPartition
-    from kafka.structs import OffsetAndMetadata
-
-    return {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
-
-
-class KafkaSource:
-    """A kafka-python consumer with manual commits, starting from the earliest offset.
-
-    ``assignment="group"`` (the default) joins the consumer group: partitions are shared between the group's
-    members and move on a rebalance. ``"manual"`` assigns every partition of the topic to this one consumer
-    and commits under the group id without joining (no rebalances, no group coordination to get stuck):
-    for a deployment that runs exactly one consumer. Two manual consumers would both read everything.
-    """
-
-    def __init__(self, kafka: KafkaSettings, *, poll_timeout_ms: int = 500, max_poll_records: int = 2000,
-                 group_id: str | None = None, assignment: str = "group", batch_records: int = 0,
-                 batch_wait_ms: int = 0):
-        from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
-
-        self._poll_timeout_ms = poll_timeout_ms
-        # poll() gathers up to batch_records records, waiting at most batch_wait_ms after the first arrived
-        self._batch_records, self._batch_wait_s = max(batch_records, max_poll_records), batch_wait_ms / 1000
-        self._rebalanced = False
-        self._revoked: Callable[[], Offsets] = dict
-        self._assigned: Callable[[], None] = lambda: None
-        self.revoke_commits: list[Offsets] = []  # offsets committed on revoke (for tests and logs)
-        self.consumer = KafkaConsumer(
-            **kafka.client_config(),
-            group_id=group_id or kafka.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=kafka.session_timeout_ms,
-            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
-            max_poll_interval_ms=kafka.max_poll_interval_ms,
-            max_poll_records=max_poll_records,
-        )
-        if assignment == "manual":
-            partitions = self.consumer.partitions_for_topic(kafka.topic)
-            if not partitions:
-                raise RuntimeError(f"topic {kafka.topic!r} has no partitions (yet)")
-            self.consumer.assign([TopicPartition(kafka.topic, p) for p in sorted(partitions)])
-            return
-        source, consumer = self, self.consumer
-
-        class _Listener(AsyncConsumerRebalanceListener):  # type: ignore[misc]  # kafka-python has no types
-            # Runs on kafka-python's IO thread while the loop's thread waits in poll() or close(), so it may
-            # touch the sink; it must not call the blocking commit() there, so it awaits commit_async().
-            async def on_partitions_revoked(self, revoked: Any) -> None:
-                source._rebalanced = True
-                log.info("partitions revoked: %s", sorted(revoked))
-                offsets = source._revoked()
-                if offsets:
-                    await consumer.commit_async(_offsets_struct(offsets))
-                    source.revoke_commits.append(offsets)
-                    log.info("committed %s on revoke", offsets)
-
-            async def on_partitions_assigned(self, assigned: Any) -> None:
-                source._rebalanced = True
-                log.info("partitions assigned: %s", sorted(assigned))
-                source._assigned()
-
-            async def on_partitions_lost(self, lost: Any) -> None:
-                source._rebalanced = True
-                # evicted: another member may own these already, so nothing may be committed for them
-                log.warning("partitions lost (evicted from the group): %s", sorted(lost))
-
-        self.consumer.subscribe([kafka.topic], listener=_Listener())
-
-    def on_rebalance(self, revoked: Callable[[], Offsets], assigned: Callable[[], None]) -> None:
-        self._revoked, self._assigned = revoked, assigned
-
-    def poll(self) -> list[Record]:
-        """The next records, several fetches gathered into one batch when they come quickly (the column-wise
-        decoding costs less per record in larger batches). Records gathered before a rebalance are dropped:
-        nothing of them was processed or committed, and whoever owns their partitions now (this consumer
-        too) reads them again from the committed offsets."""
-        batch: list[Record] = []
-        timeout_ms, deadline = self._poll_timeout_ms, None
-        while True:
-            self._rebalanced = False
-            fetched = self.consumer.poll(timeout_ms=timeout_ms, max_records=self._batch_records - len(batch))
-            if self._rebalanced:
-                batch = []
-            batch += [Record(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
-                      for recs in fetched.values() for r in recs]
-            if not fetched or len(batch) >= self._batch_records or not self._batch_wait_s:
-                return batch
-            deadline = deadline or time.monotonic() + self._batch_wait_s
-            timeout_ms = int((deadline - time.monotonic()) * 1000)
-            if timeout_ms <= 0:
-                return batch
-
-    def commit(self, offsets: Offsets) -> None:
-        self.consumer.commit(_offsets_struct(offsets))
-
-    def close(self, timeout_ms: int | None = None) -> None:
-        self.consumer.close(autocommit=False, timeout_ms=timeout_ms)
 
 
 class KafkaDeadLetters:

@@ -4,7 +4,7 @@ Two writers park records here instead of stopping the records behind them:
 
 - the consumer, when the dead-letter *topic* refused a record after a bounded number of retries
   (``ingest.jsonl``);
-- the API's spool drainer, when the broker refused a spooled event for good, e.g. ``MessageSizeTooLargeError``
+- the API's spool drainer, when the broker refused a spooled event for good, e.g. ``MSG_SIZE_TOO_LARGE``
   (``spool.jsonl``).
 
 One JSON object a line: ``parked_at``, ``reason``, ``detail``, ``source`` (topic/partition/offset or spool

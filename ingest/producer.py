@@ -13,12 +13,17 @@
 3. a drainer thread probes the broker (a Kafka ApiVersions round trip, with back-off), replays sealed spool
    segments in order when it answers, deletes each segment after all of its records are acknowledged, and
    closes the breaker once the spool is empty;
-4. a spooled record the broker refuses for good (``MessageSizeTooLargeError`` and other non-retriable errors)
+4. a spooled record the broker refuses for good (``MSG_SIZE_TOO_LARGE`` and other refusals of the record itself)
    is parked in the local dead-letter file with its reason (``flywheel_dead_letters_parked_total``), so it
    never blocks the records behind it; retriable failures are retried with back-off, logged once per outage;
 5. only when the spool is full does ``publish`` raise :class:`~ingest.spool.SpoolFull` (the API's 503); an
    event over :data:`~flywheel.events.MAX_RECORD_BYTES` raises :class:`EventTooLarge` (the API's 413) and is
    never spooled.
+
+The client is confluent-kafka (librdkafka): batching and the broker's protocol run in its C threads, outside the
+GIL, so a loaded API's event loop is not starved by its own producer, nor the acks by the event loop (with the
+pure-Python client, acks that arrived in bursts behind busy request handlers looked like a stalled broker at
+32 concurrent requests and opened the breaker under load; measured on the API bench).
 
 A send that timed out may still be delivered later by the Kafka client, and the drainer sends it again:
 the topic is at-least-once by design, and the lake keeps one row per ``event_id``.
@@ -36,6 +41,7 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -104,9 +110,12 @@ class EventPublisher:
         self.metrics = PublisherMetrics(registry or CollectorRegistry())
         self.local = LocalDeadLetters(dead_letters or spool.dir.parent / "spool-dead-letters.jsonl",
                                       counter=self.metrics.parked)
-        self._trip: asyncio.Future[None] | None = None  # resolved when the breaker opens; waiters spool
-        self._trip_loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: set[asyncio.Future[None]] = set()  # requests awaiting acks: the breaker releases them
         self._last_ack = 0.0  # perf_counter of the last broker ack seen by publish_async
+        # a new producer's first acks wait for its producer id and its connection to the partitions' leader (measured
+        # on loopback: 0.2-0.5 s after it was made): until one came back, a request may wait this long
+        self._warming = True
+        self.first_ack_grace_s = max(publish_timeout_s, 2.0)
         self._producer: Any = None
         self._producer_lock = threading.Lock()
         self._spooling = not spool.is_empty()  # a previous process left events behind
@@ -114,8 +123,8 @@ class EventPublisher:
         self._state_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        # Set while a connected producer exists. Only the drainer thread creates one (kafka-python's constructor
-        # blocks for 30 s against a broker that is down), so a request never waits on a connection attempt.
+        # Set while a producer exists. Only the drainer thread creates one, after the broker answered a probe, so
+        # a request never waits on a connection attempt.
         self._producer_ready = threading.Event()
         self._drain_interval_s = drain_interval_s
         self._drainer = threading.Thread(target=self._drain_loop, name="spool-drainer", daemon=True)
@@ -153,9 +162,8 @@ class EventPublisher:
     def _get_producer(self) -> Any:
         with self._producer_lock:
             if self._producer is None:
-                from kafka import KafkaProducer
-
-                self._producer = KafkaProducer(**producer_config(self.kafka, self.timeout_s))
+                self._producer = ConfluentProducer(self.kafka, self.timeout_s, self.max_record_bytes)
+                self._warming = True
                 self._producer_ready.set()
             return self._producer
 
@@ -177,22 +185,16 @@ class EventPublisher:
         self.metrics.breaker_open.set(1)
         if not was:
             log.warning("broker did not acknowledge in time (%s); spooling until it answers again", reason)
-            # Drop the producer: what it still holds is in the spool now, and kafka-python's sender thread,
-            # left with unacknowledged batches against a frozen broker, spins on reconnects and expiring batches
-            # holding the GIL (measured: 6 s of CPU in 8 s; the API stalled for 9-15 s from the request
-            # timeout on). The drainer makes a fresh producer when the broker answers again.
+            # Drop the producer: what it still holds is in the spool now (its queue is purged, so nothing it held
+            # reaches the topic behind the spool's back later). The drainer makes a fresh producer when the broker
+            # answers again.
             with self._producer_lock:
                 stale, self._producer = self._producer, None
                 self._producer_ready.clear()
-            if stale is not None:  # off the caller's thread: this may be the API's event loop
-                threading.Thread(target=abandon_producer, args=(stale,), name="abandon-producer", daemon=True).start()
-        trip, loop = self._trip, self._trip_loop
-        if trip is not None and loop is not None:
-            def wake(trip: asyncio.Future[None] = trip) -> None:
-                if not trip.done():
-                    trip.set_result(None)
-
-            loop.call_soon_threadsafe(wake)
+            if stale is not None:
+                stale.abandon()
+        for waiting in list(self._waiting):  # they go to the spool now
+            waiting.get_loop().call_soon_threadsafe(_fail, waiting, TimeoutError("breaker open"))
 
     def publish(self, events: list[Any], encoded: list[bytes] | None = None) -> str:
         """Make ``events`` durable; returns ``"broker"`` or ``"spool"``. Raises ``SpoolFull``, ``EventTooLarge``.
@@ -202,8 +204,9 @@ class EventPublisher:
         path = "spool"
         if not self._spooling:
             try:
-                self._send_and_wait(records, self.ack_wait.current())
+                self._send_and_wait(records, self.first_ack_grace_s if self._warming else self.ack_wait.current())
                 self.ack_wait.observe(time.perf_counter() - started)
+                self._warming = False
                 path = "broker"
             except Exception as e:  # any failure to get acks: fall back to the spool, never drop
                 self._open_breaker(e)
@@ -224,17 +227,10 @@ class EventPublisher:
             return await loop.run_in_executor(self._executor, self.publish, events, encoded)
         started = time.perf_counter()
         records = self._encode(events, encoded)
-        if self._trip is None or self._trip.done() or self._trip_loop is not loop:
-            self._trip, self._trip_loop = loop.create_future(), loop
-        trip = self._trip
-        acks = asyncio.gather(*(self._ack_future(loop, producer.send(self.kafka.topic, key=k, value=v))
-                                for k, v in records))
         try:
-            await self._await_acks(acks, trip, started)
+            await self._await_acks(self._acks(loop, producer, records), started)
             self.ack_wait.observe(time.perf_counter() - started)
         except Exception as e:  # not acknowledged in time: the spool takes it, never drop
-            acks.cancel()
-            acks.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" log
             self._open_breaker(e)
             await loop.run_in_executor(self._executor, self._spool_records, records)
             path = "spool"
@@ -244,37 +240,57 @@ class EventPublisher:
         self.metrics.publish_seconds.observe(time.perf_counter() - started)
         return path
 
-    async def _await_acks(self, acks: asyncio.Future[Any], trip: asyncio.Future[None], started: float) -> None:
-        """Wait for ``acks`` until the broker looks stalled: no ack from any request for the adaptive deadline
-        (a big batch whose acks keep arriving is not a stall), or ``publish_timeout_s`` in all."""
-        cap = started + self.timeout_s
-        while True:
-            wait_s = self.ack_wait.current()
-            remaining = cap - time.perf_counter()
-            if remaining <= 0:
-                raise TimeoutError(f"no ack within {self.timeout_s} s")
-            done, _ = await asyncio.wait((acks, trip), timeout=min(wait_s, remaining),
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if acks in done:
-                acks.result()
-                return
-            if trip in done:
-                raise TimeoutError("breaker open")
-            if time.perf_counter() - self._last_ack >= wait_s:
-                raise TimeoutError(f"no ack from the broker for {wait_s * 1000:.0f} ms")
+    def _acks(self, loop: asyncio.AbstractEventLoop, producer: ConfluentProducer,
+              records: list[tuple[bytes, bytes]]) -> asyncio.Future[None]:
+        """Send ``records``; one future of the loop, settled when the broker acknowledged all of them (or
+        with the first failure): one wake-up of the loop per request, not one per record."""
+        acks: asyncio.Future[None] = loop.create_future()
 
-    def _ack_future(self, loop: asyncio.AbstractEventLoop, record_future: Any) -> asyncio.Future[Any]:
-        fut: asyncio.Future[Any] = loop.create_future()
-
-        def settle(result: Any = None, error: BaseException | None = None) -> None:
+        def settle(error: BaseException | None) -> None:  # on the loop
             if error is None:
-                self._last_ack = time.perf_counter()
-            if not fut.done():
-                fut.set_exception(error) if error is not None else fut.set_result(result)
+                self._last_ack, self._warming = time.perf_counter(), False
+            if error is not None:
+                _fail(acks, error)
+            elif not acks.done():
+                acks.set_result(None)
 
-        record_future.add_callback(lambda md: loop.call_soon_threadsafe(settle, md))
-        record_future.add_errback(lambda exc: loop.call_soon_threadsafe(settle, None, exc))
-        return fut
+        def done(error: BaseException | None) -> None:  # on the producer's report thread
+            loop.call_soon_threadsafe(settle, error)
+
+        producer.send_many(self.kafka.topic, records, done)
+        return acks
+
+    async def _await_acks(self, acks: asyncio.Future[None], started: float) -> None:
+        """Wait for ``acks`` until the broker looks stalled: no ack from any request for the adaptive deadline
+        (a big batch whose acks keep arriving is not a stall), or ``publish_timeout_s`` in all. A timer on the
+        loop checks; the breaker opening (any request's stall) fails every waiting request at once."""
+        loop = asyncio.get_running_loop()
+        budget = self.first_ack_grace_s if self._warming else self.timeout_s
+        cap = started + budget
+
+        def check() -> None:
+            now, wait_s = time.perf_counter(), self.ack_wait.current()
+            if now - due[0] > 0.01 and now < cap + wait_s:
+                # the loop itself was late (a long callback, a garbage collection): the producer's thread could not
+                # hand over the acks it holds meanwhile, so look again once it has had the chance
+                due[0] = now + 0.005
+                timer[0] = loop.call_later(0.005, check)
+            elif now >= cap:
+                _fail(acks, TimeoutError(f"no ack within {budget} s"))
+            elif not self._warming and now - max(self._last_ack, started) >= wait_s:
+                _fail(acks, TimeoutError(f"no ack from the broker for {wait_s * 1000:.0f} ms"))
+            elif not acks.done():
+                due[0] = now + min(wait_s, cap - now)
+                timer[0] = loop.call_later(min(wait_s, cap - now), check)
+
+        first = min(self.ack_wait.current(), budget)
+        due, timer = [time.perf_counter() + first], [loop.call_later(first, check)]
+        self._waiting.add(acks)
+        try:
+            await acks
+        finally:
+            timer[0].cancel()
+            self._waiting.discard(acks)
 
     def _spool_records(self, records: list[tuple[bytes, bytes]]) -> None:
         self.spool.append(records)
@@ -376,8 +392,14 @@ class EventPublisher:
                     error = e
             if _retriable(error):
                 raise error
-            self.local.park(k, v, type(error).__name__, str(error), {"spool_segment": segment})
+            reason = error.error.name() if isinstance(error, DeliveryFailed) else type(error).__name__
+            self.local.park(k, v, reason, str(error), {"spool_segment": segment})
         return delivered
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 class AckDeadline:
@@ -403,25 +425,155 @@ class AckDeadline:
         return min(self.cap_s, max(self.floor_s, self._srtt + 4 * self._rttvar))
 
 
-def abandon_producer(producer: Any) -> None:
-    """Stop a kafka-python producer at once, dropping what it has not delivered. ``close(timeout=0)`` alone
-    raises from its internal flush and leaves the sender thread running, so force the sender closed first."""
-    sender = getattr(producer, "_sender", None)
-    if sender is not None:
-        sender.force_close()
-    try:
-        producer.close(timeout=0)
-    except Exception as e:  # it is being thrown away: nothing to do but say so
-        log.debug("closing an abandoned producer: %s", e)
+# -------------------------------------------------------------------------------------------- the client
+class SendFuture:
+    """One record's delivery, settled from the producer's report thread: callbacks and a blocking ``get``."""
+
+    __slots__ = ("_done", "_error", "_callbacks", "_errbacks", "_lock")
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._errbacks: list[Callable[[BaseException], None]] = []
+        self._lock = threading.Lock()
+
+    def _settle(self, error: Any, message: Any) -> None:  # librdkafka's delivery report
+        with self._lock:
+            self._error = None if error is None else DeliveryFailed(error)
+            self._done.set()
+            callbacks, errbacks = self._callbacks, self._errbacks
+            self._callbacks, self._errbacks = [], []
+        if self._error is None:
+            for cb in callbacks:
+                cb(message)
+        else:
+            for eb in errbacks:
+                eb(self._error)
+
+    def add_callback(self, fn: Callable[[Any], None]) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        if self._error is None:
+            fn(None)
+
+    def add_errback(self, fn: Callable[[BaseException], None]) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._errbacks.append(fn)
+                return
+        if self._error is not None:
+            fn(self._error)
+
+    def get(self, timeout: float | None = None) -> None:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"no delivery report within {timeout} s")
+        if self._error is not None:
+            raise self._error
+
+
+class DeliveryFailed(Exception):
+    """The broker (or librdkafka) refused a record: ``error`` is librdkafka's ``KafkaError``."""
+
+    def __init__(self, error: Any):
+        super().__init__(str(error))
+        self.error = error
+
+
+# refusals of the record itself: sending it again cannot succeed (everything else is retried)
+_REFUSED = frozenset({"MSG_SIZE_TOO_LARGE", "_MSG_SIZE_TOO_LARGE", "INVALID_RECORD", "CORRUPT_MESSAGE",
+                      "RECORD_LIST_TOO_LARGE", "INVALID_MSG", "UNSUPPORTED_FOR_MESSAGE_FORMAT", "_INVALID_ARG",
+                      "TOPIC_AUTHORIZATION_FAILED", "INVALID_TIMESTAMP"})
+
+
+class ConfluentProducer:
+    """An idempotent, ``acks=all`` confluent-kafka producer with the surface the publisher uses: ``send`` ->
+    :class:`SendFuture`, ``close``, ``abandon``. librdkafka batches and talks to the broker in its own threads,
+    outside the GIL; one thread here serves its delivery reports (``poll``) and settles the futures."""
+
+    def __init__(self, kafka: KafkaSettings, timeout_s: float, max_record_bytes: int = MAX_RECORD_BYTES):
+        from confluent_kafka import Producer
+
+        self._producer = Producer({
+            **kafka.librdkafka_config(logging.getLogger("ingest.librdkafka")),
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 1,
+            # a record not acknowledged in this long fails (the publisher stops waiting far sooner: the spool)
+            "message.timeout.ms": max(int(timeout_s * 1000), 30_000),
+            "message.max.bytes": max_record_bytes + 64 * 1024,  # the record limit is checked before a send
+            "reconnect.backoff.max.ms": 1000,
+        })
+        # the topic's metadata now, not on the first request's path (measured: the first acks took over
+        # publish_timeout_s without it, and the breaker opened on a healthy broker)
+        meta = self._producer.list_topics(kafka.topic, timeout=max(timeout_s, kafka.request_timeout_ms / 1000))
+        topic = meta.topics.get(kafka.topic)
+        if topic is None or topic.error is not None or not topic.partitions:
+            raise ConnectionError(f"no metadata for topic {kafka.topic!r}: {topic.error if topic else 'missing'}")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="producer-reports", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    def send(self, topic: str, key: bytes, value: bytes) -> SendFuture:
+        future = SendFuture()
+        try:
+            self._producer.produce(topic, value=value, key=key, on_delivery=future._settle)
+        except BufferError:  # librdkafka's queue is full: the broker is not taking records
+            raise TimeoutError("the producer's queue is full") from None
+        except Exception as e:  # refused before it left the client
+            error = e.args[0] if e.args and hasattr(e.args[0], "code") else None
+            raise DeliveryFailed(error) if error is not None else e from None
+        return future
+
+    def send_many(self, topic: str, records: list[tuple[bytes, bytes]],
+                  done: Callable[[BaseException | None], None]) -> None:
+        """Send ``records``; ``done(None)`` once all are acknowledged, or ``done(error)`` on the first failure
+        (called once, from the report thread; or raises here when a record is refused before it leaves)."""
+        lock, state = threading.Lock(), {"left": len(records), "fired": False}
+
+        def report(error: Any, _message: Any) -> None:
+            with lock:
+                if state["fired"]:
+                    return
+                state["left"] -= 1
+                if error is None and state["left"]:
+                    return
+                state["fired"] = True
+            done(None if error is None else DeliveryFailed(error))
+
+        produce = self._producer.produce
+        try:
+            for key, value in records:
+                produce(topic, value=value, key=key, on_delivery=report)
+        except BufferError:
+            raise TimeoutError("the producer's queue is full") from None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued (up to ``timeout``), then stop."""
+        self._producer.flush(timeout)
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def abandon(self) -> None:
+        """Stop at once, dropping what is not delivered (its futures fail as purged)."""
+        try:
+            self._producer.purge(in_queue=True, in_flight=True, blocking=False)
+            self._producer.flush(0)
+        finally:
+            self._stop.set()
 
 
 def _retriable(error: BaseException) -> bool:
-    """Whether sending the same record again can succeed (timeouts, leader moves, a broker down)."""
-    from kafka.errors import KafkaError, KafkaTimeoutError
-
-    if isinstance(error, KafkaTimeoutError | TimeoutError | ConnectionError):
-        return True
-    return bool(getattr(error, "retriable", False)) if isinstance(error, KafkaError) else False
+    """Whether sending the same record again can succeed (timeouts, a broker down, a purged queue)."""
+    if isinstance(error, DeliveryFailed):
+        return error.error.name() not in _REFUSED
+    return isinstance(error, TimeoutError | ConnectionError)
 
 
 def broker_reachable(kafka: KafkaSettings, timeout_s: float = 1.0) -> bool:

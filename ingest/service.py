@@ -21,10 +21,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from flywheel.settings import Settings
 from flywheel.storage import open_storage
-from ingest.consumer import ConsumerMetrics, KafkaDeadLetters, KafkaSource, handle_batch, run_consumer
+from ingest.consumer import ConsumerMetrics, KafkaDeadLetters, handle_batch, run_consumer
 from ingest.deadletters import LocalDeadLetters
 from ingest.filters import FilterConfig, StreamScreen
 from ingest.lake import LakeSink
+from ingest.sources import ClientFatal, open_source
 from ingest.validation import QualityRules
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def is_fatal(error: BaseException) -> bool:
     from kafka.errors import AuthorizationError, KafkaConfigurationError, SaslAuthenticationFailedError
 
     return isinstance(error, ConfigurationError | KafkaConfigurationError | SaslAuthenticationFailedError
-                      | AuthorizationError)
+                      | AuthorizationError | ClientFatal)
 
 
 def dead_letter_file(settings: Settings, name: str) -> Path:
@@ -63,12 +64,13 @@ def run_ingest(settings: Settings, stop: threading.Event, *, metrics_port: int |
     handle = partial(handle_batch, rules=QualityRules.from_settings(cfg), screen=screen)
     local = LocalDeadLetters(dead_letter_file(settings, "ingest"), counter=metrics.dead_letters_parked)
     backoff = cfg.restart_backoff_s
-    log.info("consuming %s into %s (%s assignment)", settings.kafka.topic, settings.lake.uri, cfg.assignment)
+    log.info("consuming %s into %s (%s, %s assignment)", settings.kafka.topic, settings.lake.uri, cfg.client,
+             cfg.assignment)
     while not stop.is_set():
         started = time.monotonic()
         source = dlq = None
         try:
-            source = KafkaSource(settings.kafka, poll_timeout_ms=cfg.poll_timeout_ms,
+            source = open_source(settings.kafka, client=cfg.client, poll_timeout_ms=cfg.poll_timeout_ms,
                                  max_poll_records=cfg.max_poll_records, assignment=cfg.assignment,
                                  batch_records=min(cfg.batch_records, cfg.commit_every), batch_wait_ms=cfg.batch_wait_ms)
             dlq = KafkaDeadLetters(settings.kafka, local=local)

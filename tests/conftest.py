@@ -28,6 +28,12 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
     proc.stop()
 
 
+@pytest.fixture(params=["confluent", "kafka-python"])
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    """Each of the consumer's Kafka clients (``ingest.client``), for the tests of the consumer's source."""
+    return str(request.param)
+
+
 @pytest.fixture
 def settings(tmp_path: Path, broker: BrokerProcess) -> Settings:
     """Settings pointing at the session broker, with fresh topics, group and home for this test."""

@@ -22,9 +22,10 @@ from flywheel.app.stack import free_port
 from flywheel.app.traffic import example_traffic
 from flywheel.events import json_schema
 from flywheel.storage import open_storage
-from ingest.consumer import ConsumerMetrics, KafkaDeadLetters, KafkaSource, run_consumer, validate_records
+from ingest.consumer import ConsumerMetrics, KafkaDeadLetters, run_consumer, validate_records
 from ingest.filters import FilterConfig, screen_event
 from ingest.lake import LakeSink
+from ingest.sources import open_source
 from ingest.validation import QualityRules
 from pipelines.sharegpt import chat_samples
 from serving.app import create_app
@@ -113,7 +114,9 @@ def test_sigkilled_consumer_restarts_and_still_writes_exactly_once(settings, sam
         if len(lake_rows(storage)) < 12_000:
             proc.send_signal(signal.SIGKILL)
             kills += 1
-        proc.wait(10)
+        else:  # a fast consumer may finish the stream before the kill: it keeps running until told to stop
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
     assert kills >= 1, "the consumer finished before it could be killed; make the stream longer"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -126,7 +129,7 @@ def test_sigkilled_consumer_restarts_and_still_writes_exactly_once(settings, sam
     assert len(ids) == len(set(ids)) == 12_000
 
 
-def test_a_failed_flush_commits_nothing_and_the_replay_is_exactly_once(settings, samples):
+def test_a_failed_flush_commits_nothing_and_the_replay_is_exactly_once(settings, samples, kafka_client):
     produce_raw(settings, direct_events(samples, 800))
     storage = open_storage(settings.lake.uri, settings.lake)
 
@@ -135,14 +138,13 @@ def test_a_failed_flush_commits_nothing_and_the_replay_is_exactly_once(settings,
             super().flush()  # the files are durable ...
             raise OSError("simulated crash before the offset commit")
 
-    source = KafkaSource(settings.kafka, poll_timeout_ms=200, max_poll_records=300)
+    source = open_source(settings.kafka, client=kafka_client, poll_timeout_ms=200, max_poll_records=300)
     dlq = KafkaDeadLetters(settings.kafka)
     handle = lambda recs: validate_records(recs, QualityRules())  # noqa: E731
     with pytest.raises(OSError, match="simulated crash"):
         run_consumer(source, handle, CrashAfterWrite(storage), dlq, commit_every=300, commit_interval_s=60,
                      stop=threading.Event())
-    from kafka import TopicPartition
-    committed = [source.consumer.committed(TopicPartition(settings.kafka.topic, p)) for p in range(3)]
+    committed = source.committed([0, 1, 2])
     source.close()
     assert committed == [None, None, None], "offsets were committed although the flush failed"
     written_before_crash = len(lake_rows(storage))
@@ -151,7 +153,7 @@ def test_a_failed_flush_commits_nothing_and_the_replay_is_exactly_once(settings,
     # The replay: a healthy consumer in the same group re-reads everything from the last commit (none).
     metrics = ConsumerMetrics()
     commits: dict[tuple[str, int], int] = {}
-    source = KafkaSource(settings.kafka, poll_timeout_ms=200, max_poll_records=300)
+    source = open_source(settings.kafka, client=kafka_client, poll_timeout_ms=200, max_poll_records=300)
     stop = threading.Event()
     t = threading.Thread(target=run_consumer, args=(source, handle, LakeSink(storage), dlq),
                          kwargs={"commit_every": 300, "commit_interval_s": 0.3, "stop": stop, "metrics": metrics,

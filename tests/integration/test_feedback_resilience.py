@@ -12,6 +12,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,10 +20,11 @@ import pytest
 from flywheel.app.stack import free_port
 from flywheel.app.traffic import example_traffic
 from flywheel.storage import open_storage
-from ingest.consumer import ConsumerMetrics, KafkaDeadLetters, KafkaSource, run_consumer, validate_records
+from ingest.consumer import ConsumerMetrics, KafkaDeadLetters, run_consumer, validate_records
 from ingest.deadletters import LocalDeadLetters, read_parked
 from ingest.lake import LakeSink
 from ingest.service import dead_letter_file
+from ingest.sources import open_source
 from ingest.spool import Spool
 from ingest.validation import QualityRules
 from pipelines.sharegpt import chat_samples
@@ -139,7 +141,7 @@ def test_a_dead_letter_the_topic_refuses_is_parked_locally_and_the_partition_mov
     metrics = ConsumerMetrics()
     local = LocalDeadLetters(tmp_path / "parked.jsonl", counter=metrics.dead_letters_parked)
     dlq = KafkaDeadLetters(settings.kafka, local=local, max_value_bytes=10**9, retry_backoff_s=0.1)
-    source = KafkaSource(settings.kafka, poll_timeout_ms=200)
+    source = open_source(settings.kafka, poll_timeout_ms=200)
     sink = LakeSink(open_storage(settings.lake.uri, settings.lake))
     stop, commits = threading.Event(), {}
     t = threading.Thread(target=run_consumer, args=(source, lambda recs: validate_records(recs, QualityRules()),
@@ -304,19 +306,19 @@ def test_a_kill_storm_leaves_the_group_consuming_and_the_lake_exact(settings, sa
     assert set(ids) == {json.loads(v)["event_id"] for v in records}
 
 
-def test_a_second_consumer_joins_mid_stream_and_the_revoke_commits(settings, samples):
+def test_a_second_consumer_joins_mid_stream_and_the_revoke_commits(settings, samples, kafka_client):
     records = valid_records(samples, 6_000, seed=31)
     storage = open_storage(settings.lake.uri, settings.lake)
 
-    def member(commit_interval_s: float) -> tuple[KafkaSource, threading.Event, threading.Thread,
-                                                   list[BaseException]]:
-        source = KafkaSource(settings.kafka, poll_timeout_ms=200, max_poll_records=200)
+    def member(commit_interval_s: float, flush_when_idle: bool = True) -> tuple[Any, threading.Event, threading.Thread, list[BaseException]]:
+        source = open_source(settings.kafka, client=kafka_client, poll_timeout_ms=200, max_poll_records=200)
         dlq, stop, errors = KafkaDeadLetters(settings.kafka), threading.Event(), []
 
         def target() -> None:
             try:
                 run_consumer(source, lambda recs: validate_records(recs, QualityRules()), LakeSink(storage), dlq,
-                             commit_every=100_000, commit_interval_s=commit_interval_s, stop=stop)
+                             commit_every=100_000, commit_interval_s=commit_interval_s, stop=stop,
+                             flush_when_idle=flush_when_idle)
             except BaseException as e:
                 errors.append(e)
             finally:
@@ -328,19 +330,19 @@ def test_a_second_consumer_joins_mid_stream_and_the_revoke_commits(settings, sam
         return source, stop, t, errors
 
     # the first member commits only on revoke (and at the end), so it has work in hand when the second joins
-    first = member(commit_interval_s=3600)
+    first = member(commit_interval_s=3600, flush_when_idle=False)
     production = threading.Thread(target=produce_paced, args=(settings, records), kwargs={"every": 100, "pause_s": 0.25})
     production.start()
     deadline = time.monotonic() + 60
-    while not first[0].consumer.assignment() and time.monotonic() < deadline:
+    while not first[0].assignment() and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(2)  # the first member is consuming
     second = member(commit_interval_s=0.5)  # joins while the first is consuming: the group rebalances
     try:
         deadline = time.monotonic() + 30
-        while not (first[0].revoke_commits and second[0].consumer.assignment()) and time.monotonic() < deadline:
+        while not (first[0].revoke_commits and second[0].assignment()) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assigned = (first[0].consumer.assignment(), second[0].consumer.assignment())
+        assigned = (first[0].assignment(), second[0].assignment())
         revoked_with = list(first[0].revoke_commits)
         first[1].set()  # the first member leaves; its close hands its partitions over the same way
         first[2].join(30)
@@ -390,7 +392,7 @@ def test_an_undeliverable_spooled_record_is_set_aside_and_the_records_behind_it_
         rows = wait_for_rows(settings, len(events), timeout=60)
     assert {r["event_id"] for r in rows} == {e["event_id"] for e in events}
     [parked] = list(read_parked(Path(settings.ingest.dead_letter_dir) / "spool.jsonl"))
-    assert parked.reason == "MessageSizeTooLargeError" and parked.size == 1_200_000
+    assert parked.reason == "MSG_SIZE_TOO_LARGE" and parked.size == 1_200_000
     assert parked.source["spool_segment"].startswith("segment-")
     assert Spool(settings.api.spool_dir, settings.api.spool_max_bytes).is_empty()
 
@@ -472,12 +474,12 @@ def test_a_full_spool_disk_is_503_with_retry_after_and_nothing_half_written(sett
     assert [r["event_id"] for r in rows] == [event["event_id"]]
 
 
-def test_manual_assignment_consumes_every_partition_and_resumes_from_its_commits(settings, samples):
+def test_manual_assignment_consumes_every_partition_and_resumes_from_its_commits(settings, samples, kafka_client):
     """FLYWHEEL_INGEST__ASSIGNMENT=manual: one consumer takes every partition without joining the group and
     commits under the group id; a restart starts from those commits."""
     from kafka import KafkaConsumer, TopicPartition
 
-    settings.ingest.assignment = "manual"
+    settings.ingest.assignment, settings.ingest.client = "manual", kafka_client
     first, second = valid_records(samples, 300, seed=61), valid_records(samples, 300, seed=62)
     for i, v in enumerate(first):
         produce(settings, [v], key=str(i % 7).encode())

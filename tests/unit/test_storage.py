@@ -28,6 +28,16 @@ def test_open_storage_rejects_unknown_schemes(tmp_path):
         open_storage("ftp://host/x")
 
 
+class NoDlq:
+    """A dead-letter sink for records that are all valid."""
+
+    def send(self, *a):
+        raise AssertionError("nothing here is invalid")
+
+    def flush(self):
+        pass
+
+
 def thumbs(eid=None, at=T, conv="c1"):
     return ev.validate_event({"type": "thumbs", "event_id": eid or str(uuid.uuid4()), "occurred_at": at.isoformat(),
                               "conversation_id": conv, "user_id": "u", "model_version": "v",
@@ -124,13 +134,6 @@ def test_held_events_go_to_the_quarantine_area_exactly_once_and_are_counted(tmp_
         def on_rebalance(self, revoked, assigned):
             pass
 
-    class NoDlq:
-        def send(self, *a):
-            raise AssertionError("nothing here is invalid")
-
-        def flush(self):
-            pass
-
     storage = LocalStorage(tmp_path)
     for _replay in range(2):
         stop, source = threading.Event(), Source()
@@ -219,3 +222,40 @@ def test_put_many_writes_every_object_whole(tmp_path):
     s = LocalStorage(tmp_path)
     s.put_many([(f"d{i % 3}/k{i}.bin", bytes([i]) * 100) for i in range(12)])
     assert [s.get_bytes(f"d{i % 3}/k{i}.bin") for i in range(12)] == [bytes([i]) * 100 for i in range(12)]
+
+
+def test_the_consumer_flushes_and_commits_as_soon_as_it_has_caught_up(tmp_path):
+    """A poll that comes back empty means the topic is drained: what the loop holds is made durable and committed
+    then, not after commit_interval_s (here an hour) or commit_every records; without flush_when_idle it waits
+    for the loop to stop."""
+    import json
+    import threading
+
+    from ingest.consumer import Record, run_consumer, validate_records
+    from ingest.validation import QualityRules
+
+    records = [Record("events", 0, i, None, json.dumps(thumbs(at=T).model_dump(mode="json")).encode()) for i in range(3)]
+
+    class Source:
+        def __init__(self, stop):
+            self.polls, self.commits, self.stop = [records, []], [], stop
+
+        def poll(self):
+            if not self.polls:  # the poll after the empty one: stop the loop
+                self.stop.set()
+                return []
+            return self.polls.pop(0)
+
+        def commit(self, offsets):
+            self.commits.append(("stopping" if self.stop.is_set() else "running", dict(offsets)))
+
+        def on_rebalance(self, revoked, assigned):
+            pass
+
+    for idle, when in ((True, "running"), (False, "stopping")):
+        stop = threading.Event()
+        source, sink = Source(stop), LakeSink(LocalStorage(tmp_path / str(idle)))
+        run_consumer(source, lambda recs: validate_records(recs, QualityRules(), now=T), sink, NoDlq(),
+                     commit_every=1_000, commit_interval_s=3600, stop=stop, flush_when_idle=idle)
+        assert source.commits == [(when, {("events", 0): 3})]
+        assert len(read_events(LocalStorage(tmp_path / str(idle)), "thumbs")) == 3
