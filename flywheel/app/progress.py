@@ -48,11 +48,15 @@ class Display:
         self.live = self.console.is_terminal if live is None else live
         self._lock = threading.Lock()
         self._bars: dict[str, TaskID] = {}
+        self._done: dict[str, int] = {}  # the last count each bar showed
         self._step: TaskID | None = None
         self._progress = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(),
             TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
-            console=self.console, refresh_per_second=4, transient=True, disable=not self.live)
+            console=self.console, refresh_per_second=4, transient=True, disable=not self.live,
+            # rich would otherwise print whatever is written to sys.stderr above the bars, which is where the
+            # libraries' progress bars and notices go: under quiet_libraries that is the run's log file
+            redirect_stderr=False)
         self._listening: Any = None
 
     def __enter__(self) -> Display:
@@ -89,6 +93,7 @@ class Display:
                 for bar in self._bars.values():
                     self._progress.remove_task(bar)
                 self._bars.clear()
+                self._done.clear()
                 if self._step is not None:
                     self._progress.remove_task(self._step)
                 self._step = None
@@ -102,6 +107,10 @@ class Display:
             if bar is None:
                 bar = self._bars[update.task] = self._progress.add_task(f"  {update.task}", total=update.total,
                                                                       metrics="")
+            elif update.done < self._done.get(update.task, 0):  # the task runs again (the gate answers for the
+                # challenger, then for the champion): a fresh bar, not one rich still counts as finished
+                self._progress.reset(bar, total=update.total)
+            self._done[update.task] = update.done
             self._progress.update(bar, completed=update.done, total=update.total,
                                   metrics=_metrics_text(update.metrics))
 
