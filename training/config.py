@@ -52,6 +52,12 @@ class RewardRecipe:
     # The policy gate then judges with a model the policy was not optimised against.
     judge_fold: bool = False
     centering: float = 0.0  # weight of the mean-reward-to-zero term
+    # early stopping (eval_every > 0): every eval_every steps the model is scored on validation_share of the training
+    # pairs, held out by prompt group (never the eval split the gate reads); training stops after `patience`
+    # evaluations without a better accuracy, and the best state is the one saved
+    eval_every: int = 0
+    patience: int = 3
+    validation_share: float = 0.1
     log_every: int = 5
     checkpoint_every: int = 50
     seed: int = 0
@@ -65,6 +71,9 @@ class RewardRecipe:
             raise ValueError(f"recipe {self.name}: encoding must be 'pair' or 'chat', got {self.encoding!r}")
         if self.trainable_layers < -1:
             raise ValueError(f"recipe {self.name}: trainable_layers must be -1 (the whole backbone) or >= 0")
+        if self.eval_every < 0 or self.patience < 1 or not 0 < self.validation_share < 1:
+            raise ValueError(f"recipe {self.name}: early stopping needs eval_every >= 0 (0: off), patience >= 1 and "
+                             f"0 < validation_share < 1, got {self.eval_every}, {self.patience}, {self.validation_share}")
         if not self.reviewed_weight > 0:
             raise ValueError(f"recipe {self.name}: reviewed_weight must be > 0, got {self.reviewed_weight}")
 

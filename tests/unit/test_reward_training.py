@@ -217,3 +217,30 @@ def test_reviewed_pairs_weigh_more_when_the_recipe_says_so(tmp_path):
     assert losses[1.0] != losses[4.0]
     with pytest.raises(ValueError, match="reviewed_weight"):
         RewardRecipe(reviewed_weight=0.0)
+
+
+def test_early_stopping_keeps_the_best_validated_model_and_stops_when_it_stops_improving(tmp_path):
+    """Every step is validated on a tenth of the training prompt groups (never the eval split); after `patience`
+    evaluations without a better accuracy training stops, and the model saved is the best step's."""
+    import pandas as pd
+
+    from training.reward.train import prompt_groups_share, train_reward
+
+    pairs = tiny_pairs(120)
+    train = pairs[pairs["split"] == "train"].reset_index(drop=True)
+    evalp = pd.DataFrame(pairs[pairs["split"] == "eval"]).reset_index(drop=True)
+    held = prompt_groups_share(train, 0.25, salt="validation")
+    assert 0 < held.sum() < len(train) and not set(train["group_id"][held]) & set(train["group_id"][~held])
+    recipe = RewardRecipe(backbone=tiny_encoder_dir(tmp_path / "bb"), max_length=32, batch_size=8, max_steps=60,
+                          lr=1e-3, threads=1, eval_every=1, patience=2, validation_share=0.25)
+    res = train_reward(Settings(home=tmp_path / "home"), recipe, "", train_pairs=train, eval_pairs=evalp,
+                       register_model=False)
+    m = res.metrics
+    assert m["train/stopped_early"] == 1.0 and res.steps < 60 and m["train/best_step"] == res.steps - 2
+    # the saved model is the best step's: it scores the validation pairs as well as that step did
+    from training.reward.train import evaluate
+
+    assert evaluate(RewardModel.load(res.model_dir), train[held].reset_index(drop=True))["accuracy"] == \
+        pytest.approx(m["validation/best_accuracy"])
+    with pytest.raises(ValueError, match="early stopping"):
+        RewardRecipe(eval_every=5, validation_share=1.0)

@@ -198,6 +198,16 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
                              checkpoint_dir=Path(checkpoint_dir) / "judge" if checkpoint_dir else None)
         train = train[~fold].reset_index(drop=True)
 
+    val = None
+    if recipe.eval_every:
+        if dist.active:
+            raise ValueError(f"recipe {recipe.name}: early stopping (eval_every) runs on one process, not under torchrun")
+        held = prompt_groups_share(train, recipe.validation_share, salt="validation")
+        if held.all() or not held.any():
+            raise ValueError(f"dataset {dataset_ref}: early stopping needs training pairs of at least two prompt "
+                             f"groups (validation_share {recipe.validation_share} of them are held out)")
+        val, train = train[held].reset_index(drop=True), train[~held].reset_index(drop=True)
+
     model = RewardModel.from_backbone(recipe.backbone, recipe.pooling, recipe.max_length, recipe.encoding,
                                       recipe.trainable_layers, recipe.length_feature)
     if dist.active and len(train) < recipe.batch_size:
@@ -216,12 +226,14 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
 
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     step, run_id = 0, None
+    best = EarlyStop()
     state = load_checkpoint(ckpt_path)
     if state is not None:
         model.load_state_dict(state["model"], strict=recipe.trainable_layers < 0)  # a frozen trunk: only what trains
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, run_id = state["step"], state["run_id"]
+        best = state.get("early_stop", best)
         torch.set_rng_state(state["torch_rng"])
         log.info("resuming %s from step %d (MLflow run %s)", recipe.name, step, run_id)
 
@@ -238,7 +250,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
         model.train()
         started, seen, window, epoch_batches = time.perf_counter(), 0, [], None
         bar = StepProgress(total, step, f"reward model steps ({recipe.name})", disable=not dist.main)
-        while step < total:
+        while step < total and not best.stopped:
             epoch, i = divmod(step, per_epoch)
             if i == 0 or epoch_batches is None:
                 epoch_batches = batches(len(train), recipe.batch_size, recipe.seed, epoch, lengths, recipe.group_by_length)
@@ -269,11 +281,24 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
                     mlflow.log_metrics({"train/loss": float(means[0]), "train/accuracy": float(means[1]),
                                         "train/lr": sched.get_last_lr()[0]}, step=step)
                 window.clear()
-            if dist.main and ckpt_path and (step % recipe.checkpoint_every == 0 or step == total):
+            if val is not None and (step % recipe.eval_every == 0 or step == total):
+                accuracy = evaluate(model, val, recipe.eval_batch_size, states_cache)["accuracy"]
+                mlflow.log_metric("validation/accuracy", accuracy, step=step)
+                best.observe(accuracy, step, model, recipe.patience)
+                if best.stopped:
+                    log.info("%s: no better validation accuracy in %d evaluations; stopping at step %d, keeping "
+                             "step %d's model (%.3f)", recipe.name, recipe.patience, step, best.step, best.accuracy)
+            if dist.main and ckpt_path and (step % recipe.checkpoint_every == 0 or step == total or best.stopped):
                 save_checkpoint(ckpt_path, {"model": model.trained_state(), "optimizer": opt.state_dict(),
                                              "scheduler": sched.state_dict(), "step": step,
-                                             "run_id": run.info.run_id, "torch_rng": torch.get_rng_state()})
+                                             "run_id": run.info.run_id, "torch_rng": torch.get_rng_state(),
+                                             "early_stop": best})
         bar.close()
+        early: dict[str, float] = {}
+        if best.state is not None:  # early stopping: the best evaluated model, not the last one
+            model.load_state_dict(best.state, strict=recipe.trainable_layers < 0)
+            early = {"validation/best_accuracy": best.accuracy, "train/best_step": float(best.step),
+                     "train/stopped_early": float(best.stopped)}
         elapsed = time.perf_counter() - started
         if not dist.main:  # rank 0 evaluates, saves and registers; the others are done
             dist.barrier()
@@ -288,6 +313,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
                        recipe.eval_batch_size, states_cache)
         model.stats = {"mean": float(scores.mean()), "std": float(scores.std().clamp(min=1e-6))}
         metrics = {f"eval/{k}": v for k, v in evaluate(model, evalp, recipe.eval_batch_size, states_cache).items()}
+        metrics |= early
         if model.length_feature:
             metrics["train/length_weight"] = model.length_weight
         if metrics:
@@ -322,13 +348,41 @@ def _pyfunc_class() -> type:
     return _RewardPyfunc
 
 
+def prompt_groups_share(pairs: pd.DataFrame, share: float, salt: str) -> np.ndarray:
+    """True for the pairs of about ``share`` of the prompt groups (``group_id``, else the prompt), chosen by a
+    stable hash salted with ``salt``: one prompt's pairs all fall on one side."""
+    from ingest.text import stable_hash
+
+    keys = pairs["group_id"] if "group_id" in pairs else pairs["prompt"]
+    return np.array([int(stable_hash(f"{salt}:{k}")[:8], 16) % 10_000 < share * 10_000 for k in keys.astype(str)],
+                    dtype=bool)
+
+
 def judge_folds(pairs: pd.DataFrame) -> np.ndarray:
-    """True for the pairs that train the judge: half of the prompt groups (``group_id``, else the prompt), by a
-    stable hash, so one prompt's pairs all fall on one side."""
+    """True for the pairs that train the judge: half of the prompt groups, by a stable hash."""
     from ingest.text import stable_hash
 
     keys = pairs["group_id"] if "group_id" in pairs else pairs["prompt"]
     return np.array([int(stable_hash(f"judge:{k}")[:8], 16) % 2 == 1 for k in keys.astype(str)], dtype=bool)
+
+
+@dataclass
+class EarlyStop:
+    """The best validation accuracy so far, its step and trained state, and whether training should stop."""
+
+    accuracy: float = -1.0
+    step: int = 0
+    state: dict[str, torch.Tensor] | None = None
+    bad: int = 0  # evaluations since the best one
+    stopped: bool = False
+
+    def observe(self, accuracy: float, step: int, model: RewardModel, patience: int) -> None:
+        if accuracy > self.accuracy:
+            self.accuracy, self.step, self.bad = accuracy, step, 0
+            self.state = {k: v.detach().clone() for k, v in model.trained_state().items()}
+        else:
+            self.bad += 1
+            self.stopped = self.bad >= patience
 
 
 def log_and_register(model_dir: Path, run_id: str, dataset_version: str, metrics: dict[str, float],
