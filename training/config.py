@@ -52,6 +52,9 @@ class RewardRecipe:
     # The policy gate then judges with a model the policy was not optimised against.
     judge_fold: bool = False
     centering: float = 0.0  # weight of the mean-reward-to-zero term
+    # an ensemble of k linear heads on one backbone, each trained on its own bootstrap resample of the pairs (Poisson(1)
+    # weights): the reward is their mean; their spread (eval/spread) is how much they disagree
+    ensemble_heads: int = 1
     # early stopping (eval_every > 0): every eval_every steps the model is scored on validation_share of the training
     # pairs, held out by prompt group (never the eval split the gate reads); training stops after `patience`
     # evaluations without a better accuracy, and the best state is the one saved
@@ -74,6 +77,8 @@ class RewardRecipe:
         if self.eval_every < 0 or self.patience < 1 or not 0 < self.validation_share < 1:
             raise ValueError(f"recipe {self.name}: early stopping needs eval_every >= 0 (0: off), patience >= 1 and "
                              f"0 < validation_share < 1, got {self.eval_every}, {self.patience}, {self.validation_share}")
+        if self.ensemble_heads < 1:
+            raise ValueError(f"recipe {self.name}: ensemble_heads must be >= 1, got {self.ensemble_heads}")
         if not self.reviewed_weight > 0:
             raise ValueError(f"recipe {self.name}: reviewed_weight must be > 0, got {self.reviewed_weight}")
 

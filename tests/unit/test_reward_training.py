@@ -244,3 +244,28 @@ def test_early_stopping_keeps_the_best_validated_model_and_stops_when_it_stops_i
         pytest.approx(m["validation/best_accuracy"])
     with pytest.raises(ValueError, match="early stopping"):
         RewardRecipe(eval_every=5, validation_share=1.0)
+
+
+def test_an_ensemble_of_heads_trains_on_bootstrap_resamples_and_reports_its_spread(tmp_path):
+    """k heads on one backbone, each on its own Poisson(1) resample of the pairs: they end up different, the
+    reward is their mean, the spread is logged, and a saved ensemble loads back with its k heads."""
+    import pandas as pd
+
+    from training.reward.train import train_reward
+
+    pairs = tiny_pairs(40)
+    train = pairs[pairs["split"] == "train"].reset_index(drop=True)
+    evalp = pd.DataFrame(pairs[pairs["split"] == "eval"]).reset_index(drop=True)
+    recipe = RewardRecipe(backbone=tiny_encoder_dir(tmp_path / "bb"), max_length=32, batch_size=8, max_steps=6,
+                          lr=1e-3, head_lr=1e-2, threads=1, ensemble_heads=3)
+    res = train_reward(Settings(home=tmp_path / "home"), recipe, "", train_pairs=train, eval_pairs=evalp,
+                       register_model=False)
+    model = RewardModel.load(res.model_dir)
+    assert model.heads == 3 and res.metrics["eval/spread"] > 0
+    prompts, answers = evalp["prompt"].tolist(), evalp["chosen"].tolist()
+    each = model.score(prompts, answers, all_heads=True)
+    assert each.shape == (len(evalp), 3) and not torch.allclose(each[:, 0], each[:, 1])
+    mean, spread = model.score_spread(prompts, answers)
+    assert torch.allclose(mean, model.score(prompts, answers), atol=1e-6) and (spread > 0).all()
+    with pytest.raises(ValueError, match="ensemble_heads"):
+        RewardRecipe(ensemble_heads=0)

@@ -34,7 +34,8 @@ def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tens
     if margin is not None:
         gap = gap - margin
     nll = -F.logsigmoid(gap)
-    loss = nll.mean() if weight is None else (weight * nll).sum() / weight.sum()
+    # a batch whose weights are all 0 (a bootstrap resample can leave a small batch out of a head) adds nothing
+    loss = nll.mean() if weight is None else (weight * nll).sum() / weight.sum().clamp(min=1e-12)
     if centering:
         loss = loss + centering * ((r_chosen + r_rejected) ** 2).mean()
     return loss

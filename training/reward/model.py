@@ -86,8 +86,11 @@ def _split_view(backbone: nn.Module, layers: list[nn.Module], norm: nn.Module) -
 
 class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, tokenizer: Any, pooling: str = "mean", max_length: int = 256,
-                 encoding: str = "pair", trainable_layers: int = -1, base: str = "", length_feature: bool = False):
+                 encoding: str = "pair", trainable_layers: int = -1, base: str = "", length_feature: bool = False,
+                 heads: int = 1):
         super().__init__()
+        if heads < 1:
+            raise ValueError(f"heads must be >= 1, got {heads}")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if encoding not in ENCODINGS:
@@ -100,12 +103,15 @@ class RewardModel(nn.Module):
         # logged weight (``length_weight``: reward per e-fold of length), instead of a channel the model must infer
         # from its pooling (ODIN, Chen et al. 2024, keeps length in a head of its own for the same reason)
         self.length_feature = length_feature
-        self.head = nn.Linear(backbone.config.hidden_size + int(length_feature), 1)
+        # an ensemble of `heads` linear heads on the pooled vector (each trained on its own bootstrap resample of the
+        # pairs): the reward is their mean, their spread how much they disagree
+        self.heads = heads
+        self.head = nn.Linear(backbone.config.hidden_size + int(length_feature), heads)
         nn.init.normal_(self.head.weight, std=1.0 / (backbone.config.hidden_size ** 0.5))
         nn.init.zeros_(self.head.bias)
         if length_feature:
             with torch.no_grad():
-                self.head.weight[0, -1] = 0.0
+                self.head.weight[:, -1] = 0.0
         self.stats = {"mean": 0.0, "std": 1.0}
         self._bottom = self._top = None
         if trainable_layers >= 0:
@@ -125,15 +131,15 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_backbone(cls, name: str, pooling: str = "mean", max_length: int = 256, encoding: str = "pair",
-                      trainable_layers: int = -1, length_feature: bool = False) -> RewardModel:
+                      trainable_layers: int = -1, length_feature: bool = False, heads: int = 1) -> RewardModel:
         backbone, tok = _load_backbone(name)
         return cls(backbone, tok, pooling, max_length, encoding, trainable_layers, base=name,
-                   length_feature=length_feature)
+                   length_feature=length_feature, heads=heads)
 
     @property
     def length_weight(self) -> float:
         """The head's weight on log(1 + response tokens); 0 without the length feature."""
-        return float(self.head.weight[0, -1]) if self.length_feature else 0.0
+        return float(self.head.weight[:, -1].mean()) if self.length_feature else 0.0
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """The backbone's parameters that training updates (all of them, or the top layers' and the norm's)."""
@@ -207,9 +213,11 @@ class RewardModel(nn.Module):
         return torch.cat(out)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, states: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, states: torch.Tensor | None = None,
+                all_heads: bool = False, **_: Any) -> torch.Tensor:
         """Rewards of a batch: from token ids (the whole backbone), or from ``states``, the frozen trunk's
-        output (:meth:`trunk_states`; only the top layers run)."""
+        output (:meth:`trunk_states`; only the top layers run). ``[batch]``, the heads' mean; ``all_heads``:
+        ``[batch, heads]``."""
         if states is not None:
             if self._top is None:
                 raise ValueError("states need a frozen trunk (trainable_layers >= 0)")
@@ -239,19 +247,27 @@ class RewardModel(nn.Module):
         if self.length_feature:
             n = (attention_mask * token_type_ids).sum(1, keepdim=True).to(pooled.dtype)
             pooled = torch.cat([pooled, torch.log1p(n)], dim=1)
-        return self.head(pooled).squeeze(-1)
+        out = self.head(pooled)
+        return out if all_heads else out.mean(-1)
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
-        """Rewards of (prompt, response) pairs, in eval mode, batch by batch."""
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 64,
+              all_heads: bool = False) -> torch.Tensor:
+        """Rewards of (prompt, response) pairs, in eval mode, batch by batch (``all_heads``: each head's,
+        ``[pairs, heads]``)."""
         was_training = self.training
         self.eval()
         out, device = [], self.head.weight.device
         for i in range(0, len(prompts), batch_size):
             enc = self.encode(prompts[i:i + batch_size], responses[i:i + batch_size])
-            out.append(self(**{k: v.to(device) for k, v in enc.items()}).float().cpu())
+            out.append(self(**{k: v.to(device) for k, v in enc.items()}, all_heads=all_heads).float().cpu())
         self.train(was_training)
-        return torch.cat(out) if out else torch.zeros(0)
+        return torch.cat(out) if out else torch.zeros((0, self.heads) if all_heads else 0)
+
+    def score_spread(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the reward, the heads' standard deviation) of each pair: how sure an ensemble is (0 with one head)."""
+        each = self.score(prompts, responses, batch_size, all_heads=True)
+        return each.mean(1), each.std(1, unbiased=False)
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """What training changes, for a checkpoint: the whole state, or (a frozen trunk) the top and the head."""
@@ -281,7 +297,7 @@ class RewardModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         meta: dict[str, Any] = {"pooling": self.pooling, "max_length": self.max_length, "encoding": self.encoding,
                                 "trainable_layers": self.trainable_layers, "length_feature": self.length_feature,
-                                "stats": self.stats}
+                                "heads": self.heads, "stats": self.stats}
         if self.trainable_layers >= 0 and self.base:  # the frozen trunk is the named base's: keep only the top
             torch.save(self._top_state(), path / "top.pt")
             meta |= {"base": self.base, "base_fingerprint": self._base_fingerprint()}
@@ -299,7 +315,7 @@ class RewardModel(nn.Module):
         path = Path(path)
         meta = json.loads((path / "reward.json").read_text())
         kw = {"encoding": meta.get("encoding", "pair"), "trainable_layers": meta.get("trainable_layers", -1),
-              "length_feature": meta.get("length_feature", False)}
+              "length_feature": meta.get("length_feature", False), "heads": meta.get("heads", 1)}
         if (path / "top.pt").exists():
             backbone, _ = _load_backbone(meta["base"])
             model = cls(backbone, AutoTokenizer.from_pretrained(path / "tokenizer"), meta["pooling"], meta["max_length"],

@@ -76,10 +76,10 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, lengths: np.ndarray 
 
 
 def score(model: RewardModel, prompts: list[str], responses: list[str], batch_size: int = 64,
-          states_cache: dict[bytes, torch.Tensor] | None = None) -> torch.Tensor:
+          states_cache: dict[bytes, torch.Tensor] | None = None, all_heads: bool = False) -> torch.Tensor:
     """``model.score``; with a frozen trunk and ``states_cache``, the trunk runs only on texts not in the cache."""
     if states_cache is None or model.trainable_layers < 0:
-        return model.score(prompts, responses, batch_size)
+        return model.score(prompts, responses, batch_size, all_heads=all_heads)
     was_training = model.training
     model.eval()
     out = []
@@ -87,9 +87,10 @@ def score(model: RewardModel, prompts: list[str], responses: list[str], batch_si
         for i in range(0, len(prompts), batch_size):
             enc = cached_trunk_states(model, model.encode(prompts[i:i + batch_size], responses[i:i + batch_size]),
                                       states_cache, batch_size)
-            out.append(model(**{k: v.to(model.head.weight.device) for k, v in enc.items()}).float().cpu())
+            out.append(model(**{k: v.to(model.head.weight.device) for k, v in enc.items()},
+                             all_heads=all_heads).float().cpu())
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros((0, model.heads) if all_heads else 0)
 
 
 def evaluate(model: RewardModel, pairs: pd.DataFrame, batch_size: int = 64,
@@ -97,9 +98,13 @@ def evaluate(model: RewardModel, pairs: pd.DataFrame, batch_size: int = 64,
     if pairs.empty:
         return {}
     prompts = pairs["prompt"].tolist()
-    rc = score(model, prompts, pairs["chosen"].tolist(), batch_size, states_cache).numpy()
-    rr = score(model, prompts, pairs["rejected"].tolist(), batch_size, states_cache).numpy()
-    return reward_eval(rc, rr, pairs["chosen"].str.len().to_numpy(), pairs["rejected"].str.len().to_numpy())
+    each_c = score(model, prompts, pairs["chosen"].tolist(), batch_size, states_cache, all_heads=True)
+    each_r = score(model, prompts, pairs["rejected"].tolist(), batch_size, states_cache, all_heads=True)
+    rc, rr = each_c.mean(1).numpy(), each_r.mean(1).numpy()
+    out = reward_eval(rc, rr, pairs["chosen"].str.len().to_numpy(), pairs["rejected"].str.len().to_numpy())
+    if model.heads > 1:  # how much the heads disagree on a pair's gap, on average (in reward units)
+        out["spread"] = float((each_c - each_r).std(1, unbiased=False).mean())
+    return out
 
 
 def _pad_right(enc: Any, width: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -209,7 +214,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
         val, train = train[held].reset_index(drop=True), train[~held].reset_index(drop=True)
 
     model = RewardModel.from_backbone(recipe.backbone, recipe.pooling, recipe.max_length, recipe.encoding,
-                                      recipe.trainable_layers, recipe.length_feature)
+                                      recipe.trainable_layers, recipe.length_feature, recipe.ensemble_heads)
     if dist.active and len(train) < recipe.batch_size:
         raise ValueError(f"{len(train)} training pairs: fewer than one batch of {recipe.batch_size} to share out")
     t0 = time.perf_counter()
@@ -219,6 +224,10 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
     reviewed = train["reviewed"].to_numpy(dtype=bool) if "reviewed" in train else np.zeros(len(train), dtype=bool)
     weight = torch.tensor(np.where(reviewed, recipe.reviewed_weight, 1.0), dtype=torch.float32) \
         if recipe.reviewed_weight != 1.0 else None
+    if recipe.ensemble_heads > 1:  # each head its own bootstrap resample of the pairs, fixed by the seed
+        boot = torch.poisson(torch.ones(len(train), recipe.ensemble_heads),
+                             generator=torch.Generator().manual_seed(recipe.seed))
+        weight = boot if weight is None else weight[:, None] * boot
 
     per_epoch = math.ceil(len(train) / recipe.batch_size)
     total = recipe.max_steps or per_epoch * recipe.epochs
@@ -261,10 +270,12 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
             batch = {k: torch.cat([enc_c[k][idx], enc_r[k][idx]]) for k in enc_c}
             width = int(batch["attention_mask"].sum(1).max())  # trim the padding this batch does not need
             batch = {k: v[:, :width] for k, v in batch.items()}
-            rewards = net(**{k: v.to(dist.device) for k, v in batch.items()})
+            rewards = net(**{k: v.to(dist.device) for k, v in batch.items()}, all_heads=True)  # [2 x pairs, heads]
             rc, rr = rewards[: len(idx)], rewards[len(idx):]
-            margin = margin_from_share(share[idx], recipe.margin_scale).to(dist.device) if recipe.margin_scale else None
-            loss = bt_loss(rc, rr, margin, recipe.centering, weight[idx].to(dist.device) if weight is not None else None)
+            margin = margin_from_share(share[idx], recipe.margin_scale).to(dist.device)[:, None] \
+                if recipe.margin_scale else None
+            w = weight[idx].to(dist.device) if weight is not None else None
+            loss = bt_loss(rc, rr, margin, recipe.centering, w if w is None or w.dim() == 2 else w[:, None])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
