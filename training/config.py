@@ -31,6 +31,9 @@ class RewardRecipe:
     # "pair": prompt and response as the tokenizer's text pair (encoders); "chat": the conversation through the
     # tokenizer's chat template, the response as the assistant's turn (chat models: what the policy reads)
     encoding: str = "pair"
+    # which end of each side survives when a pair is cut to max_length (the response keeps >= 3/4 of the budget)
+    prompt_keep: str = "end"  # "start" or "end" (the default: the conversation's last turn, the one answered)
+    response_keep: str = "start"
     # -1: the whole backbone trains. k >= 0 (decoder backbones): a frozen trunk; its states at the input of the
     # top k layers are computed once a text and cached, and only those k layers, the final norm and the head train
     trainable_layers: int = -1
@@ -77,6 +80,9 @@ class RewardRecipe:
         if self.eval_every < 0 or self.patience < 1 or not 0 < self.validation_share < 1:
             raise ValueError(f"recipe {self.name}: early stopping needs eval_every >= 0 (0: off), patience >= 1 and "
                              f"0 < validation_share < 1, got {self.eval_every}, {self.patience}, {self.validation_share}")
+        if self.prompt_keep not in ("start", "end") or self.response_keep not in ("start", "end"):
+            raise ValueError(f"recipe {self.name}: prompt_keep and response_keep are 'start' or 'end', got "
+                             f"{self.prompt_keep!r}, {self.response_keep!r}")
         if self.ensemble_heads < 1:
             raise ValueError(f"recipe {self.name}: ensemble_heads must be >= 1, got {self.ensemble_heads}")
         if not self.reviewed_weight > 0:

@@ -156,6 +156,13 @@ def test_a_long_conversation_keeps_its_last_turn_and_the_reply(tmp_path):
     assert "what is the capital of france" in text  # the last turn survives
     assert "paris is the capital" in text  # the reply's beginning too
     assert rm.fit("short prompt", "short reply") == ("short prompt", "short reply")
+    # the other ends, when the recipe says so; a saved model keeps its choice
+    other = RewardModel(rm.backbone, rm.tokenizer, max_length=32, prompt_keep="start", response_keep="end")
+    cut_p, cut_r = other.fit(prompt, reply)
+    assert cut_p.startswith("hello world") and "capital of france" not in cut_p and cut_r.endswith("yes")
+    assert RewardModel.load(other.save(tmp_path / "saved")).fit(prompt, reply) == (cut_p, cut_r)
+    with pytest.raises(ValueError, match="prompt_keep"):
+        RewardRecipe(prompt_keep="middle")
 
 
 def test_a_cross_fitted_judge_learns_from_the_other_half_of_the_prompt_groups_and_is_registered_with_it(env):

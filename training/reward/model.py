@@ -87,8 +87,11 @@ def _split_view(backbone: nn.Module, layers: list[nn.Module], norm: nn.Module) -
 class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, tokenizer: Any, pooling: str = "mean", max_length: int = 256,
                  encoding: str = "pair", trainable_layers: int = -1, base: str = "", length_feature: bool = False,
-                 heads: int = 1):
+                 heads: int = 1, prompt_keep: str = "end", response_keep: str = "start"):
         super().__init__()
+        if prompt_keep not in ("start", "end") or response_keep not in ("start", "end"):
+            raise ValueError(f"prompt_keep and response_keep are 'start' or 'end', got {prompt_keep!r}, {response_keep!r}")
+        self.prompt_keep, self.response_keep = prompt_keep, response_keep
         if heads < 1:
             raise ValueError(f"heads must be >= 1, got {heads}")
         if pooling not in POOLINGS:
@@ -131,10 +134,11 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_backbone(cls, name: str, pooling: str = "mean", max_length: int = 256, encoding: str = "pair",
-                      trainable_layers: int = -1, length_feature: bool = False, heads: int = 1) -> RewardModel:
+                      trainable_layers: int = -1, length_feature: bool = False, heads: int = 1,
+                      prompt_keep: str = "end", response_keep: str = "start") -> RewardModel:
         backbone, tok = _load_backbone(name)
         return cls(backbone, tok, pooling, max_length, encoding, trainable_layers, base=name,
-                   length_feature=length_feature, heads=heads)
+                   length_feature=length_feature, heads=heads, prompt_keep=prompt_keep, response_keep=response_keep)
 
     @property
     def length_weight(self) -> float:
@@ -163,9 +167,10 @@ class RewardModel(nn.Module):
         return len(ids(head, add_special_tokens=False)["input_ids"]) + len(ids(tail, add_special_tokens=False)["input_ids"])
 
     def fit(self, prompt: str, response: str) -> tuple[str, str]:
-        """(prompt, response) cut to fit ``max_length`` together: the response keeps its beginning and at least
-        three quarters of the budget, the prompt keeps its **end** (the last turn of a conversation is the one the
-        response answers; cutting a pair "longest first" would drop exactly that turn of a long conversation)."""
+        """(prompt, response) cut to fit ``max_length`` together: the response keeps at least three quarters of the
+        budget. By default the response keeps its beginning and the prompt its **end** (the last turn of a
+        conversation is the one the response answers; cutting a pair "longest first" would drop exactly that turn
+        of a long conversation); ``prompt_keep`` / ``response_keep`` ("start" or "end") choose otherwise."""
         tok = self.tokenizer
         # tokenised whole on purpose, to be cut below: verbose=False silences the tokenizer's warning that a
         # text is longer than the model's maximum (nothing this long ever reaches the model)
@@ -176,8 +181,10 @@ class RewardModel(nn.Module):
             return prompt, response
         r_keep = min(len(r_ids), max(budget - len(p_ids), 3 * budget // 4))
         p_keep = min(len(p_ids), budget - r_keep)
-        cut_p = tok.decode(p_ids[len(p_ids) - p_keep:]) if p_keep < len(p_ids) else prompt
-        cut_r = tok.decode(r_ids[:r_keep]) if r_keep < len(r_ids) else response
+        p_part = p_ids[len(p_ids) - p_keep:] if self.prompt_keep == "end" else p_ids[:p_keep]
+        r_part = r_ids[:r_keep] if self.response_keep == "start" else r_ids[len(r_ids) - r_keep:]
+        cut_p = tok.decode(p_part) if p_keep < len(p_ids) else prompt
+        cut_r = tok.decode(r_part) if r_keep < len(r_ids) else response
         return cut_p, cut_r
 
     def encode(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
@@ -297,7 +304,8 @@ class RewardModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         meta: dict[str, Any] = {"pooling": self.pooling, "max_length": self.max_length, "encoding": self.encoding,
                                 "trainable_layers": self.trainable_layers, "length_feature": self.length_feature,
-                                "heads": self.heads, "stats": self.stats}
+                                "heads": self.heads, "prompt_keep": self.prompt_keep,
+                                "response_keep": self.response_keep, "stats": self.stats}
         if self.trainable_layers >= 0 and self.base:  # the frozen trunk is the named base's: keep only the top
             torch.save(self._top_state(), path / "top.pt")
             meta |= {"base": self.base, "base_fingerprint": self._base_fingerprint()}
@@ -315,7 +323,8 @@ class RewardModel(nn.Module):
         path = Path(path)
         meta = json.loads((path / "reward.json").read_text())
         kw = {"encoding": meta.get("encoding", "pair"), "trainable_layers": meta.get("trainable_layers", -1),
-              "length_feature": meta.get("length_feature", False), "heads": meta.get("heads", 1)}
+              "length_feature": meta.get("length_feature", False), "heads": meta.get("heads", 1),
+              "prompt_keep": meta.get("prompt_keep", "end"), "response_keep": meta.get("response_keep", "start")}
         if (path / "top.pt").exists():
             backbone, _ = _load_backbone(meta["base"])
             model = cls(backbone, AutoTokenizer.from_pretrained(path / "tokenizer"), meta["pooling"], meta["max_length"],

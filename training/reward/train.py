@@ -214,7 +214,8 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
         val, train = train[held].reset_index(drop=True), train[~held].reset_index(drop=True)
 
     model = RewardModel.from_backbone(recipe.backbone, recipe.pooling, recipe.max_length, recipe.encoding,
-                                      recipe.trainable_layers, recipe.length_feature, recipe.ensemble_heads)
+                                      recipe.trainable_layers, recipe.length_feature, recipe.ensemble_heads,
+                                      recipe.prompt_keep, recipe.response_keep)
     if dist.active and len(train) < recipe.batch_size:
         raise ValueError(f"{len(train)} training pairs: fewer than one batch of {recipe.batch_size} to share out")
     t0 = time.perf_counter()
