@@ -247,11 +247,11 @@ class EventPublisher:
         acks: asyncio.Future[None] = loop.create_future()
 
         def settle(error: BaseException | None) -> None:  # on the loop
-            if error is None:
-                self._last_ack, self._warming = time.perf_counter(), False
             if error is not None:
                 _fail(acks, error)
-            elif not acks.done():
+                return
+            self._last_ack, self._warming = time.perf_counter(), False
+            if not acks.done():
                 acks.set_result(None)
 
         def done(error: BaseException | None) -> None:  # on the producer's report thread
@@ -427,45 +427,17 @@ class AckDeadline:
 
 # -------------------------------------------------------------------------------------------- the client
 class SendFuture:
-    """One record's delivery, settled from the producer's report thread: callbacks and a blocking ``get``."""
+    """One record's delivery, settled by librdkafka's delivery report on the producer's report thread."""
 
-    __slots__ = ("_done", "_error", "_callbacks", "_errbacks", "_lock")
+    __slots__ = ("_done", "_error")
 
     def __init__(self) -> None:
         self._done = threading.Event()
         self._error: BaseException | None = None
-        self._callbacks: list[Callable[[Any], None]] = []
-        self._errbacks: list[Callable[[BaseException], None]] = []
-        self._lock = threading.Lock()
 
-    def _settle(self, error: Any, message: Any) -> None:  # librdkafka's delivery report
-        with self._lock:
-            self._error = None if error is None else DeliveryFailed(error)
-            self._done.set()
-            callbacks, errbacks = self._callbacks, self._errbacks
-            self._callbacks, self._errbacks = [], []
-        if self._error is None:
-            for cb in callbacks:
-                cb(message)
-        else:
-            for eb in errbacks:
-                eb(self._error)
-
-    def add_callback(self, fn: Callable[[Any], None]) -> None:
-        with self._lock:
-            if not self._done.is_set():
-                self._callbacks.append(fn)
-                return
-        if self._error is None:
-            fn(None)
-
-    def add_errback(self, fn: Callable[[BaseException], None]) -> None:
-        with self._lock:
-            if not self._done.is_set():
-                self._errbacks.append(fn)
-                return
-        if self._error is not None:
-            fn(self._error)
+    def _settle(self, error: Any, _message: Any) -> None:  # librdkafka's delivery report
+        self._error = None if error is None else DeliveryFailed(error)
+        self._done.set()
 
     def get(self, timeout: float | None = None) -> None:
         if not self._done.wait(timeout):
@@ -520,15 +492,18 @@ class ConfluentProducer:
         while not self._stop.is_set():
             self._producer.poll(0.05)
 
-    def send(self, topic: str, key: bytes, value: bytes) -> SendFuture:
-        future = SendFuture()
+    def _produce(self, topic: str, key: bytes, value: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
         try:
-            self._producer.produce(topic, value=value, key=key, on_delivery=future._settle)
+            self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
         except BufferError:  # librdkafka's queue is full: the broker is not taking records
             raise TimeoutError("the producer's queue is full") from None
         except Exception as e:  # refused before it left the client
             error = e.args[0] if e.args and hasattr(e.args[0], "code") else None
             raise DeliveryFailed(error) if error is not None else e from None
+
+    def send(self, topic: str, key: bytes, value: bytes) -> SendFuture:
+        future = SendFuture()
+        self._produce(topic, key, value, future._settle)
         return future
 
     def send_many(self, topic: str, records: list[tuple[bytes, bytes]],
@@ -547,12 +522,8 @@ class ConfluentProducer:
                 state["fired"] = True
             done(None if error is None else DeliveryFailed(error))
 
-        produce = self._producer.produce
-        try:
-            for key, value in records:
-                produce(topic, value=value, key=key, on_delivery=report)
-        except BufferError:
-            raise TimeoutError("the producer's queue is full") from None
+        for key, value in records:
+            self._produce(topic, key, value, report)
 
     def close(self, timeout: float = 5.0) -> None:
         """Deliver what is queued (up to ``timeout``), then stop."""

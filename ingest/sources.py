@@ -5,7 +5,7 @@ Two clients, chosen by ``ingest.client``:
 - ``confluent`` (the default): confluent-kafka, librdkafka underneath. Its fetch and record-batch decoding run
   in C threads, outside the GIL, so the loop's thread spends its time on the events, not on the wire format
   (measured on the ingest bench: kafka-python's ``poll`` was about half of the loop's thread).
-- ``kafka-python``: the pure-Python client (the producers of this project use it too).
+- ``kafka-python``: the pure-Python client (the consumer's dead-letter producer uses it too).
 
 Both join the consumer group (``assignment="group"``) or take every partition without joining (``"manual"``),
 never commit on their own, start from the earliest offset when the group has none, and hand the loop the
