@@ -229,6 +229,8 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
         boot = torch.poisson(torch.ones(len(train), recipe.ensemble_heads),
                              generator=torch.Generator().manual_seed(recipe.seed))
         weight = boot if weight is None else weight[:, None] * boot
+    elif weight is not None:  # one column: the loss sees [pairs, heads]
+        weight = weight[:, None]
 
     per_epoch = math.ceil(len(train) / recipe.batch_size)
     total = recipe.max_steps or per_epoch * recipe.epochs
@@ -275,8 +277,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
             rc, rr = rewards[: len(idx)], rewards[len(idx):]
             margin = margin_from_share(share[idx], recipe.margin_scale).to(dist.device)[:, None] \
                 if recipe.margin_scale else None
-            w = weight[idx].to(dist.device) if weight is not None else None
-            loss = bt_loss(rc, rr, margin, recipe.centering, w if w is None or w.dim() == 2 else w[:, None])
+            loss = bt_loss(rc, rr, margin, recipe.centering, weight[idx].to(dist.device) if weight is not None else None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -360,22 +361,23 @@ def _pyfunc_class() -> type:
     return _RewardPyfunc
 
 
-def prompt_groups_share(pairs: pd.DataFrame, share: float, salt: str) -> np.ndarray:
-    """True for the pairs of about ``share`` of the prompt groups (``group_id``, else the prompt), chosen by a
-    stable hash salted with ``salt``: one prompt's pairs all fall on one side."""
+def _group_buckets(pairs: pd.DataFrame, salt: str, buckets: int) -> np.ndarray:
+    """Each pair's bucket in ``[0, buckets)`` by a stable hash of its prompt group (``group_id``, else the prompt)
+    salted with ``salt``: one prompt's pairs all share a bucket."""
     from ingest.text import stable_hash
 
     keys = pairs["group_id"] if "group_id" in pairs else pairs["prompt"]
-    return np.array([int(stable_hash(f"{salt}:{k}")[:8], 16) % 10_000 < share * 10_000 for k in keys.astype(str)],
-                    dtype=bool)
+    return np.array([int(stable_hash(f"{salt}:{k}")[:8], 16) % buckets for k in keys.astype(str)], dtype=np.int64)
+
+
+def prompt_groups_share(pairs: pd.DataFrame, share: float, salt: str) -> np.ndarray:
+    """True for the pairs of about ``share`` of the prompt groups, chosen by a hash salted with ``salt``."""
+    return _group_buckets(pairs, salt, 10_000) < share * 10_000
 
 
 def judge_folds(pairs: pd.DataFrame) -> np.ndarray:
     """True for the pairs that train the judge: half of the prompt groups, by a stable hash."""
-    from ingest.text import stable_hash
-
-    keys = pairs["group_id"] if "group_id" in pairs else pairs["prompt"]
-    return np.array([int(stable_hash(f"judge:{k}")[:8], 16) % 2 == 1 for k in keys.astype(str)], dtype=bool)
+    return _group_buckets(pairs, "judge", 2) == 1
 
 
 @dataclass
