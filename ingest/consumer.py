@@ -6,6 +6,8 @@
          -> valid records to the lake sink (held ones to its quarantine area), invalid ones to the DLQ
          -> every ``commit_every`` records or ``commit_interval_s`` seconds:
             flush the sink (durable) -> flush the DLQ producer (acked) -> commit offsets
+            (``flywheel ingest`` writes the sink's buffer on a writer thread while the loop decodes the next
+            records, and commits once that write returned: ``background_writes``)
 
 Offsets are committed only after both flushes returned, so a crash at any point replays records that may
 already be in the lake; the sink drops them by ``event_id`` (see ``ingest.lake``). An unexpected exception
@@ -29,9 +31,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -99,11 +102,20 @@ class Source(Protocol):
         ...
 
 
+@runtime_checkable
 class Sink(Protocol):
     def add(self, event: AnyEvent, topic: str, partition: int, offset: int, held: str | None = None) -> None: ...
     def add_table(self, event_type: str, table: pa.Table, held: list[str | None] | None = None) -> None: ...
     def flush(self) -> Any: ...
     def reset_index(self) -> None: ...
+
+
+@runtime_checkable
+class DetachableSink(Sink, Protocol):
+    """A sink whose buffer can be written on another thread (``run_consumer(background_writes=True)``)."""
+
+    def detach(self) -> Any: ...
+    def write(self, buffered: Any) -> Any: ...
 
 
 class DeadLetterSink(Protocol):
@@ -211,44 +223,88 @@ def run_consumer(
     metrics: ConsumerMetrics | None = None,
     on_commit: Callable[[dict[tuple[str, int], int]], None] | None = None,
     flush_when_idle: bool = True,
+    background_writes: bool = False,
 ) -> None:
     """Run until ``stop`` is set; then flush and commit what was processed.
 
     The sink is flushed and the offsets committed after ``commit_every`` records, after ``commit_interval_s``,
     and (``flush_when_idle``) as soon as a poll comes back empty: the consumer has caught up with the topic,
     so nothing is gained by holding what it has (measured: the last records of a burst otherwise waited up
-    to ``commit_interval_s`` to land)."""
+    to ``commit_interval_s`` to land).
+
+    ``background_writes`` (a sink with ``detach`` and ``write``, such as ``ingest.lake.LakeSink``): the
+    checkpoints that ``commit_every`` and ``commit_interval_s`` call hand the sink's buffer to a writer thread
+    and go on polling; the offsets it covers are committed once that write returned (and the DLQ was flushed),
+    at the next loop turn that finds it done. One write is in flight at most, so writes and commits keep their
+    order. A rebalance, an empty poll and ``stop`` wait for it and flush the rest in place; an error waits for
+    it too (so no writer outlives the loop) and commits nothing."""
     m = metrics or ConsumerMetrics()
+    detachable: DetachableSink | None = None
+    if background_writes:
+        if not isinstance(sink, DetachableSink):
+            raise TypeError(f"background_writes needs a sink with detach() and write(); {type(sink).__name__} has not")
+        detachable = sink
     pending: Offsets = {}
     since_commit = 0
     last_commit = time.monotonic()
+    writer = ThreadPoolExecutor(1, thread_name_prefix="lake-writer") if detachable is not None else None
+    in_flight: tuple[Future[Any], Offsets, float] | None = None  # (the write, the offsets it covers, started)
 
-    def make_durable() -> Offsets:
-        """Flush the sink and the DLQ; returns the offsets that are now safe to commit."""
-        nonlocal since_commit, last_commit
-        if not pending:
-            return {}
-        stats = sink.flush()
-        dlq.flush()
+    def count(stats: Any) -> None:
         if stats is not None:
             m.written.inc(stats.written)
             m.duplicates.inc(stats.duplicates)
             m.replayed.inc(stats.replayed)
+
+    def settle() -> tuple[Offsets, float | None]:
+        """Wait for the write in flight (raising its error): the offsets it made durable, and when it began."""
+        nonlocal in_flight
+        if in_flight is None:
+            return {}, None
+        future, offsets, started = in_flight
+        in_flight = None
+        count(future.result())
+        return offsets, started
+
+    def mark() -> Offsets:
+        nonlocal since_commit, last_commit
         offsets = dict(pending)
         pending.clear()
         since_commit, last_commit = 0, time.monotonic()
         return offsets
 
-    def checkpoint() -> None:
-        started = time.perf_counter()
-        offsets = make_durable()
-        if not offsets:
-            return
+    def make_durable() -> Offsets:
+        """Everything processed so far: the write in flight finished, the rest flushed, the DLQ flushed; the
+        offsets that are now safe to commit."""
+        offsets, _ = settle()
+        if pending:
+            count(sink.flush())
+            offsets.update(mark())
+        if offsets:
+            dlq.flush()
+        return offsets
+
+    def commit(offsets: Offsets, started: float) -> None:
         source.commit(offsets)
         m.commit_latency.observe(time.perf_counter() - started)
         m.commits.inc()
         if on_commit:
             on_commit(offsets)
+
+    def checkpoint(*, wait: bool) -> None:
+        nonlocal in_flight
+        started = time.perf_counter()
+        if writer is None or detachable is None or wait:
+            offsets = make_durable()
+            if offsets:
+                commit(offsets, started)
+            return
+        done, began = settle()
+        if pending:
+            in_flight = (writer.submit(detachable.write, detachable.detach()), mark(), started)
+        if done:
+            dlq.flush()  # every dead letter sent so far, those of the records ``done`` covers among them
+            commit(done, began or started)
 
     def handover() -> Offsets:  # partitions revoked: the source commits what this returns
         offsets = make_durable()
@@ -259,6 +315,10 @@ def run_consumer(
     source.on_rebalance(revoked=handover, assigned=sink.reset_index)
     try:
         while not stop.is_set():
+            if in_flight is not None and in_flight[0].done():
+                done, began = settle()
+                dlq.flush()
+                commit(done, began or time.perf_counter())
             records = source.poll()
             m.records_in.inc(len(records))
             handled = handle(records)
@@ -281,15 +341,19 @@ def run_consumer(
             for record in records:
                 pending[(record.topic, record.partition)] = record.offset + 1
             since_commit += len(records)
-            if since_commit >= commit_every or time.monotonic() - last_commit >= commit_interval_s \
-                    or (flush_when_idle and not records):
-                checkpoint()
-        checkpoint()
+            if flush_when_idle and not records:
+                checkpoint(wait=True)
+            elif since_commit >= commit_every or time.monotonic() - last_commit >= commit_interval_s:
+                checkpoint(wait=False)
+        checkpoint(wait=True)
     except BaseException:
         # After a failure nothing may be committed, not even by the revoke that closing the consumer
         # triggers: the records since the last commit are replayed by whoever owns the partitions next.
         source.on_rebalance(revoked=dict, assigned=lambda: None)
         raise
+    finally:
+        if writer is not None:  # a write in flight finishes (or fails) before the sink may be dropped
+            writer.shutdown(wait=True)
 
 
 class KafkaDeadLetters:

@@ -212,10 +212,15 @@ _LINK = re.compile(r"https?://[^\s)]+|\bwww\.[^\s)]+|\b[a-z0-9-]+\.(xyz|top|clic
 _ANY_HARM = re.compile("|".join(f"(?:{rx.pattern})" for rx in _HARM_RULES.values()))
 
 
+def _rule_hits(low: str) -> list[str]:
+    """The content rules a lower-cased text matches."""
+    return [name for name, rx in _HARM_RULES.items() if rx.search(low)] if _ANY_HARM.search(low) else []
+
+
 def harmful_categories(text: str, response: str = "") -> list[str]:
     """The content-rule categories a correction matches (empty = looks harmless)."""
     low = text.lower()
-    hits = [name for name, rx in _HARM_RULES.items() if rx.search(low)] if _ANY_HARM.search(low) else []
+    hits = _rule_hits(low)
     links = {m.group(0) for m in _LINK.finditer(low)}
     if any(link not in response.lower() for link in links):
         hits.append("new_link")
@@ -257,7 +262,7 @@ def screen_event(event_type: str, user_id: str, corrected_text: str | None, cfg:
         return "blocked_account"
     if event_type == "correction":
         text = corrected_text or ""
-        if harmful_categories(text, response=text):  # links are judged against the response, in curation
+        if _rule_hits(text.lower()):  # the rules of harmful_categories but the link rule, which needs the response
             return "harmful_correction"
         if len(words(text)) < cfg.min_correction_words:
             return "empty_correction"

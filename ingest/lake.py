@@ -143,14 +143,36 @@ def id_index_prefix(hour: datetime) -> str:
     return f"{ID_INDEX_ROOT}/dt={hour:%Y-%m-%d}/hour={hour:%H}"
 
 
+Pending = tuple[AnyEvent, str, int, int, "str | None"]
+"""An event buffered one by one: (event, Kafka topic, partition, offset, hold reason)."""
+
+
+@dataclass
+class Buffered:
+    """What a sink holds between flushes: events added one by one, and tables added column-wise."""
+
+    events: list[Pending] = field(default_factory=list)
+    tables: list[tuple[str, str | None, pa.Table]] = field(default_factory=list)  # (event type, hold reason, rows)
+
+    def __len__(self) -> int:
+        return len(self.events) + sum(int(t.num_rows) for _, _, t in self.tables)
+
+
+def _event_tables(events: list[Pending]) -> list[tuple[str, str | None, pa.Table]]:
+    """Events buffered one by one, as tables (one per event type, hold reason and Kafka partition)."""
+    grouped: dict[tuple[str, str | None, str, int], list[tuple[AnyEvent, int]]] = defaultdict(list)
+    for event, topic, partition, offset, held in events:
+        grouped[(event.type, held, topic, partition)].append((event, offset))
+    return [(t, held, events_table(t, rows, topic, partition)) for (t, held, topic, partition), rows in grouped.items()]
+
+
 class LakeSink:
     """Buffers validated events and writes them to the lake, exactly once by ``event_id``."""
 
     def __init__(self, storage: Storage, *, index_partitions: int = 256, dedupe_window_h: float = 48.0,
                  clock: Any = None):
         self.storage = storage
-        self._pending: list[tuple[AnyEvent, str, int, int, str | None]] = []
-        self._tables: list[tuple[str, str | None, pa.Table]] = []  # (event type, hold reason, rows)
+        self._buffer = Buffered()
         # lake partition prefix -> {event_id: file name}; LRU-bounded, reloaded from storage on a miss.
         self._index: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._index_partitions = index_partitions
@@ -163,22 +185,22 @@ class LakeSink:
 
     def add(self, event: AnyEvent, topic: str, partition: int, offset: int, held: str | None = None) -> None:
         """Buffer one event; ``held`` (a filter's reason code) sends it to the quarantine area."""
-        self._pending.append((event, topic, partition, offset, held))
+        self._buffer.events.append((event, topic, partition, offset, held))
 
     def add_table(self, event_type: str, table: pa.Table, held: list[str | None] | None = None) -> None:
         """Buffer many events of one type at once: ``table`` in the lake's schema (``SCHEMAS[event_type]``,
         Kafka lineage included); ``held[i]``, when given, is row i's hold reason or ``None``."""
         if held is None or not any(held):
-            self._tables.append((event_type, None, table))
+            self._buffer.tables.append((event_type, None, table))
             return
         by_reason: dict[str | None, list[int]] = defaultdict(list)
         for i, reason in enumerate(held):
             by_reason[reason].append(i)
         for reason, rows in by_reason.items():
-            self._tables.append((event_type, reason, table.take(pa.array(rows, pa.int64()))))
+            self._buffer.tables.append((event_type, reason, table.take(pa.array(rows, pa.int64()))))
 
     def __len__(self) -> int:
-        return len(self._pending) + sum(int(t.num_rows) for _, _, t in self._tables)
+        return len(self._buffer)
 
     def reset_index(self) -> None:
         """Forget cached ids (call when the consumer's partition assignment changes)."""
@@ -227,8 +249,22 @@ class LakeSink:
     def flush(self) -> FlushStats:
         """Write everything buffered; returns once every file is durable. Raises on any storage error,
         keeping the buffer, so the caller must not commit offsets."""
+        stats = self.write(self._buffer)
+        self._buffer = Buffered()
+        return stats
+
+    def detach(self) -> Buffered:
+        """Hand over what is buffered (for :meth:`write` on another thread) and start an empty buffer."""
+        buffered, self._buffer = self._buffer, Buffered()
+        return buffered
+
+    def write(self, buffered: Buffered) -> FlushStats:
+        """Write ``buffered`` (a :meth:`detach`-ed buffer) to the lake, durably; :meth:`flush` without the
+        buffer swap. Safe on another thread than the one that adds events: writes are serialised, and only
+        they touch the id indexes (a caller that wants offsets committed in order writes one buffer at a
+        time, in the order it detached them)."""
         stats = FlushStats()
-        if not self._pending and not self._tables:
+        if not buffered.events and not buffered.tables:
             return stats
         with self._lock:
             now_hour = _hour_floor(self._clock())
@@ -238,7 +274,7 @@ class LakeSink:
             # (topic, partition) -> lake partition prefix -> slices of rows, and the offsets each pair covers
             groups: dict[tuple[str, int], dict[str, list[pa.Table]]] = {}
             bounds: dict[tuple[str, int], tuple[int, int]] = {}
-            for event_type, held, table in [*self._event_tables(), *self._tables]:
+            for event_type, held, table in [*_event_tables(buffered.events), *buffered.tables]:
                 for (topic, partition, hour), part in _split(table):
                     prefix = partition_prefix(event_type, hour, held)
                     groups.setdefault((topic, partition), {}).setdefault(prefix, []).append(part)
@@ -298,16 +334,7 @@ class LakeSink:
             new_ids = [eid for eid in seen if eid not in recent]
             recent.update(seen)
             self._recent_by_hour.setdefault(now_hour, []).extend(new_ids)
-            self._pending.clear()
-            self._tables.clear()
         return stats
-
-    def _event_tables(self) -> list[tuple[str, str | None, pa.Table]]:
-        """The events buffered one by one, as tables (one per event type, hold reason and Kafka partition)."""
-        grouped: dict[tuple[str, str | None, str, int], list[tuple[AnyEvent, int]]] = defaultdict(list)
-        for event, topic, partition, offset, held in self._pending:
-            grouped[(event.type, held, topic, partition)].append((event, offset))
-        return [(t, held, events_table(t, rows, topic, partition)) for (t, held, topic, partition), rows in grouped.items()]
 
     def _maintain_index(self, now_hour: datetime) -> None:
         """Once an hour: compact the id index of past hours into one file each, delete hours outside the

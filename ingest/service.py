@@ -75,7 +75,7 @@ def run_ingest(settings: Settings, stop: threading.Event, *, metrics_port: int |
                                  batch_records=min(cfg.batch_records, cfg.commit_every), batch_wait_ms=cfg.batch_wait_ms)
             dlq = KafkaDeadLetters(settings.kafka, local=local)
             run_consumer(source, handle, LakeSink(storage, dedupe_window_h=cfg.dedupe_window_h), dlq, commit_every=cfg.commit_every,
-                         commit_interval_s=cfg.commit_interval_s, stop=stop, metrics=metrics)
+                         commit_interval_s=cfg.commit_interval_s, stop=stop, metrics=metrics, background_writes=True)
             return
         except Exception as e:
             if is_fatal(e):

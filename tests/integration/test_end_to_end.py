@@ -129,13 +129,14 @@ def test_sigkilled_consumer_restarts_and_still_writes_exactly_once(settings, sam
     assert len(ids) == len(set(ids)) == 12_000
 
 
-def test_a_failed_flush_commits_nothing_and_the_replay_is_exactly_once(settings, samples, kafka_client):
+@pytest.mark.parametrize("background", [False, True], ids=["inline-writes", "background-writes"])
+def test_a_failed_flush_commits_nothing_and_the_replay_is_exactly_once(settings, samples, kafka_client, background):
     produce_raw(settings, direct_events(samples, 800))
     storage = open_storage(settings.lake.uri, settings.lake)
 
     class CrashAfterWrite(LakeSink):
-        def flush(self):
-            super().flush()  # the files are durable ...
+        def write(self, buffered):
+            super().write(buffered)  # the files are durable ...
             raise OSError("simulated crash before the offset commit")
 
     source = open_source(settings.kafka, client=kafka_client, poll_timeout_ms=200, max_poll_records=300)
@@ -143,7 +144,7 @@ def test_a_failed_flush_commits_nothing_and_the_replay_is_exactly_once(settings,
     handle = lambda recs: validate_records(recs, QualityRules())  # noqa: E731
     with pytest.raises(OSError, match="simulated crash"):
         run_consumer(source, handle, CrashAfterWrite(storage), dlq, commit_every=300, commit_interval_s=60,
-                     stop=threading.Event())
+                     stop=threading.Event(), background_writes=background)
     committed = source.committed([0, 1, 2])
     source.close()
     assert committed == [None, None, None], "offsets were committed although the flush failed"
@@ -157,7 +158,7 @@ def test_a_failed_flush_commits_nothing_and_the_replay_is_exactly_once(settings,
     stop = threading.Event()
     t = threading.Thread(target=run_consumer, args=(source, handle, LakeSink(storage), dlq),
                          kwargs={"commit_every": 300, "commit_interval_s": 0.3, "stop": stop, "metrics": metrics,
-                                 "on_commit": commits.update})
+                                 "on_commit": commits.update, "background_writes": background})
     t.start()
     deadline = time.monotonic() + 60
     while sum(commits.values()) < 800 and time.monotonic() < deadline:

@@ -259,3 +259,139 @@ def test_the_consumer_flushes_and_commits_as_soon_as_it_has_caught_up(tmp_path):
                      commit_every=1_000, commit_interval_s=3600, stop=stop, flush_when_idle=idle)
         assert source.commits == [(when, {("events", 0): 3})]
         assert len(read_events(LocalStorage(tmp_path / str(idle)), "thumbs")) == 3
+
+
+class _Polls:
+    """A source that hands out ``batches`` of thumbs records (partition 0, consecutive offsets), then stops the
+    loop; ``on_poll(i)`` runs before poll i and may call the revoke callback; commits are recorded."""
+
+    def __init__(self, stop, batches, per_batch, on_poll=None):
+        import json
+
+        from ingest.consumer import Record
+
+        self.stop, self.commits, self.revoked, self.on_poll, self.polled = stop, [], None, on_poll, 0
+        self.batches = [[Record("events", 0, b * per_batch + i, None,
+                                json.dumps(thumbs(at=T).model_dump(mode="json")).encode())
+                         for i in range(per_batch)] for b in range(batches)]
+
+    def poll(self):
+        if self.on_poll:
+            self.on_poll(self.polled)
+        self.polled += 1
+        if not self.batches:
+            self.stop.set()
+            return []
+        return self.batches.pop(0)
+
+    def commit(self, offsets):
+        self.commits.append(dict(offsets))
+
+    def on_rebalance(self, revoked, assigned):
+        self.revoked = revoked
+
+
+class _SlowSink(LakeSink):
+    """Writes take ``delay_s``; ``fail_on`` (1-based) makes that write raise after sleeping."""
+
+    def __init__(self, storage, delay_s=0.05, fail_on=None):
+        super().__init__(storage)
+        self.delay_s, self.fail_on, self.writes, self.writing, self.finished = delay_s, fail_on, 0, False, 0
+
+    def write(self, buffered):
+        import time
+
+        self.writes += 1
+        self.writing = True
+        try:
+            time.sleep(self.delay_s)
+            if self.writes == self.fail_on:
+                raise OSError(28, "No space left on device")
+            return super().write(buffered)
+        finally:
+            self.writing = False
+            self.finished += 1
+
+
+def _consume(source, sink, stop, **kw):
+    from ingest.consumer import run_consumer, validate_records
+    from ingest.validation import QualityRules
+
+    run_consumer(source, lambda recs: validate_records(recs, QualityRules(), now=T), sink, NoDlq(),
+                 commit_every=100, commit_interval_s=3600, stop=stop, background_writes=True, **kw)
+
+
+def test_background_writes_commit_each_range_in_order_and_only_once_it_is_durable(tmp_path):
+    """The writer thread writes one buffer while the loop polls the next; every commit covers only records whose
+    rows are already in the lake, commits only go forward, and the end state is every record exactly once."""
+    import threading
+
+    storage, stop = LocalStorage(tmp_path), threading.Event()
+    sink = _SlowSink(storage)
+    overlapped = []
+    source = _Polls(stop, batches=10, per_batch=50, on_poll=lambda i: overlapped.append(sink.writing))
+    durable_at_commit = []
+    real_commit = source.commit
+
+    def commit(offsets):
+        durable_at_commit.append(len(read_events(storage, "thumbs")))
+        real_commit(offsets)
+
+    source.commit = commit
+    _consume(source, sink, stop)
+    ends = [c[("events", 0)] for c in source.commits]
+    assert ends == sorted(set(ends)) and ends[-1] == 500
+    assert all(durable >= end for durable, end in zip(durable_at_commit, ends, strict=True))
+    assert any(overlapped), "no poll ran while a write was in flight: the writes were not in the background"
+    ids = read_events(storage, "thumbs")["event_id"]
+    assert len(ids) == ids.nunique() == 500
+
+
+def test_a_background_write_that_fails_stops_the_loop_uncommitted_and_leaves_no_writer_behind(tmp_path):
+    import threading
+
+    storage, stop = LocalStorage(tmp_path), threading.Event()
+    sink = _SlowSink(storage, delay_s=0.2, fail_on=2)
+    source = _Polls(stop, batches=10, per_batch=50)
+    with pytest.raises(OSError, match="No space"):
+        _consume(source, sink, stop)
+    assert sink.finished == sink.writes == 2, "the loop returned while a write was still running"
+    assert not [t for t in threading.enumerate() if t.name.startswith("lake-writer")]
+    assert source.commits == [{("events", 0): 100}], "only the range the first write made durable is committed"
+    assert len(read_events(storage, "thumbs")) == 100
+
+
+def test_a_revoke_while_a_write_is_in_flight_waits_for_it_and_hands_over_everything(tmp_path):
+    import threading
+
+    storage, stop = LocalStorage(tmp_path), threading.Event()
+    sink = _SlowSink(storage, delay_s=0.3)
+    handed = []
+
+    def revoke_when_writing(i):
+        if i == 3:  # 150 records polled; the first 100 are being written in the background
+            assert sink.writing
+            handed.append((source.revoked(), len(read_events(storage, "thumbs"))))
+
+    source = _Polls(stop, batches=4, per_batch=50, on_poll=revoke_when_writing)
+    _consume(source, sink, stop)
+    assert handed == [({("events", 0): 150}, 150)]
+    ids = read_events(storage, "thumbs")["event_id"]
+    assert len(ids) == ids.nunique() == 200
+
+
+def test_a_broker_error_while_a_write_is_in_flight_returns_only_after_the_write(tmp_path):
+    import threading
+
+    storage, stop = LocalStorage(tmp_path), threading.Event()
+    sink = _SlowSink(storage, delay_s=0.3)
+
+    def broker_gone(i):
+        if i == 3 and sink.writing:
+            raise ConnectionError("broker gone")
+
+    source = _Polls(stop, batches=10, per_batch=50, on_poll=broker_gone)
+    with pytest.raises(ConnectionError):
+        _consume(source, sink, stop)
+    assert sink.writes == sink.finished == 1 and source.commits == []
+    assert len(read_events(storage, "thumbs")) == 100  # written, not committed: the replay will skip them
