@@ -17,6 +17,7 @@ from flywheel.settings import Settings, get_settings
 from ingest.producer import EventPublisher
 from ingest.spool import Spool
 from ingest.validation import QualityRules
+from serving import hot_path
 from serving.champion import ChampionPolicy
 from serving.deps import AppState, require_json_body
 from serving.errors import (
@@ -89,6 +90,10 @@ def create_app(
     app.add_exception_handler(Exception, unhandled_error_handler)
     for router in (ops.router, events.router, chat.router, admin.router, review.router):
         app.include_router(router, dependencies=[Depends(require_json_body)])
+    if settings.api.hot_path:  # innermost: the body limit and the metrics still see its requests
+        route = next(r for r in app.routes if getattr(r, "path", None) == hot_path.PATH
+                     and "POST" in getattr(r, "methods", ()))
+        app.add_middleware(hot_path.FeedbackHotPath, state=state, route=route)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
     app.add_middleware(MetricsMiddleware, registry=registry)
     return app

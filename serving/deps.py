@@ -39,16 +39,15 @@ async def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
-async def require_key(request: Request, state: State) -> ApiKey:
+def authenticate(state: AppState, address: str, header: str) -> ApiKey:
+    """The key an ``Authorization`` header names, within its rate limit, or an ApiError (401, 429)."""
     # An address over its failure budget is refused before its key is looked at: were a right key still let
     # through, 429 against 2xx would tell a guesser when it had guessed right, at full speed.
-    address = request.client.host if request.client else "unknown"
     wait = state.auth_failures.wait_s(address)
     if wait:
         raise ApiError(429, "too_many_failed_authentications",
                        f"too many failed authentications from {address}; retry after {wait:.2f}s",
                        headers={"Retry-After": retry_after_header(wait)})
-    header = request.headers.get("authorization", "")
     scheme, _, secret = header.partition(" ")
     key = state.keyring.authenticate(secret.strip()) if scheme.lower() == "bearer" and secret else None
     if key is None:
@@ -61,6 +60,11 @@ async def require_key(request: Request, state: State) -> ApiKey:
                        f"key '{key.name}' is over {state.limiter.rate:g} requests/s; retry after {wait:.2f}s",
                        headers={"Retry-After": retry_after_header(wait)})
     return key
+
+
+async def require_key(request: Request, state: State) -> ApiKey:
+    return authenticate(state, request.client.host if request.client else "unknown",
+                        request.headers.get("authorization", ""))
 
 
 Caller = Annotated[ApiKey, Depends(require_key)]
@@ -85,16 +89,22 @@ def is_json_media_type(content_type: str) -> bool:
 
 
 async def require_json_body(request: Request) -> None:
+    check_media_type(request.method, request.headers.get("content-type"))
+
+
+def check_media_type(method: str, content_type: str | None) -> None:
     """415 for a request body declared as anything but JSON. Without a Content-Type the body is read as JSON."""
-    content_type = request.headers.get("content-type")
-    if request.method in ("POST", "PUT", "PATCH") and content_type is not None \
-            and not is_json_media_type(content_type):
+    if method in ("POST", "PUT", "PATCH") and content_type is not None and not is_json_media_type(content_type):
         shown = content_type if len(content_type) <= 80 else content_type[:80] + "..."
         raise ApiError(415, "unsupported_media_type",
                        f"send the body as application/json (Content-Type: application/json), not {shown!r}")
 
 
 async def get_publisher(state: State) -> EventPublisher:
+    return running_publisher(state)
+
+
+def running_publisher(state: AppState) -> EventPublisher:
     if state.publisher is None:
         raise ApiError(503, "not_ready", "the event publisher is not running")
     return state.publisher

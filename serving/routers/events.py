@@ -123,11 +123,25 @@ async def publish(publisher: Any, events: list[Checked]) -> str:
                        headers={"Retry-After": "10"}) from None
 
 
-def _accepted(event: Any, path: str) -> Response:
+def accepted_body(event: Any, path: str) -> bytes:
     """``{"event_id", "type", "durable"}``, written directly (a UUID, a type name and a path name need no
     escaping): the hot path does not build a dict for FastAPI to encode."""
-    body = f'{{"event_id":"{event.event_id}","type":"{event.type}","durable":"{path}"}}'
-    return Response(body.encode(), status_code=202, media_type="application/json")
+    return f'{{"event_id":"{event.event_id}","type":"{event.type}","durable":"{path}"}}'.encode()
+
+
+def _accepted(event: Any, path: str) -> Response:
+    return Response(accepted_body(event, path), status_code=202, media_type="application/json")
+
+
+async def accept_feedback(raw: bytes, state: State, publisher: Any) -> bytes:
+    """``POST /v1/feedback`` once the caller is authenticated: the 202 body, or an ApiError (the route below
+    and ``serving.hot_path`` both answer with this)."""
+    now = datetime.now(UTC)
+    try:  # the common body (the client set event_id and occurred_at): parsed and validated in one pass
+        event = checked(validate_feedback_json(raw), state, now)
+    except (ValidationError, ValueError):  # anything else takes the path that explains what is wrong
+        event = build_event(parse_json(raw), state, allowed=FEEDBACK_TYPES, now=now)
+    return accepted_body(event.event, await publish(publisher, [event]))
 
 
 _ACCEPTED = {202: {"description": "Durable (broker ack or fsynced spool)", "content": {"application/json": {
@@ -139,12 +153,8 @@ _ACCEPTED = {202: {"description": "Durable (broker ack or fsynced spool)", "cont
 @router.post("/feedback", status_code=202, summary="Log one feedback event", description=_DOC,
              responses=UNAVAILABLE | _ACCEPTED, openapi_extra=json_body(http_event_schema(TypeAdapter(Feedback))))
 async def post_feedback(request: Request, _caller: Caller, state: State, publisher: Publisher) -> Response:
-    raw, now = await request.body(), datetime.now(UTC)
-    try:  # the common body (the client set event_id and occurred_at): parsed and validated in one pass
-        event = checked(validate_feedback_json(raw), state, now)
-    except (ValidationError, ValueError):  # anything else takes the path that explains what is wrong
-        event = build_event(parse_json(raw), state, allowed=FEEDBACK_TYPES, now=now)
-    return _accepted(event.event, await publish(publisher, [event]))
+    return Response(await accept_feedback(await request.body(), state, publisher), status_code=202,
+                    media_type="application/json")
 
 
 @router.post("/turns", status_code=202, summary="Log a turn produced by an external chat service", description=_DOC,

@@ -159,6 +159,61 @@ def test_hostile_json_never_gets_a_5xx(client, path, data):
     assert_handled(client.post(path, content=body, headers=JSON))
 
 
+# -- the hot path answers exactly as the route does ----------------------------------------------------------
+
+def _comparable(r: Any) -> tuple[int, Any, dict[str, str]]:
+    """Status, body (the server-made event id masked) and the headers a client acts on."""
+    payload = r.json()
+    if r.status_code == 202:
+        payload = {**payload, "event_id": "<id>"}
+    headers = {k: r.headers[k] for k in ("content-type", "retry-after", "www-authenticate") if k in r.headers}
+    return r.status_code, payload, headers
+
+
+@pytest.fixture
+def twin_clients(settings: Settings, admin_secret: str) -> Iterator[tuple[TestClient, TestClient]]:
+    """The app with ``api.hot_path`` on and off; limits high enough that timing never tells them apart."""
+    settings.api.auth_failure_burst = settings.api.rate_burst = 100_000
+    off = settings.model_copy(deep=True)
+    off.api.hot_path = False
+    with TestClient(_tiny_app(settings)) as fast, TestClient(_tiny_app(off)) as routed:
+        for c in (fast, routed):
+            c.headers["Authorization"] = f"Bearer {admin_secret}"
+        yield fast, routed
+
+
+_IDS = {"conversation_id": "c1", "user_id": "u1", "model_version": "v1"}
+FEEDBACK = [THUMBS, {**_IDS, "type": "regenerate", "discarded_response_id": "r1"},
+            {**_IDS, "type": "correction", "response_id": "r1", "corrected_text": "a better answer than that"},
+            {**_IDS, "type": "pairwise", "response_a_id": "r1", "response_b_id": "r2", "choice": "tie"},
+            {**_IDS, "type": "implicit", "response_id": "r1", "action": "copy"}]
+
+
+@FUZZ_SETTINGS
+@given(data=st.data())
+def test_the_feedback_hot_path_answers_every_request_as_the_route_does(twin_clients, data):
+    """The same request to both apps (hostile bodies, valid events of every feedback type, wrong or missing keys,
+    other media types) gets the same answer: status, body (the server's event id masked), Retry-After and
+    WWW-Authenticate; and the metrics count the hot path's requests under the route's path."""
+    fast, routed = twin_clients
+    kind = data.draw(st.sampled_from(["hostile", "hostile", "valid", "key", "media"]), label="kind")
+    headers, body = dict(JSON), json.dumps(THUMBS).encode()
+    if kind == "hostile":
+        body = data.draw(hostile_bodies(THUMBS), label="body")
+    elif kind == "valid":
+        body = json.dumps(data.draw(st.sampled_from(FEEDBACK), label="event")).encode()
+    elif kind == "key":
+        headers["authorization"] = data.draw(st.sampled_from(["", "Bearer", "Bearer nope", "Basic abc", "bearer  x"]))
+    else:
+        headers["content-type"] = data.draw(st.sampled_from(
+            ["text/plain", "application/xml", "application/json; charset=utf-8", "application/problem+json",
+             "multipart/form-data; boundary=x", "x" * 200]), label="content-type")
+    a = fast.post("/v1/feedback", content=body, headers=headers)
+    b = routed.post("/v1/feedback", content=body, headers=headers)
+    assert _comparable(a) == _comparable(b), (a.text[:500], b.text[:500])
+    assert f'flywheel_http_requests_total{{route="/v1/feedback",status="{a.status_code}"}}' in fast.get("/metrics").text
+
+
 # -- schemathesis: every operation of the OpenAPI document ------------------------------------------------
 
 # schemathesis.pytest.from_fixture would make one test per operation, but it reads pytest internals that pytest 9
