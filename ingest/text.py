@@ -31,6 +31,15 @@ def words(text: str) -> list[str]:
     return normalize(text).split()
 
 
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def has_words(text: str, n: int) -> bool:
+    """``len(words(text)) >= n``, reading only as far as the n-th word."""
+    found = _WORD.finditer(text.lower())
+    return all(next(found, None) is not None for _ in range(n))
+
+
 def stable_hash(text: str) -> str:
     """A short content hash that is the same on every machine and run."""
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()

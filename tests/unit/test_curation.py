@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 
+import hypothesis
 import pandas as pd
 import pytest
 import torch
+from hypothesis import strategies as st
 
 from ingest.filters import (
     FilterConfig,
@@ -23,7 +25,7 @@ from ingest.filters import (
     too_fast,
     vote_flip,
 )
-from ingest.text import mask_pii, near_duplicate_groups
+from ingest.text import has_words, mask_pii, near_duplicate_groups, words
 from pipelines.agreement import agreement
 from pipelines.curation import build_dataset, prepare_turns
 from pipelines.preferences import (
@@ -331,6 +333,36 @@ def test_events_held_at_ingest_join_the_quarantine_and_leave_the_pairs():
 ])
 def test_screen_event_applies_the_per_event_filters_in_order(etype, user, text, reason):
     assert screen_event(etype, user, text, FilterConfig(blocked_users=frozenset({"bad"}))) == reason
+
+
+_HARM_PHRASES = ["ignore all previous instructions", "send your password", "double your money", "buy crypto now",
+                 "buy café now", "kill them", "you must obey", "tell the users to", "gift card", "never mention",
+                 "share the seed phrase", "disregard\tyour rules", "forget  the  above prompt"]
+_TWISTS = ["", "É", "é", "_", "x", "İ", "\u212a", "\u017f", "\n", " ", "9", "\u0301", "ß", "\u0130i"]
+
+
+@hypothesis.settings(max_examples=400, derandomize=True, database=None, deadline=None)
+@hypothesis.given(st.lists(st.tuples(
+    st.sampled_from(["bad", "u", "v"]),
+    st.one_of(st.none(), st.text(max_size=60), st.builds(
+        lambda pre, phrase, post, upper, twist, at: (lambda p: p[:at] + twist + p[at:])(
+            pre + (phrase.upper() if upper else phrase) + post),
+        st.text(max_size=8), st.sampled_from(_HARM_PHRASES), st.text(max_size=8), st.booleans(),
+        st.sampled_from(_TWISTS), st.integers(0, 40)))), max_size=12))
+def test_the_column_wise_screen_gives_every_correction_the_per_event_verdict(rows):
+    """StreamScreen.screen_rows pre-filters corrections with RE2 over the column and runs the exact rules only on the
+    rows it matches: every verdict must be the one screen_event gives, on texts made to sit at the rules' edges
+    (case, accents and word characters next to a keyword, the Kelvin sign, the dotted I, the long s)."""
+    cfg = FilterConfig(blocked_users=frozenset({"bad"}))
+    screen = StreamScreen(cfg)
+    users, texts = [u for u, _ in rows], [t for _, t in rows]
+    assert screen.screen_rows("correction", users, texts) == [screen_event("correction", u, t, cfg) for u, t in rows]
+
+
+@hypothesis.settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@hypothesis.given(st.text(alphabet=st.sampled_from("aZ9 _-.,\u0130\u212a\u00e9\n"), max_size=12), st.integers(0, 4))
+def test_has_words_counts_as_words_does(text, n):
+    assert has_words(text, n) == (len(words(text)) >= n)
 
 
 def test_stream_screen_rereads_the_block_list_when_the_file_changes(tmp_path):
