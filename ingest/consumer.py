@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import pyarrow as pa
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -49,8 +49,9 @@ from ingest.validation import QualityRules, check_batch, check_event
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
+    """One Kafka record (a named tuple: the consumer makes one per record, at a third of a frozen dataclass's cost)."""
+
     topic: str
     partition: int
     offset: int

@@ -120,6 +120,7 @@ COLUMNS: dict[str, list[Column]] = {t: [_column(n, i) for n, i in EVENT_MODELS[t
 PARSE_SCHEMAS = {t: pa.schema([pa.field(c.name, c.arrow_type) for c in cols]) for t, cols in COLUMNS.items()}
 # Inside a JSON string every quote is escaped, so this matches keys only: the first ``"type"`` key and its value.
 _TYPE_KEY = re.compile(rb'"type"\s*:\s*"([a-z]{1,20})"')
+_TYPE_NAMES = {t.encode(): t for t in PARSE_SCHEMAS}
 _MSG_ROLE = _column("role", Message.model_fields["role"])
 _MSG_CONTENT = _column("content", Message.model_fields["content"])
 # A field with a default other than None (schema_version): JSON null is not the default, so a null in the
@@ -261,12 +262,12 @@ def _text_chars(event_type: str, table: pa.Table) -> np.ndarray:
     return out
 
 
-def _to_lake(event_type: str, table: pa.Table, timestamps: pa.ChunkedArray, topics: list[str],
+def _to_lake(event_type: str, table: pa.Table, timestamps: pa.ChunkedArray, topics: pa.Array,
              partitions: np.ndarray, offsets: np.ndarray) -> pa.Table:
     columns = []
     for f in SCHEMAS[event_type]:
         if f.name == "kafka_topic":
-            columns.append(pa.array(topics, f.type))
+            columns.append(topics.cast(f.type))
         elif f.name == "kafka_partition":
             columns.append(pa.array(partitions, f.type))
         elif f.name == "kafka_offset":
@@ -297,11 +298,12 @@ def decode_batch(values: list[bytes | None], topics: list[str], partitions: list
     by_type: dict[str, list[int]] = {}
     for i in candidates:  # the type as written; the read below checks it (a wrong guess goes the slow way)
         m = _TYPE_KEY.search(raw[i])
-        if m is not None and (t := m.group(1).decode()) in PARSE_SCHEMAS:
+        if m is not None and (t := _TYPE_NAMES.get(m.group(1))) is not None:
             by_type.setdefault(t, []).append(i)
         else:
             out.slow.append(i)
     part = np.asarray(partitions, dtype=np.int32)
+    topic_column = pa.array(topics, pa.string())
     offs = np.asarray(offsets, dtype=np.int64)
     for event_type, positions in by_type.items():
         got, table = _read_rows(raw, positions, PARSE_SCHEMAS[event_type], "error", out.slow)
@@ -327,7 +329,7 @@ def decode_batch(values: list[bytes | None], topics: list[str], partitions: list
             continue
         picked = table.take(keep)
         positions_kept = np.asarray(got)[keep]
-        lake = _to_lake(event_type, picked, timestamps.take(pa.array(keep)), [topics[i] for i in positions_kept],
+        lake = _to_lake(event_type, picked, timestamps.take(pa.array(keep)), topic_column.take(positions_kept),
                         part[positions_kept], offs[positions_kept])
         out.tables[event_type] = lake
         if screen is not None:
