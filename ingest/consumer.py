@@ -257,11 +257,12 @@ def run_consumer(
             m.duplicates.inc(stats.duplicates)
             m.replayed.inc(stats.replayed)
 
-    def settle() -> tuple[Offsets, float | None]:
-        """Wait for the write in flight (raising its error): the offsets it made durable, and when it began."""
+    def settle() -> tuple[Offsets, float] | None:
+        """Wait for the write in flight (raising its error): the offsets it made durable, and when it began;
+        ``None`` when no write is in flight."""
         nonlocal in_flight
         if in_flight is None:
-            return {}, None
+            return None
         future, offsets, started = in_flight
         in_flight = None
         count(future.result())
@@ -277,13 +278,20 @@ def run_consumer(
     def make_durable() -> Offsets:
         """Everything processed so far: the write in flight finished, the rest flushed, the DLQ flushed; the
         offsets that are now safe to commit."""
-        offsets, _ = settle()
+        settled = settle()
+        offsets = settled[0] if settled else {}
         if pending:
             count(sink.flush())
             offsets.update(mark())
         if offsets:
             dlq.flush()
         return offsets
+
+    def commit_written(settled: tuple[Offsets, float] | None) -> None:
+        """Commit what a settled background write made durable, once the DLQ is flushed too."""
+        if settled:
+            dlq.flush()  # every dead letter sent so far, those of the records the write covers among them
+            commit(*settled)
 
     def commit(offsets: Offsets, started: float) -> None:
         source.commit(offsets)
@@ -300,12 +308,10 @@ def run_consumer(
             if offsets:
                 commit(offsets, started)
             return
-        done, began = settle()
-        if pending:
+        settled = settle()
+        if pending:  # the next write starts before the previous one's commit
             in_flight = (writer.submit(detachable.write, detachable.detach()), mark(), started)
-        if done:
-            dlq.flush()  # every dead letter sent so far, those of the records ``done`` covers among them
-            commit(done, began or started)
+        commit_written(settled)
 
     def handover() -> Offsets:  # partitions revoked: the source commits what this returns
         offsets = make_durable()
@@ -317,9 +323,7 @@ def run_consumer(
     try:
         while not stop.is_set():
             if in_flight is not None and in_flight[0].done():
-                done, began = settle()
-                dlq.flush()
-                commit(done, began or time.perf_counter())
+                commit_written(settle())
             records = source.poll()
             m.records_in.inc(len(records))
             handled = handle(records)

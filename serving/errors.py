@@ -51,9 +51,13 @@ def body(error: str, message: str, fields: list[dict[str, str]] | None = None) -
     return out
 
 
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(body(exc.error, exc.message, exc.fields), status_code=exc.status, headers=exc.headers)
+
+
 async def api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return JSONResponse(body(exc.error, exc.message, exc.fields), status_code=exc.status, headers=exc.headers)
+    return error_response(exc)
 
 
 async def request_validation_handler(_request: Request, exc: Exception) -> JSONResponse:

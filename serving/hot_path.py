@@ -11,24 +11,22 @@ route stays the documented one (OpenAPI) and answers when ``api.hot_path`` is of
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.requests import ClientDisconnect
 
 from serving.deps import AppState, authenticate, check_media_type, running_publisher
-from serving.errors import ApiError, body
+from serving.errors import ApiError, error_response
 from serving.routers.events import accept_feedback
 
 PATH = "/v1/feedback"
 _JSON = (b"content-type", b"application/json")
 
 
-async def _answer(send: Any, status: int, content: bytes, headers: dict[str, str] | None = None) -> None:
-    raw_headers = [_JSON, (b"content-length", str(len(content)).encode())]
-    if headers:
-        raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+async def _accepted(send: Any, content: bytes) -> None:
+    """The 202, sent as two ASGI messages (a Response object would cost more than the rest of the answer)."""
+    await send({"type": "http.response.start", "status": 202,
+                "headers": [_JSON, (b"content-length", str(len(content)).encode())]})
     await send({"type": "http.response.body", "body": content})
 
 
@@ -66,7 +64,5 @@ class FeedbackHotPath:
             publisher = running_publisher(self.state)
             content = await accept_feedback(await _read_body(receive), self.state, publisher)
         except ApiError as e:
-            error = json.dumps(body(e.error, e.message, e.fields), ensure_ascii=False, allow_nan=False,
-                               separators=(",", ":")).encode()
-            return await _answer(send, e.status, error, e.headers)
-        await _answer(send, 202, content)
+            return await error_response(e)(scope, receive, send)
+        await _accepted(send, content)

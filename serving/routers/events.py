@@ -129,8 +129,8 @@ def accepted_body(event: Any, path: str) -> bytes:
     return f'{{"event_id":"{event.event_id}","type":"{event.type}","durable":"{path}"}}'.encode()
 
 
-def _accepted(event: Any, path: str) -> Response:
-    return Response(accepted_body(event, path), status_code=202, media_type="application/json")
+def _accepted(content: bytes) -> Response:
+    return Response(content, status_code=202, media_type="application/json")
 
 
 async def accept_feedback(raw: bytes, state: State, publisher: Any) -> bytes:
@@ -153,8 +153,7 @@ _ACCEPTED = {202: {"description": "Durable (broker ack or fsynced spool)", "cont
 @router.post("/feedback", status_code=202, summary="Log one feedback event", description=_DOC,
              responses=UNAVAILABLE | _ACCEPTED, openapi_extra=json_body(http_event_schema(TypeAdapter(Feedback))))
 async def post_feedback(request: Request, _caller: Caller, state: State, publisher: Publisher) -> Response:
-    return Response(await accept_feedback(await request.body(), state, publisher), status_code=202,
-                    media_type="application/json")
+    return _accepted(await accept_feedback(await request.body(), state, publisher))
 
 
 @router.post("/turns", status_code=202, summary="Log a turn produced by an external chat service", description=_DOC,
@@ -165,7 +164,7 @@ async def post_turn(request: Request, _caller: Caller, state: State, publisher: 
     if isinstance(obj, dict):
         obj.setdefault("type", "turn")
     event = build_event(obj, state, allowed=("turn",), now=datetime.now(UTC))
-    return _accepted(event.event, await publish(publisher, [event]))
+    return _accepted(accepted_body(event.event, await publish(publisher, [event])))
 
 
 @router.post("/feedback/batch", status_code=202, summary="Log up to max_batch events (turns or feedback)",
