@@ -22,7 +22,6 @@ patterns, literals, defaults) and its :data:`flywheel.events.CROSS_FIELD_RULES`;
 
 from __future__ import annotations
 
-import io
 import re
 import types
 import typing
@@ -53,7 +52,7 @@ from ingest.validation import QualityRules, failing_rows
 
 # Canonical forms only (what every client library writes); anything else takes the per-record path, where
 # the models accept the other forms they know (upper-case or brace UUIDs, timestamps with a space, ...).
-_UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 _RFC3339 = (r"^(19[7-9][0-9]|2[0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
             r"(\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -127,6 +126,81 @@ _MSG_CONTENT = _column("content", Message.model_fields["content"])
 # column is only fine when the key was left out. Checked on the raw bytes of those rows only.
 _DEFAULTED = {t: [(c.name, f'"{c.name}"'.encode()) for c in cols if not c.required and not c.nullable
                   and c.kind != "literal"] for t, cols in COLUMNS.items()}
+_HEX = np.zeros(256, dtype=bool)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = True
+_UUID_DASHES = np.array([8, 13, 18, 23])
+_UUID_HEX = np.setdiff1d(np.arange(36), _UUID_DASHES)
+_CHAR_CLASS = re.compile(r"\^\[([^\]\\]+)\]\+\$")  # ^[...]+$ with no escapes in the class
+
+
+def _ascii_class(pattern: str) -> np.ndarray | None:
+    """For a pattern that is one character class repeated (``^[A-Za-z0-9._-]+$``), the bytes it allows, as a
+    lookup table: a value matches if it is not empty and every byte is allowed. Only ASCII bytes are ever
+    allowed, so a value with any other character goes to the regex's verdict through the slow path (the
+    table can only say no where the regex would say yes, never the other way round). ``None`` for any
+    other pattern."""
+    m = _CHAR_CLASS.fullmatch(pattern)
+    if m is None:
+        return None
+    klass = re.compile(f"[{m.group(1)}]")
+    return np.array([b < 128 and klass.fullmatch(chr(b)) is not None for b in range(256)])
+
+
+_CLASSES = {c.pattern: _ascii_class(c.pattern) for cols in COLUMNS.values() for c in cols if c.pattern}
+
+
+def _bytes_of(arr: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """The UTF-8 bytes of a string column and each row's (start, end) in them, without a copy per row."""
+    flat = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if len(flat) == 0:
+        return np.zeros(0, np.uint8), np.zeros(1, np.int32)
+    offsets = np.frombuffer(flat.buffers()[1], np.int32)[flat.offset:flat.offset + len(flat) + 1]
+    data = flat.buffers()[2]
+    raw = np.frombuffer(data, np.uint8)[offsets[0]:offsets[-1]] if data is not None else np.zeros(0, np.uint8)
+    return raw, offsets - offsets[0]
+
+
+def matches_pattern(arr: pa.ChunkedArray, pattern: str) -> np.ndarray:
+    """Which values match ``pattern`` (nulls: False). A one-class pattern is checked on the column's bytes
+    with a lookup table (one pass for the whole column); any other with RE2."""
+    lut = _CLASSES.get(pattern)
+    if lut is None:
+        return np.asarray(pc.fill_null(pc.match_substring_regex(arr, pattern), False).to_numpy(zero_copy_only=False),
+                          dtype=bool)
+    raw, offsets = _bytes_of(arr)
+    ok = offsets[1:] > offsets[:-1]
+    ok[np.searchsorted(offsets, np.flatnonzero(~lut[raw]), side="right") - 1] = False
+    return ok
+
+
+def canonical_uuids(arr: pa.ChunkedArray) -> np.ndarray:
+    """Which values are UUIDs in the canonical form (lower-case hex, dashes at 8, 13, 18, 23). A column of
+    36-byte values is checked as one 36-column byte matrix; otherwise RE2 decides."""
+    raw, offsets = _bytes_of(arr)
+    if len(offsets) < 2 or not (np.diff(offsets) == 36).all():
+        return np.asarray(pc.fill_null(pc.match_substring_regex(arr, UUID_PATTERN), False).to_numpy(zero_copy_only=False),
+                          dtype=bool)
+    grid = raw.reshape(-1, 36)
+    return np.asarray((grid[:, _UUID_DASHES] == ord("-")).all(axis=1) & _HEX[grid[:, _UUID_HEX]].all(axis=1), dtype=bool)
+
+
+def _rows_with_keys(joined: bytes, ends: np.ndarray, key: bytes) -> np.ndarray:
+    """The rows of a newline-joined batch (row ``r`` ends at ``ends[r]``) whose bytes may hold the object
+    key ``key``: written plainly, or spelt with an escape of an ASCII letter, digit or underscore
+    (``\\u0061``; JSON writers escape only other characters, so such an escape is rare and suspect)."""
+    flagged = np.zeros(len(ends), dtype=bool)
+    pos = joined.find(key)
+    while pos >= 0:
+        row = int(np.searchsorted(ends, pos, side="right"))
+        flagged[row] = True
+        pos = joined.find(key, int(ends[row])) if row + 1 < len(ends) else -1
+    buf = np.frombuffer(joined, np.uint8)
+    slashes = np.flatnonzero(buf[:-5] == ord("\\"))
+    if len(slashes):
+        escaped = slashes[(buf[slashes + 1] == ord("u")) & (buf[slashes + 2] == ord("0")) & (buf[slashes + 3] == ord("0"))
+                          & (buf[slashes + 4] >= ord("3")) & (buf[slashes + 4] <= ord("7"))]
+        flagged[np.searchsorted(ends, escaped, side="right")] = True
+    return flagged
 
 
 @dataclass
@@ -140,23 +214,28 @@ class Decoded:
     slow: list[int] = field(default_factory=list)
 
 
-def _read(values: list[bytes], schema: pa.Schema, unexpected: str) -> pa.Table | None:
+def _read(joined: bytes, rows: int, schema: pa.Schema, unexpected: str) -> pa.Table | None:
+    """``rows`` values joined by newlines, none of which holds a newline, as one table (``None``: the read
+    failed or did not give one row a value)."""
     try:
-        table = pj.read_json(io.BytesIO(b"\n".join(values)), read_options=pj.ReadOptions(use_threads=False),
+        table = pj.read_json(pa.BufferReader(joined), read_options=pj.ReadOptions(use_threads=False),
                              parse_options=pj.ParseOptions(explicit_schema=schema,
                                                            unexpected_field_behavior=unexpected))
     except (pa.ArrowInvalid, UnicodeDecodeError, ValueError):
         return None
-    return table if table.num_rows == len(values) else None  # blank or two objects on a line
+    return table if table.num_rows == rows else None  # blank or two objects on a line
 
 
 def _read_rows(values: list[bytes], rows: list[int], schema: pa.Schema, unexpected: str,
-               slow: list[int]) -> tuple[list[int], pa.Table | None]:
-    """Read ``rows`` of ``values``; a read that fails is bisected so that only the rows that fail alone go
-    to ``slow``. Returns the rows read, in order, and their table."""
+               slow: list[int], joined: bytes | None = None) -> tuple[list[int], pa.Table | None]:
+    """Read ``rows`` of ``values`` (``joined``: those values already joined by newlines); a read that fails
+    is bisected so that only the rows that fail alone go to ``slow``. Returns the rows read, in order, and
+    their table."""
     if not rows:
         return [], None
-    table = _read([values[i] for i in rows], schema, unexpected)
+    if joined is None:
+        joined = b"\n".join([values[i] for i in rows])
+    table = _read(joined, len(rows), schema, unexpected)
     if table is not None:
         return rows, table
     if len(rows) == 1:
@@ -169,24 +248,28 @@ def _read_rows(values: list[bytes], rows: list[int], schema: pa.Schema, unexpect
     return got_a + got_b, (pa.concat_tables(parts) if parts else None)
 
 
-def _ok_string(arr: pa.ChunkedArray, col: Column) -> pa.ChunkedArray:
-    ok = pc.is_valid(arr)
+def _ok_string(arr: pa.ChunkedArray, col: Column) -> np.ndarray:
+    """Which values of a string column meet ``col``'s constraints (a null: only where ``col`` allows it)."""
+    def mask(x: pa.ChunkedArray | pa.Array) -> np.ndarray:
+        return np.asarray(pc.fill_null(x, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+    valid = mask(pc.is_valid(arr))
+    ok = valid.copy()
     if col.kind == "literal":
-        ok = pc.and_(ok, pc.is_in(arr, value_set=pa.array(col.literals, pa.string())))
+        ok &= mask(pc.is_in(arr, value_set=pa.array(col.literals, pa.string())))
     elif col.kind == "uuid":
-        ok = pc.and_(ok, pc.match_substring_regex(arr, _UUID))
+        ok &= canonical_uuids(arr)
     elif col.kind == "time":
-        ok = pc.and_(ok, pc.match_substring_regex(arr, _RFC3339))
+        ok &= mask(pc.match_substring_regex(arr, _RFC3339))
     else:
         length = pc.utf8_length(arr)
         if col.min_len is not None:
-            ok = pc.and_(ok, pc.greater_equal(length, col.min_len))
+            ok &= mask(pc.greater_equal(length, col.min_len))
         if col.max_len is not None:
-            ok = pc.and_(ok, pc.less_equal(length, col.max_len))
+            ok &= mask(pc.less_equal(length, col.max_len))
         if col.pattern is not None:
-            ok = pc.and_(ok, pc.match_substring_regex(arr, col.pattern))
-    ok = pc.fill_null(ok, False)
-    return pc.or_(ok, pc.is_null(arr)) if col.nullable else ok
+            ok &= matches_pattern(arr, col.pattern)
+    return ok | ~valid if col.nullable else ok
 
 
 def _ok_messages(arr: pa.ChunkedArray, col: Column) -> np.ndarray:
@@ -201,18 +284,19 @@ def _ok_messages(arr: pa.ChunkedArray, col: Column) -> np.ndarray:
     flat = pc.list_flatten(arr)
     if len(flat):
         parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
-        good = pc.is_valid(flat)
+        good = pc.is_valid(flat).to_numpy(zero_copy_only=False)
         for sub, c in (("role", _MSG_ROLE), ("content", _MSG_CONTENT)):
-            good = pc.and_(good, _ok_string(pa.chunked_array([pc.struct_field(flat, sub)]), c))
-        bad = ~pc.fill_null(good, False).to_numpy(zero_copy_only=False)
+            good &= _ok_string(pa.chunked_array([pc.struct_field(flat, sub)]), c)
+        bad = ~good
         ok[np.unique(parents[bad])] = False
     if col.nullable:
         ok |= ~pc.is_valid(arr).to_numpy(zero_copy_only=False)
     return np.asarray(ok[:n], dtype=bool)
 
 
-def _accepted(event_type: str, table: pa.Table, raw: list[bytes]) -> np.ndarray:
-    """The rows the models would accept: every field constraint and cross-field rule, column-wise."""
+def _accepted(event_type: str, table: pa.Table, joined: bytes, ends: np.ndarray) -> np.ndarray:
+    """The rows the models would accept: every field constraint and cross-field rule, column-wise.
+    ``joined``: the rows' values joined by newlines, row ``r`` ending at ``ends[r]``."""
     ok = np.ones(table.num_rows, dtype=bool)
     n = table.num_rows
     alike: dict[Column, list[str]] = {}  # columns under the same constraints are checked as one array
@@ -220,8 +304,8 @@ def _accepted(event_type: str, table: pa.Table, raw: list[bytes]) -> np.ndarray:
         if col.kind in ("str", "uuid", "time") or (col.kind == "literal" and (col.required or col.nullable)):
             alike.setdefault(replace(col, name=""), []).append(col.name)
     for col, names in alike.items():
-        joined = pa.chunked_array([c for name in names for c in table.column(name).chunks], pa.string())
-        ok &= _ok_string(joined, col).to_numpy(zero_copy_only=False).reshape(len(names), n).all(axis=0)
+        stacked = pa.chunked_array([c for name in names for c in table.column(name).chunks], pa.string())
+        ok &= _ok_string(stacked, col).reshape(len(names), n).all(axis=0)
     for col in COLUMNS[event_type]:
         arr = table.column(col.name)
         if col.kind == "messages":
@@ -231,9 +315,9 @@ def _accepted(event_type: str, table: pa.Table, raw: list[bytes]) -> np.ndarray:
             ok &= ~given | pc.fill_null(pc.is_in(arr, value_set=pa.array(sorted(SUPPORTED_VERSIONS), pa.int64())),
                                         False).to_numpy(zero_copy_only=False)
     for name, key in _DEFAULTED[event_type]:  # null given explicitly is not the default
-        for i in np.flatnonzero(ok & ~pc.is_valid(table.column(name)).to_numpy(zero_copy_only=False)):
-            if key in raw[i] or b"\\u" in raw[i]:  # the key, or an escape that may spell it
-                ok[i] = False
+        missing = ok & ~pc.is_valid(table.column(name)).to_numpy(zero_copy_only=False)
+        if missing.any():
+            ok &= ~(missing & _rows_with_keys(joined, ends, key))
     for rule in CROSS_FIELD_RULES.get(event_type, ()):
         a, b = table.column(rule.a), table.column(rule.b)
         if isinstance(rule, Differ):
@@ -281,6 +365,18 @@ def _to_lake(event_type: str, table: pa.Table, timestamps: pa.ChunkedArray, topi
     return pa.Table.from_arrays(columns, schema=SCHEMAS[event_type])
 
 
+def _joined(values: list[bytes], rows: list[int], slow: list[int]) -> tuple[bytes, list[int]]:
+    """``rows`` of ``values`` joined by newlines, for a newline-delimited read; a value that holds a line
+    break itself (it would split into two rows) goes to ``slow``, and the rest are returned."""
+    joined = b"\n".join([values[i] for i in rows])
+    if b"\r" not in joined and np.count_nonzero(np.frombuffer(joined, np.uint8) == ord("\n")) == len(rows) - 1:
+        return joined, rows
+    broken = {i for i in rows if b"\n" in values[i] or b"\r" in values[i]}
+    slow.extend(broken)
+    rows = [i for i in rows if i not in broken]
+    return b"\n".join([values[i] for i in rows]), rows
+
+
 def decode_batch(values: list[bytes | None], topics: list[str], partitions: list[int], offsets: list[int],
                  rules: QualityRules, now: datetime | None = None,
                  screen: Callable[[str, list[str], list[str] | None], list[str | None]] | None = None) -> Decoded:
@@ -288,28 +384,41 @@ def decode_batch(values: list[bytes | None], topics: list[str], partitions: list
     gives each accepted row's hold reason or ``None`` (``ingest.filters.StreamScreen.screen_rows``)."""
     now = now or datetime.now(UTC)
     out = Decoded()
-    candidates: list[int] = []
-    for i, v in enumerate(values):
-        if v is None or len(v) > MAX_RECORD_BYTES or b"\n" in v or b"\r" in v:
-            out.slow.append(i)
-        else:
-            candidates.append(i)
     raw: list[bytes] = values  # type: ignore[assignment]  # None only at positions in out.slow
+    candidates: list[int] | range = range(len(values))
+    if None in values:
+        lengths = np.array([-1 if v is None else len(v) for v in values], dtype=np.int64)
+    else:
+        lengths = np.fromiter(map(len, raw), np.int64, len(raw))
+    if len(values) and (lengths.min() < 0 or lengths.max() > MAX_RECORD_BYTES):
+        fits = (lengths >= 0) & (lengths <= MAX_RECORD_BYTES)
+        candidates = np.flatnonzero(fits).tolist()
+        out.slow.extend(np.flatnonzero(~fits).tolist())
+    # The type as written (a wrong guess goes the slow way: the read checks it again); the search is the one
+    # step taken per record.
+    names = np.array([m.group(1) if (m := _TYPE_KEY.search(raw[i])) is not None else b"" for i in candidates],
+                     dtype="S20")
+    where = np.asarray(candidates, dtype=np.int64)
+    known = np.zeros(len(names), dtype=bool)
     by_type: dict[str, list[int]] = {}
-    for i in candidates:  # the type as written; the read below checks it (a wrong guess goes the slow way)
-        m = _TYPE_KEY.search(raw[i])
-        if m is not None and (t := _TYPE_NAMES.get(m.group(1))) is not None:
-            by_type.setdefault(t, []).append(i)
-        else:
-            out.slow.append(i)
+    for name, t in _TYPE_NAMES.items():
+        hit = names == name
+        if hit.any():
+            by_type[t] = where[hit].tolist()
+            known |= hit
+    out.slow.extend(where[~known].tolist())
     part = np.asarray(partitions, dtype=np.int32)
     topic_column = pa.array(topics, pa.string())
     offs = np.asarray(offsets, dtype=np.int64)
     for event_type, positions in by_type.items():
-        got, table = _read_rows(raw, positions, PARSE_SCHEMAS[event_type], "error", out.slow)
+        joined, positions = _joined(raw, positions, out.slow)
+        got, table = _read_rows(raw, positions, PARSE_SCHEMAS[event_type], "error", out.slow, joined)
         if table is None:
             continue
-        ok = _accepted(event_type, table, [raw[i] for i in got])
+        if got is not positions:  # a row failed to read: the rest are joined again
+            joined = b"\n".join([raw[i] for i in got])
+        ends = np.cumsum(lengths[got] + 1)
+        ok = _accepted(event_type, table, joined, ends)
         ok &= pc.fill_null(pc.equal(table.column("type"), event_type), False).to_numpy(zero_copy_only=False)
         try:  # the pattern makes this all but certain; a failure sends the whole group down the slow path
             timestamps = pc.cast(pc.if_else(pa.array(ok), table.column("occurred_at"), "2000-01-01T00:00:00Z"),

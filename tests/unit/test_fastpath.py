@@ -13,11 +13,13 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest.consumer import Held, Record, Rejected, handle_batch, validate_records
-from ingest.fastpath import COLUMNS, decode_batch
+from ingest.fastpath import COLUMNS, UUID_PATTERN, canonical_uuids, decode_batch, matches_pattern
 from ingest.filters import FilterConfig, StreamScreen
 from ingest.lake import events_table
 from ingest.validation import QualityRules
@@ -53,6 +55,10 @@ ODD_VALUES = [
     [{"role": "user", "content": "hi"}], [{"role": "user"}], [{"role": "bot", "content": "x"}],
     [{"role": "user", "content": "x", "extra": 1}], [None], [{"role": "user", "content": None}],
     [{"role": "user", "content": "y" * 301}],
+    "conv:7@eu/a.b_c-d", "r1 ", "é", "r\u00e91", "r1\t", "0" * 36, "0" * 128, "0" * 129,
+    str(uuid.uuid4())[:-1] + "g", str(uuid.uuid4()).replace("-", "")[:32] + "----",
+    "-".join([uuid.uuid4().hex[:8], uuid.uuid4().hex[:5], uuid.uuid4().hex[:3], uuid.uuid4().hex[:4],
+              uuid.uuid4().hex[:12]]),
 ]
 
 
@@ -69,14 +75,21 @@ def mutated(draw: st.DrawFn) -> bytes:
             del ev[name]
         else:
             ev[name] = draw(st.sampled_from(ODD_VALUES))
-    encoding = draw(st.sampled_from(["compact", "spaced", "ascii", "indent", "escaped_key", "dup_key"]))
+    encoding = draw(st.sampled_from(["compact", "spaced", "ascii", "indent", "crlf", "trailing_newline",
+                                     "escaped_key", "escaped_value", "dup_key"]))
     if encoding == "compact":
         return json.dumps(ev, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
     if encoding == "spaced":
         return json.dumps(ev, ensure_ascii=False).encode("utf-8", "surrogatepass")
     if encoding == "indent":
         return json.dumps(ev, indent=1).encode()
+    if encoding == "crlf":
+        return json.dumps(ev, indent=1).replace("\n", "\r\n").encode()
+    if encoding == "trailing_newline":
+        return json.dumps(ev).encode() + b"\n"
     text = json.dumps(ev)
+    if encoding == "escaped_value":  # an escape of a letter in a value, not in a key
+        text = text.replace('"r1"', '"\\u00721"')
     if encoding == "escaped_key":  # a key spelt with an escape is the same key to every JSON reader
         text = text.replace('"schema_version"', '"schema_versio\\u006e"').replace('"reason"', '"re\\u0061son"')
     if encoding == "dup_key":
@@ -164,3 +177,43 @@ def test_a_small_batch_goes_record_by_record() -> None:
     recs = records([json.dumps(event("thumbs")).encode() for _ in range(3)])
     handled = handle_batch(recs, RULES, NOW)
     assert not handled.tables and len(handled.verdicts) == 3
+
+
+def test_text_escaped_as_ascii_takes_the_fast_path() -> None:
+    texts = ["Café crème", "中文的回答", "emoji 😀 and ÄÖü", "tab\tand\nnewline", "quote \" and back\\slash"]
+    values = [json.dumps({**event("correction"), "corrected_text": t + " is the better answer."}).encode()
+              for t in texts]
+    assert all(b"\\u" in v or b"\\t" in v or b'\\"' in v for v in values)
+    assert assert_fast_rows_match_the_models(values) == len(values)
+
+
+def test_a_line_break_inside_a_value_sends_only_that_value_down_the_per_record_path() -> None:
+    good = [json.dumps(event(t)).encode() for t in sorted(BASE) for _ in range(3)]
+    broken = [json.dumps(event("thumbs"), indent=1).encode(),
+              json.dumps(event("thumbs"), indent=1).replace("\n", "\r\n").encode(),
+              json.dumps(event("thumbs")).encode() + b"\r"]
+    values = good[:4] + broken[:1] + good[4:10] + broken[1:] + good[10:]
+    recs = records(values)
+    decoded = decode_batch(values, [r.topic for r in recs], [r.partition for r in recs], [r.offset for r in recs],
+                           RULES, NOW)
+    assert decoded.slow == [4, 11, 12]
+    assert assert_fast_rows_match_the_models(values) == len(good)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from("aZ09._:@/- \n\té😀\x00"), max_size=6) | st.none(), max_size=12))
+def test_one_class_patterns_are_checked_bytewise_as_the_regex_would(texts: list[str | None]) -> None:
+    pattern = next(c.pattern for c in COLUMNS["turn"] if c.pattern)
+    column = pa.chunked_array([pa.array(texts[:3], pa.string()), pa.array(texts[3:], pa.string())])
+    by_regex = pc.fill_null(pc.match_substring_regex(column, pattern), False).to_numpy(zero_copy_only=False)
+    assert matches_pattern(column, pattern).tolist() == by_regex.tolist()
+    assert matches_pattern(column.slice(1), pattern).tolist() == by_regex[1:].tolist()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from("0af9AFg-"), min_size=35, max_size=37)
+                | st.uuids().map(str) | st.none(), max_size=8))
+def test_canonical_uuids_are_checked_bytewise_as_the_regex_would(texts: list[str | None]) -> None:
+    column = pa.chunked_array([pa.array(texts, pa.string())])
+    by_regex = pc.fill_null(pc.match_substring_regex(column, UUID_PATTERN), False).to_numpy(zero_copy_only=False)
+    assert canonical_uuids(column).tolist() == by_regex.tolist()
