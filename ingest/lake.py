@@ -289,32 +289,23 @@ class LakeSink:
                 written: dict[str, str] = {}
                 for prefix, parts in sorted(by_prefix.items()):
                     table = pa.concat_tables(parts)
-                    table = table.take(pc.sort_indices(table.column("kafka_offset")))
+                    offsets = table.column("kafka_offset").to_numpy()
+                    if (np.diff(offsets) < 0).any():
+                        table = table.take(pc.sort_indices(table.column("kafka_offset")))
                     existing = self._ids_in(prefix)
                     key = f"{prefix}/{name}"
-                    keep = np.zeros(table.num_rows, dtype=bool)
-                    kept_ids, replayed = [], 0
-                    for i, eid in enumerate(table.column("event_id").to_pylist()):
-                        if eid in seen:  # twice in this flush
-                            stats.duplicates += 1
-                            continue
-                        prior = recent.get(eid)
-                        if prior is None and eid in existing:
-                            prior = f"{prefix}/{existing[eid]}"
-                        if prior is not None and prior != key:  # already in the lake, in another file
-                            stats.duplicates += 1
-                            continue
-                        if prior is not None:  # a replayed offset range: the same file is written again
-                            replayed += 1
-                        seen[eid] = key
-                        kept_ids.append(eid)
-                        keep[i] = True
+                    ids = table.column("event_id").to_pylist()
+                    if (len(set(ids)) == len(ids) and seen.keys().isdisjoint(ids) and recent.keys().isdisjoint(ids)
+                            and existing.keys().isdisjoint(ids)):  # the usual case: every id is new
+                        keep, kept_ids, replayed = np.ones(len(ids), dtype=bool), ids, 0
+                        seen.update(dict.fromkeys(ids, key))
+                    else:
+                        keep, kept_ids, replayed = self._dedupe(ids, prefix, key, seen, recent, existing, stats)
                     if not kept_ids:
                         continue
                     files.append((key, parquet_bytes(table.filter(keep) if not keep.all() else table)))
-                    for eid in kept_ids:
-                        existing[eid] = name
-                        written[eid] = key
+                    existing.update(dict.fromkeys(kept_ids, name))
+                    written.update(dict.fromkeys(kept_ids, key))
                     stats.written += len(kept_ids) - replayed
                     stats.replayed += replayed
                     stats.files.append(key)
@@ -331,10 +322,36 @@ class LakeSink:
                 for prefix in {k.rsplit("/", 1)[0] for k, _ in files}:
                     self._index.pop(prefix, None)
                 raise
-            new_ids = [eid for eid in seen if eid not in recent]
+            new_ids = list(seen.keys() - recent.keys())
             recent.update(seen)
             self._recent_by_hour.setdefault(now_hour, []).extend(new_ids)
         return stats
+
+    @staticmethod
+    def _dedupe(ids: list[str], prefix: str, key: str, seen: dict[str, str], recent: dict[str, str],
+                existing: dict[str, str], stats: FlushStats) -> tuple[np.ndarray, list[str], int]:
+        """Which of ``ids`` (rows bound for data file ``key``) to write: not twice in this flush (``seen``),
+        not already in another file of the lake (``recent``, the window's index, or ``existing``, the
+        lake partition's). An id already in ``key`` itself is a replayed offset range, written again.
+        Returns the rows to keep, their ids and how many of them were replayed."""
+        keep = np.zeros(len(ids), dtype=bool)
+        kept_ids, replayed = [], 0
+        for i, eid in enumerate(ids):
+            if eid in seen:  # twice in this flush
+                stats.duplicates += 1
+                continue
+            prior = recent.get(eid)
+            if prior is None and eid in existing:
+                prior = f"{prefix}/{existing[eid]}"
+            if prior is not None and prior != key:  # already in the lake, in another file
+                stats.duplicates += 1
+                continue
+            if prior is not None:  # a replayed offset range: the same file is written again
+                replayed += 1
+            seen[eid] = key
+            kept_ids.append(eid)
+            keep[i] = True
+        return keep, kept_ids, replayed
 
     def _maintain_index(self, now_hour: datetime) -> None:
         """Once an hour: compact the id index of past hours into one file each, delete hours outside the
