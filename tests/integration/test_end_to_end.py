@@ -118,9 +118,16 @@ def test_sigkilled_consumer_restarts_and_still_writes_exactly_once(settings, sam
             proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert kills >= 1, "the consumer finished before it could be killed; make the stream longer"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "last-consumer.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen([*cmd[:3], "-v", *cmd[3:]], env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
         rows = wait_for_rows(settings, 12_000)
+        # the lake may be complete before this consumer is even up; it is stopped once it runs (a SIGTERM
+        # before the CLI set its handler would kill it, which says nothing about a clean stop)
+        deadline = time.monotonic() + 60
+        while b"consuming" not in log.read_bytes() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, "SIGTERM must stop the consumer cleanly"
