@@ -261,11 +261,12 @@ def stage_costs(settings: Settings, n: int, home: Path) -> dict[str, float]:
         for recs in consumer.poll(timeout_ms=500).values():
             records.extend(Record(r.topic, r.partition, r.offset, r.key, r.value) for r in recs)
     consumer.close()
+    step = settings.ingest.batch_records  # the batches the consumer gathers under load
     t0 = time.perf_counter()
-    polls = [handle_batch(records[i:i + 2000], QualityRules()) for i in range(0, len(records), 2000)]
+    polls = [handle_batch(records[i:i + step], QualityRules()) for i in range(0, len(records), step)]
     t1 = time.perf_counter()
     sink = LakeSink(LocalStorage(home / "stage-lake"))
-    every = max(1, settings.ingest.commit_every // 2000)
+    every = max(1, settings.ingest.commit_every // step)
     for i in range(0, len(polls), every):  # flushes of the size the consumer commits under load
         for handled in polls[i:i + every]:
             for event_type, table in handled.tables.items():
