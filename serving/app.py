@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp
 
 from flywheel.settings import Settings, get_settings
 from ingest.producer import EventPublisher
@@ -28,7 +30,7 @@ from serving.errors import (
     unhandled_error_handler,
 )
 from serving.generation_pool import GenerationPool
-from serving.middleware import BodyLimitMiddleware, MetricsMiddleware
+from serving.middleware import BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
 from serving.policy import PolicyHandle
 from serving.routers import admin, chat, events, ops, review
 from serving.security import KeyRing, RateLimiter
@@ -81,7 +83,7 @@ def create_app(
                 owned.close()
                 state.publisher = None
 
-    app = FastAPI(title="rlhf-flywheel", version="0.1.0", lifespan=lifespan,
+    app = _Api(title="rlhf-flywheel", version="0.1.0", lifespan=lifespan,
                   description="Feedback ingestion for chat models. Event contract: GET /v1/schema.")
     app.state.flywheel = state
     app.add_exception_handler(ApiError, api_error_handler)
@@ -90,13 +92,26 @@ def create_app(
     app.add_exception_handler(Exception, unhandled_error_handler)
     for router in (ops.router, events.router, chat.router, admin.router, review.router):
         app.include_router(router, dependencies=[Depends(require_json_body)])
-    if settings.api.hot_path:  # innermost: the body limit and the metrics still see its requests
+    metrics = HttpMetrics(registry)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if settings.api.hot_path:  # in front of everything; it does the body limit and the metrics itself
         route = next(r for r in app.routes if getattr(r, "path", None) == hot_path.PATH
                      and "POST" in getattr(r, "methods", ()))
-        app.add_middleware(hot_path.FeedbackHotPath, state=state, route=route)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.api.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, registry=registry)
+        app.front = partial(hot_path.FeedbackHotPath, state=state, route=route,
+                            max_body_bytes=settings.api.max_body_bytes, metrics=metrics)
     return app
+
+
+class _Api(FastAPI):
+    """FastAPI with an optional ASGI application in front of its whole middleware stack (Starlette's error
+    handler included): ``front(stack)`` gets every request first."""
+
+    front: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return self.front(stack) if self.front is not None else stack
 
 
 def app_state(app: Any) -> AppState:

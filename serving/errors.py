@@ -77,13 +77,18 @@ async def http_exception_handler(_request: Request, exc: Exception) -> JSONRespo
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """Last resort: a bug answers a JSON 500 that names a log entry, never the traceback (which is logged)."""
+    return unhandled_response(request.method, request.url.path, exc)
+
+
+def unhandled_response(method: str, path: str, exc: Exception) -> JSONResponse:
+    """:func:`unhandled_error_handler`'s answer to ``exc`` on ``method path``: 499 for a client that hung up
+    mid-body, else a 500 naming the incident under which the traceback was logged."""
     from starlette.requests import ClientDisconnect
 
     if isinstance(exc, ClientDisconnect):  # the client hung up mid-body: nobody to answer, nothing went wrong
-        log.info("client disconnected during %s %s", request.method, request.url.path)
+        log.info("client disconnected during %s %s", method, path)
         return JSONResponse(body("client_closed_request", "the client closed the connection"), status_code=499)
     incident = uuid.uuid4().hex[:12]
-    log.error("unhandled %s on %s %s (incident %s)", type(exc).__name__, request.method, request.url.path, incident,
-              exc_info=exc)
+    log.error("unhandled %s on %s %s (incident %s)", type(exc).__name__, method, path, incident, exc_info=exc)
     return JSONResponse(body("internal_error", f"the server failed to handle this request; it was logged as "
                                                f"incident {incident}"), status_code=500)

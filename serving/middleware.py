@@ -15,11 +15,25 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def _send_json(send: Any, status: int, payload: dict[str, Any]) -> None:
+async def send_json(send: Any, status: int, payload: dict[str, Any]) -> None:
     data = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
+
+
+def body_too_large(max_bytes: int) -> dict[str, str]:
+    """The 413 body of a request over the size limit."""
+    return {"error": "body_too_large",
+            "message": f"request body exceeds {max_bytes} bytes; split it into smaller requests"}
+
+
+def declared_too_large(scope: Scope, max_bytes: int) -> bool:
+    """Whether the request's Content-Length alone puts it over ``max_bytes``."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
+            return True
+    return False
 
 
 class BodyLimitMiddleware:
@@ -31,11 +45,8 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = {"error": "body_too_large",
-                     "message": f"request body exceeds {self.max_bytes} bytes; split it into smaller requests"}
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                return await _send_json(send, 413, too_large)
+        if declared_too_large(scope, self.max_bytes):
+            return await send_json(send, 413, body_too_large(self.max_bytes))
         seen = 0
         started = False
 
@@ -58,17 +69,34 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await _send_json(send, 413, too_large)
+                await send_json(send, 413, body_too_large(self.max_bytes))
 
 
-class MetricsMiddleware:
-    def __init__(self, app: Any, registry: CollectorRegistry):
-        self.app = app
+class HttpMetrics:
+    """Requests by route and status, and their latency by route (``/metrics``)."""
+
+    def __init__(self, registry: CollectorRegistry):
         self.requests = Counter("flywheel_http_requests_total", "HTTP requests", ["route", "status"],
                                 registry=registry)
         self.latency = Histogram("flywheel_http_request_seconds", "HTTP request latency", ["route"],
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10),
                                  registry=registry)
+
+        # label lookups cost more than the counting itself: each (route, status) child is looked up once
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        children = self._children.get((route, status))
+        if children is None:
+            children = self._children[(route, status)] = (self.requests.labels(route, str(status)),
+                                                           self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
+
+
+class MetricsMiddleware:
+    def __init__(self, app: Any, metrics: HttpMetrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -86,6 +114,4 @@ class MetricsMiddleware:
             await self.app(scope, receive, tracking_send)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            self.requests.labels(path, str(status)).inc()
-            self.latency.labels(path).observe(time.perf_counter() - started)
+            self.metrics.observe(getattr(route, "path", "unmatched"), status, time.perf_counter() - started)

@@ -214,6 +214,40 @@ def test_the_feedback_hot_path_answers_every_request_as_the_route_does(twin_clie
     assert f'flywheel_http_requests_total{{route="/v1/feedback",status="{a.status_code}"}}' in fast.get("/metrics").text
 
 
+def test_the_hot_path_limits_sizes_and_answers_failures_as_the_stack_does(twin_clients, settings, monkeypatch):
+    """What the layers behind the hot path did for it, it now does itself, the same way: a body over the
+    limit (declared, or streamed without a length, before or after the other checks) is a 413, and a failure
+    no handler expected is the logged 500 naming its incident; the metrics count both under the route."""
+    fast, routed = twin_clients
+    limit = settings.api.max_body_bytes
+    huge = b'{"type": "thumbs", "reason": "' + b"x" * limit + b'"}'
+    cases: list[tuple[bytes | list[bytes], dict[str, str]]] = [
+        (huge, dict(JSON)),
+        (huge, {**JSON, "content-type": "text/plain", "authorization": "Bearer nope"}),  # 413 before 415 and 401
+        ([huge[:1000], huge[1000:]], dict(JSON)),  # streamed in chunks: no Content-Length
+    ]
+    for content, headers in cases:
+        a = fast.post("/v1/feedback", content=content if isinstance(content, bytes) else iter(content),
+                      headers=headers)
+        b = routed.post("/v1/feedback", content=content if isinstance(content, bytes) else iter(content),
+                        headers=headers)
+        assert a.status_code == 413 and _comparable(a) == _comparable(b), (a.text[:300], b.text[:300])
+
+    async def broken(*_args: Any) -> str:
+        raise RuntimeError("a bug in the publisher")
+
+    monkeypatch.setattr("serving.routers.events.publish", broken)
+    a = fast.post("/v1/feedback", content=json.dumps(THUMBS).encode(), headers=JSON)
+    # Starlette's error middleware answers, then raises the exception on for the server to log
+    routed_quiet = TestClient(routed.app, raise_server_exceptions=False, headers=dict(routed.headers))
+    b = routed_quiet.post("/v1/feedback", content=json.dumps(THUMBS).encode(), headers=JSON)
+    assert a.status_code == b.status_code == 500
+    assert a.json()["error"] == b.json()["error"] == "internal_error" and "incident" in a.json()["message"]
+    metrics = fast.get("/metrics").text
+    for status in (413, 500):
+        assert f'flywheel_http_requests_total{{route="/v1/feedback",status="{status}"}}' in metrics
+
+
 # -- schemathesis: every operation of the OpenAPI document ------------------------------------------------
 
 # schemathesis.pytest.from_fixture would make one test per operation, but it reads pytest internals that pytest 9
