@@ -21,6 +21,7 @@ to the same answers.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -30,6 +31,8 @@ from serving.deps import AppState, authenticate, check_media_type, running_publi
 from serving.errors import ApiError, error_response, unhandled_response
 from serving.middleware import HttpMetrics, body_too_large, declared_too_large, send_json
 from serving.routers.events import accept_feedback
+
+log = logging.getLogger(__name__)
 
 PATH = "/v1/feedback"
 _JSON = (b"content-type", b"application/json")
@@ -78,6 +81,7 @@ class FeedbackHotPath:
             await self._answer(scope, receive, tracking_send)
         except Exception as e:
             if began:  # the answer began: nothing more can be said (the server closes the connection)
+                log.error("unhandled %s on POST %s after the answer began", type(e).__name__, PATH, exc_info=e)
                 raise
             await unhandled_response("POST", PATH, e)(scope, receive, tracking_send)
         finally:
