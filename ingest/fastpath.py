@@ -123,7 +123,7 @@ _TYPE_NAMES = {t.encode(): t for t in PARSE_SCHEMAS}
 _MSG_ROLE = _column("role", Message.model_fields["role"])
 _MSG_CONTENT = _column("content", Message.model_fields["content"])
 # A field with a default other than None (schema_version): JSON null is not the default, so a null in the
-# column is only fine when the key was left out. Checked on the raw bytes of those rows only.
+# column is only fine when the key was left out. Checked on the batch's raw bytes (``_rows_with_keys``).
 _DEFAULTED = {t: [(c.name, f'"{c.name}"'.encode()) for c in cols if not c.required and not c.nullable
                   and c.kind != "literal"] for t, cols in COLUMNS.items()}
 _HEX = np.zeros(256, dtype=bool)
@@ -149,6 +149,11 @@ def _ascii_class(pattern: str) -> np.ndarray | None:
 _CLASSES = {c.pattern: _ascii_class(c.pattern) for cols in COLUMNS.values() for c in cols if c.pattern}
 
 
+def _mask(x: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A boolean Arrow result as a numpy mask, nulls False."""
+    return np.asarray(pc.fill_null(x, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
 def _bytes_of(arr: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """The UTF-8 bytes of a string column and each row's (start, end) in them, without a copy per row."""
     flat = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
@@ -165,8 +170,7 @@ def matches_pattern(arr: pa.ChunkedArray, pattern: str) -> np.ndarray:
     with a lookup table (one pass for the whole column); any other with RE2."""
     lut = _CLASSES.get(pattern)
     if lut is None:
-        return np.asarray(pc.fill_null(pc.match_substring_regex(arr, pattern), False).to_numpy(zero_copy_only=False),
-                          dtype=bool)
+        return _mask(pc.match_substring_regex(arr, pattern))
     raw, offsets = _bytes_of(arr)
     ok = offsets[1:] > offsets[:-1]
     ok[np.searchsorted(offsets, np.flatnonzero(~lut[raw]), side="right") - 1] = False
@@ -178,8 +182,7 @@ def canonical_uuids(arr: pa.ChunkedArray) -> np.ndarray:
     36-byte values is checked as one 36-column byte matrix; otherwise RE2 decides."""
     raw, offsets = _bytes_of(arr)
     if len(offsets) < 2 or not (np.diff(offsets) == 36).all():
-        return np.asarray(pc.fill_null(pc.match_substring_regex(arr, UUID_PATTERN), False).to_numpy(zero_copy_only=False),
-                          dtype=bool)
+        return _mask(pc.match_substring_regex(arr, UUID_PATTERN))
     grid = raw.reshape(-1, 36)
     return np.asarray((grid[:, _UUID_DASHES] == ord("-")).all(axis=1) & _HEX[grid[:, _UUID_HEX]].all(axis=1), dtype=bool)
 
@@ -250,23 +253,20 @@ def _read_rows(values: list[bytes], rows: list[int], schema: pa.Schema, unexpect
 
 def _ok_string(arr: pa.ChunkedArray, col: Column) -> np.ndarray:
     """Which values of a string column meet ``col``'s constraints (a null: only where ``col`` allows it)."""
-    def mask(x: pa.ChunkedArray | pa.Array) -> np.ndarray:
-        return np.asarray(pc.fill_null(x, False).to_numpy(zero_copy_only=False), dtype=bool)
-
-    valid = mask(pc.is_valid(arr))
+    valid = _mask(pc.is_valid(arr))
     ok = valid.copy()
     if col.kind == "literal":
-        ok &= mask(pc.is_in(arr, value_set=pa.array(col.literals, pa.string())))
+        ok &= _mask(pc.is_in(arr, value_set=pa.array(col.literals, pa.string())))
     elif col.kind == "uuid":
         ok &= canonical_uuids(arr)
     elif col.kind == "time":
-        ok &= mask(pc.match_substring_regex(arr, _RFC3339))
+        ok &= _mask(pc.match_substring_regex(arr, _RFC3339))
     else:
         length = pc.utf8_length(arr)
         if col.min_len is not None:
-            ok &= mask(pc.greater_equal(length, col.min_len))
+            ok &= _mask(pc.greater_equal(length, col.min_len))
         if col.max_len is not None:
-            ok &= mask(pc.less_equal(length, col.max_len))
+            ok &= _mask(pc.less_equal(length, col.max_len))
         if col.pattern is not None:
             ok &= matches_pattern(arr, col.pattern)
     return ok | ~valid if col.nullable else ok

@@ -294,13 +294,8 @@ class LakeSink:
                         table = table.take(pc.sort_indices(table.column("kafka_offset")))
                     existing = self._ids_in(prefix)
                     key = f"{prefix}/{name}"
-                    ids = table.column("event_id").to_pylist()
-                    if (len(set(ids)) == len(ids) and seen.keys().isdisjoint(ids) and recent.keys().isdisjoint(ids)
-                            and existing.keys().isdisjoint(ids)):  # the usual case: every id is new
-                        keep, kept_ids, replayed = np.ones(len(ids), dtype=bool), ids, 0
-                        seen.update(dict.fromkeys(ids, key))
-                    else:
-                        keep, kept_ids, replayed = self._dedupe(ids, prefix, key, seen, recent, existing, stats)
+                    keep, kept_ids, replayed = self._dedupe(table.column("event_id").to_pylist(), prefix, key,
+                                                            seen, recent, existing, stats)
                     if not kept_ids:
                         continue
                     files.append((key, parquet_bytes(table.filter(keep) if not keep.all() else table)))
@@ -334,6 +329,10 @@ class LakeSink:
         not already in another file of the lake (``recent``, the window's index, or ``existing``, the
         lake partition's). An id already in ``key`` itself is a replayed offset range, written again.
         Returns the rows to keep, their ids and how many of them were replayed."""
+        if (len(set(ids)) == len(ids) and seen.keys().isdisjoint(ids) and recent.keys().isdisjoint(ids)
+                and existing.keys().isdisjoint(ids)):  # the usual case, every id new: no loop per row
+            seen.update(dict.fromkeys(ids, key))
+            return np.ones(len(ids), dtype=bool), ids, 0
         keep = np.zeros(len(ids), dtype=bool)
         kept_ids, replayed = [], 0
         for i, eid in enumerate(ids):

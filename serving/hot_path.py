@@ -29,17 +29,19 @@ from starlette.requests import ClientDisconnect
 
 from serving.deps import AppState, authenticate, check_media_type, running_publisher
 from serving.errors import ApiError, error_response, unhandled_response
-from serving.middleware import HttpMetrics, body_too_large, declared_too_large, send_json
+from serving.middleware import (
+    BodyTooLarge,
+    HttpMetrics,
+    body_too_large,
+    declared_too_large,
+    send_body,
+    send_json,
+)
 from serving.routers.events import accept_feedback
 
 log = logging.getLogger(__name__)
 
 PATH = "/v1/feedback"
-_JSON = (b"content-type", b"application/json")
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def _read_body(receive: Any, max_bytes: int) -> bytes:
@@ -51,7 +53,7 @@ async def _read_body(receive: Any, max_bytes: int) -> bytes:
         chunk = message.get("body", b"")
         seen += len(chunk)
         if seen > max_bytes:
-            raise _TooLarge
+            raise BodyTooLarge
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -104,9 +106,6 @@ class FeedbackHotPath:
             content = await accept_feedback(await _read_body(receive, self.max_body_bytes), self.state, publisher)
         except ApiError as e:
             return await error_response(e)(scope, receive, send)
-        except _TooLarge:
+        except BodyTooLarge:
             return await send_json(send, 413, body_too_large(self.max_body_bytes))
-        # the 202, sent as two ASGI messages (a Response object would cost more than the rest of the answer)
-        await send({"type": "http.response.start", "status": 202,
-                    "headers": [_JSON, (b"content-length", str(len(content)).encode())]})
-        await send({"type": "http.response.body", "body": content})
+        await send_body(send, 202, content)  # a Response object would cost more than the rest of the answer

@@ -15,11 +15,15 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def send_json(send: Any, status: int, payload: dict[str, Any]) -> None:
-    data = json.dumps(payload).encode()
+async def send_body(send: Any, status: int, data: bytes) -> None:
+    """A whole JSON answer as two ASGI messages (no Response object)."""
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})
+
+
+async def send_json(send: Any, status: int, payload: dict[str, Any]) -> None:
+    await send_body(send, status, json.dumps(payload).encode())
 
 
 def body_too_large(max_bytes: int) -> dict[str, str]:
