@@ -37,8 +37,13 @@ class RewardRecipe:
     # -1: the whole backbone trains. k >= 0 (decoder backbones): a frozen trunk; its states at the input of the
     # top k layers are computed once a text and cached, and only those k layers, the final norm and the head train
     trainable_layers: int = -1
-    # the head also reads log(1 + response tokens), with a learned weight logged as train/length_weight
+    # the head also reads log(1 + the response's length), with a weight that starts at the pairs' own Bradley-Terry
+    # fit on length and is logged as train/length_weight; counted in the whole response's "tokens" or "words"
     length_feature: bool = False
+    length_unit: str = "tokens"
+    # with length_feature: the head also learns a curve over the length (hat functions of log length at 2, 4, ...
+    # 512), so that it can say "too short to say anything" as well as "shorter is better"
+    length_curve: bool = False
     batch_size: int = 16
     group_by_length: int = 8  # > 1: batches drawn from windows of this many batches sorted by length (less padding)
     eval_batch_size: int = 64
@@ -75,6 +80,10 @@ class RewardRecipe:
             raise ValueError(f"recipe {self.name}: device must be one of {DEVICES}, got {self.device!r}")
         if self.encoding not in ("pair", "chat"):
             raise ValueError(f"recipe {self.name}: encoding must be 'pair' or 'chat', got {self.encoding!r}")
+        if self.length_unit not in ("tokens", "words"):
+            raise ValueError(f"recipe {self.name}: length_unit must be 'tokens' or 'words', got {self.length_unit!r}")
+        if self.length_curve and not self.length_feature:
+            raise ValueError(f"recipe {self.name}: length_curve is part of the length feature (length_feature: true)")
         if self.trainable_layers < -1:
             raise ValueError(f"recipe {self.name}: trainable_layers must be -1 (the whole backbone) or >= 0")
         if self.eval_every < 0 or self.patience < 1 or not 0 < self.validation_share < 1:

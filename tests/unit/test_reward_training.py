@@ -276,3 +276,84 @@ def test_an_ensemble_of_heads_trains_on_bootstrap_resamples_and_reports_its_spre
     assert torch.allclose(mean, model.score(prompts, answers), atol=1e-6) and (spread > 0).all()
     with pytest.raises(ValueError, match="ensemble_heads"):
         RewardRecipe(ensemble_heads=0)
+
+
+def _length_pairs(n: int, seed: int):
+    """Pairs whose preference is all in the reply's length, in words: a reply under four words says nothing and
+    loses; otherwise the shorter reply wins. Every reply is a run of the same few words, so only length tells."""
+    import random
+
+    import pandas as pd
+
+    from tests.tiny import WORDS
+
+    rng = random.Random(seed)
+
+    def reply(words: int) -> str:
+        return " ".join(rng.choice(WORDS[:8]) for _ in range(words))
+
+    def worth(words: int) -> float:
+        return -1.0 if words < 4 else -words / 100
+
+    rows = []
+    for i in range(n):
+        a, b = rng.sample([2, 3, 6, 9, 14, 20, 30, 45, 70, 90], 2)
+        good, bad = (a, b) if worth(a) > worth(b) else (b, a)
+        rows.append({"pair_id": f"p{i}", "prompt": reply(5), "chosen": reply(good), "rejected": reply(bad),
+                     "source": "pairwise", "margin": 2 / 3, "group_id": f"g{i}", "split": "train", "event_ids": [f"e{i}"]})
+    return pd.DataFrame(rows)
+
+
+def test_the_length_curve_learns_that_too_short_says_nothing_and_shorter_is_better(tmp_path):
+    """With the length feature in words and its curve, the head's length part starts at the pairs' own
+    Bradley-Terry fit on length: a frozen backbone (lr 0) and two steps rank held-out pairs by length alone,
+    fragments included, which log length by itself cannot (it can only say "shorter" or "longer"). The length
+    is the whole reply's, not what max_length kept, and a saved model keeps its unit and curve."""
+    from training.reward.train import evaluate, train_reward
+
+    train, held = _length_pairs(120, seed=0), _length_pairs(60, seed=1)
+
+    def fit(**kw):
+        recipe = RewardRecipe(backbone=tiny_encoder_dir(tmp_path / "bb"), max_length=32, batch_size=16, max_steps=2,
+                              lr=0.0, head_lr=1e-3, threads=1, length_feature=True, length_unit="words", **kw)
+        res = train_reward(Settings(home=tmp_path / "home"), recipe, "", train_pairs=train, eval_pairs=held,
+                           register_model=False)
+        return res, RewardModel.load(res.model_dir)
+
+    res, model = fit(length_curve=True)
+    assert model.length_unit == "words" and model.length_curve and model.length_columns == 10
+    assert res.metrics["eval/accuracy"] >= 0.95
+    curve = model.length_reward(torch.tensor([2, 3, 6, 30, 90]))
+    assert curve[0] < curve[2] and curve[1] < curve[2] and curve[2] > curve[3] > curve[4]
+    # 70 and 90 words are both cut to 32 tokens; the feature still tells them apart
+    prompt = held.iloc[0]["prompt"]
+    r = model.score([prompt, prompt], [" ".join(["yes"] * 70), " ".join(["yes"] * 90)])
+    assert r[0] > r[1]
+    # log length alone cannot say "too short": the fragments' pairs pull its one weight both ways
+    _, plain = fit(length_curve=False)
+    assert evaluate(plain, held)["accuracy"] < res.metrics["eval/accuracy"] - 0.1
+    with pytest.raises(ValueError, match="length_curve"):
+        RewardRecipe(length_curve=True)
+    with pytest.raises(ValueError, match="length_unit"):
+        RewardRecipe(length_feature=True, length_unit="characters")
+
+
+def test_a_model_saved_before_the_length_unit_counts_the_tokens_it_kept(tmp_path):
+    """A saved model whose metadata predates the unit loads with the count it was trained with: the tokens left
+    after the cut to max_length."""
+    import json
+
+    rm = RewardModel.from_backbone(tiny_encoder_dir(tmp_path / "bb"), max_length=16, length_feature=True)
+    with torch.no_grad():
+        rm.head.weight[:, -1] = -1.0
+    path = rm.save(tmp_path / "saved")
+    meta = json.loads((path / "reward.json").read_text())
+    assert meta["length_unit"] == "tokens"
+    del meta["length_unit"], meta["length_curve"]
+    (path / "reward.json").write_text(json.dumps(meta))
+    old = RewardModel.load(path)
+    old.tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]  # mark the reply's tokens
+    assert old.length_unit == "kept_tokens" and "response_length" not in old.encode(["p"], ["a b"])
+    long = [" ".join(["yes"] * 40), " ".join(["yes"] * 80)]  # both cut to the same kept tokens
+    assert torch.allclose(*old.score(["p", "p"], long).unbind())
+    assert not torch.allclose(*RewardModel.load(rm.save(tmp_path / "new")).score(["p", "p"], long).unbind())

@@ -19,7 +19,13 @@ from training.policy.ppo_math import (
     value_loss,
     whiten,
 )
-from training.reward.losses import bt_loss, expected_calibration_error, length_correlation, margin_from_share
+from training.reward.losses import (
+    bt_fit,
+    bt_loss,
+    expected_calibration_error,
+    length_correlation,
+    margin_from_share,
+)
 
 t = torch.tensor
 
@@ -36,6 +42,16 @@ def test_bradley_terry_loss_with_and_without_margin_and_centering():
     # weighted: a reviewed pair weighted 3 counts as three unreviewed ones
     three = bt_loss(t([2.0, 0.0, 0.0, 0.0]), t([0.0, 1.0, 1.0, 1.0])).item()
     assert bt_loss(t([2.0, 0.0]), t([0.0, 1.0]), weight=t([1.0, 3.0])).item() == pytest.approx(three)
+
+
+def test_a_bradley_terry_fit_on_a_few_features_recovers_their_weights():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20_000, 2))
+    won = rng.random(len(x)) < 1 / (1 + np.exp(-(x @ np.array([2.0, -0.5]))))
+    delta = np.where(won[:, None], x, -x)  # each pair oriented chosen minus rejected
+    assert bt_fit(delta, l2=1e-6) == pytest.approx([2.0, -0.5], abs=0.08)
+    # separable pairs: the prior keeps the weight finite, and more pairs move it further
+    assert 0 < bt_fit(np.ones((10, 1)))[0] < bt_fit(np.ones((100, 1)))[0] < 10
 
 
 def test_expected_calibration_error_of_an_overconfident_model():

@@ -25,6 +25,7 @@ import copy
 import functools
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,11 @@ def resolve_backbone(name: str) -> tuple[str, str | None]:
 # nor hands the model a length channel); "last": the last real token (causal LMs); "cls": the first token
 POOLINGS = ("mean", "response", "last", "cls")
 ENCODINGS = ("pair", "chat")
+# the length feature's unit: the whole response's "tokens" or "words"; "kept_tokens" (the tokens a cut to max_length
+# kept) is how models saved before the unit was a choice counted
+LENGTH_UNITS = ("tokens", "words", "kept_tokens")
+_KNOTS = tuple(math.log1p(2.0 ** k) for k in range(1, 10))  # the length curve's knots: log(1 + 2), ... log(1 + 512)
+_KNOT_STEP = math.log(2.0)  # about their spacing: each hat reaches its neighbours' peaks
 
 
 def _load_backbone(name: str) -> tuple[nn.Module, Any]:
@@ -87,8 +93,11 @@ def _split_view(backbone: nn.Module, layers: list[nn.Module], norm: nn.Module) -
 class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, tokenizer: Any, pooling: str = "mean", max_length: int = 256,
                  encoding: str = "pair", trainable_layers: int = -1, base: str = "", length_feature: bool = False,
-                 heads: int = 1, prompt_keep: str = "end", response_keep: str = "start"):
+                 heads: int = 1, prompt_keep: str = "end", response_keep: str = "start", length_unit: str = "tokens",
+                 length_curve: bool = False):
         super().__init__()
+        if length_unit not in LENGTH_UNITS:
+            raise ValueError(f"length_unit must be one of {LENGTH_UNITS}, got {length_unit!r}")
         if prompt_keep not in ("start", "end") or response_keep not in ("start", "end"):
             raise ValueError(f"prompt_keep and response_keep are 'start' or 'end', got {prompt_keep!r}, {response_keep!r}")
         self.prompt_keep, self.response_keep = prompt_keep, response_keep
@@ -105,16 +114,21 @@ class RewardModel(nn.Module):
         # the head also reads log(1 + the response's tokens): length as a feature of its own, with a learned,
         # logged weight (``length_weight``: reward per e-fold of length), instead of a channel the model must infer
         # from its pooling (ODIN, Chen et al. 2024, keeps length in a head of its own for the same reason)
-        self.length_feature = length_feature
+        # It counts the whole response (in tokens, or in the words a reader sees), not only the tokens a cut to
+        # max_length kept, which would make every long answer equally long ("kept_tokens": models saved before).
+        # ``length_curve`` adds a learned curve over the length: hat functions on log(1 + length) at 2, 4, ... 512,
+        # so that the head can also say "too short" (a fragment), not only "longer is better" or "worse".
+        self.length_feature, self.length_unit, self.length_curve = length_feature, length_unit, length_curve
         # an ensemble of `heads` linear heads on the pooled vector (each trained on its own bootstrap resample of the
         # pairs): the reward is their mean, their spread how much they disagree
         self.heads = heads
-        self.head = nn.Linear(backbone.config.hidden_size + int(length_feature), heads)
+        self.length_columns = (1 + len(_KNOTS) * length_curve) * length_feature
+        self.head = nn.Linear(backbone.config.hidden_size + self.length_columns, heads)
         nn.init.normal_(self.head.weight, std=1.0 / (backbone.config.hidden_size ** 0.5))
         nn.init.zeros_(self.head.bias)
         if length_feature:
             with torch.no_grad():
-                self.head.weight[:, -1] = 0.0
+                self.head.weight[:, -self.length_columns:] = 0.0
         self.stats = {"mean": 0.0, "std": 1.0}
         self._bottom = self._top = None
         if trainable_layers >= 0:
@@ -135,15 +149,37 @@ class RewardModel(nn.Module):
     @classmethod
     def from_backbone(cls, name: str, pooling: str = "mean", max_length: int = 256, encoding: str = "pair",
                       trainable_layers: int = -1, length_feature: bool = False, heads: int = 1,
-                      prompt_keep: str = "end", response_keep: str = "start") -> RewardModel:
+                      prompt_keep: str = "end", response_keep: str = "start", length_unit: str = "tokens",
+                      length_curve: bool = False) -> RewardModel:
         backbone, tok = _load_backbone(name)
         return cls(backbone, tok, pooling, max_length, encoding, trainable_layers, base=name,
-                   length_feature=length_feature, heads=heads, prompt_keep=prompt_keep, response_keep=response_keep)
+                   length_feature=length_feature, heads=heads, prompt_keep=prompt_keep, response_keep=response_keep,
+                   length_unit=length_unit, length_curve=length_curve)
 
     @property
     def length_weight(self) -> float:
-        """The head's weight on log(1 + response tokens); 0 without the length feature."""
-        return float(self.head.weight[:, -1].mean()) if self.length_feature else 0.0
+        """The head's weight on log(1 + response length); 0 without the length feature."""
+        return float(self.head.weight[:, -self.length_columns].detach().mean()) if self.length_feature else 0.0
+
+    def length_features(self, n: torch.Tensor) -> torch.Tensor:
+        """``[rows, length_columns]``: log(1 + n), then (``length_curve``) the hat functions of log(1 + n)."""
+        x = torch.log1p(n.float())[:, None]
+        if not self.length_curve:
+            return x
+        knots = torch.tensor(_KNOTS, dtype=x.dtype, device=x.device)
+        return torch.cat([x, (1.0 - (x - knots).abs() / _KNOT_STEP).clamp(min=0.0)], dim=1)
+
+    @torch.no_grad()
+    def length_reward(self, n: torch.Tensor) -> torch.Tensor:
+        """What the length part of the head adds to the reward of responses of ``n`` units (the heads' mean)."""
+        if not self.length_feature:
+            return torch.zeros(len(n))
+        w = self.head.weight[:, -self.length_columns:].mean(0).float().cpu()
+        return self.length_features(n.cpu()) @ w
+
+    def response_length(self, response: str, tokens: int) -> int:
+        """The length the length feature reads: ``tokens`` (the whole response's), or its words."""
+        return len(response.split()) if self.length_unit == "words" else tokens
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """The backbone's parameters that training updates (all of them, or the top layers' and the norm's)."""
@@ -171,6 +207,10 @@ class RewardModel(nn.Module):
         budget. By default the response keeps its beginning and the prompt its **end** (the last turn of a
         conversation is the one the response answers; cutting a pair "longest first" would drop exactly that turn
         of a long conversation); ``prompt_keep`` / ``response_keep`` ("start" or "end") choose otherwise."""
+        return self._fit(prompt, response)[:2]
+
+    def _fit(self, prompt: str, response: str) -> tuple[str, str, int]:
+        """:meth:`fit`, and the whole response's length in tokens (before any cut)."""
         tok = self.tokenizer
         # tokenised whole on purpose, to be cut below: verbose=False silences the tokenizer's warning that a
         # text is longer than the model's maximum (nothing this long ever reaches the model)
@@ -178,25 +218,29 @@ class RewardModel(nn.Module):
         r_ids = tok(response, add_special_tokens=False, verbose=False)["input_ids"]
         budget = self.max_length - self._overhead
         if len(p_ids) + len(r_ids) <= budget:
-            return prompt, response
+            return prompt, response, len(r_ids)
         r_keep = min(len(r_ids), max(budget - len(p_ids), 3 * budget // 4))
         p_keep = min(len(p_ids), budget - r_keep)
         p_part = p_ids[len(p_ids) - p_keep:] if self.prompt_keep == "end" else p_ids[:p_keep]
         r_part = r_ids[:r_keep] if self.response_keep == "start" else r_ids[len(r_ids) - r_keep:]
         cut_p = tok.decode(p_part) if p_keep < len(p_ids) else prompt
         cut_r = tok.decode(r_part) if r_keep < len(r_ids) else response
-        return cut_p, cut_r
+        return cut_p, cut_r, len(r_ids)
 
     def encode(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
         # right padding; the pair cut by `fit` (and truncation as a safety net for the few tokens a decode/encode
         # round trip may add)
         self.tokenizer.padding_side = "right"
-        pairs = [self.fit(p, r) for p, r in zip(prompts, responses, strict=True)]
+        pairs = [self._fit(p, r) for p, r in zip(prompts, responses, strict=True)]
+        whole = {}
+        if self.length_feature and self.length_unit != "kept_tokens":  # the whole response's length, before any cut
+            whole["response_length"] = torch.tensor([self.response_length(r, n)
+                                                     for r, (_, _, n) in zip(responses, pairs, strict=True)])
         if self.encoding == "pair":
-            return self.tokenizer([p for p, _ in pairs], [r for _, r in pairs], truncation="longest_first",
-                                  max_length=self.max_length, padding=True, return_tensors="pt")
+            return {**self.tokenizer([p for p, _, _ in pairs], [r for _, r, _ in pairs], truncation="longest_first",
+                                     max_length=self.max_length, padding=True, return_tensors="pt"), **whole}
         rows, kinds = [], []
-        for p, r in pairs:
+        for p, r, _ in pairs:
             head, tail = (self.tokenizer(part, add_special_tokens=False)["input_ids"] for part in self._chat_parts(p, r))
             ids = (head + tail)[: self.max_length]
             rows.append(ids)
@@ -205,7 +249,7 @@ class RewardModel(nn.Module):
         pad = self.tokenizer.pad_token_id
         return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in rows]),
                 "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows]),
-                "token_type_ids": torch.tensor([k + [0] * (width - len(k)) for k in kinds])}
+                "token_type_ids": torch.tensor([k + [0] * (width - len(k)) for k in kinds]), **whole}
 
     @torch.no_grad()
     def trunk_states(self, enc: dict[str, torch.Tensor], batch_size: int = 32) -> torch.Tensor:
@@ -221,7 +265,7 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, states: torch.Tensor | None = None,
-                all_heads: bool = False, **_: Any) -> torch.Tensor:
+                all_heads: bool = False, response_length: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         """Rewards of a batch: from token ids (the whole backbone), or from ``states``, the frozen trunk's
         output (:meth:`trunk_states`; only the top layers run). ``[batch]``, the heads' mean; ``all_heads``:
         ``[batch, heads]``."""
@@ -232,17 +276,12 @@ class RewardModel(nn.Module):
                                use_cache=False).last_hidden_state
         else:
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if (self.pooling == "response" or self.length_feature) and token_type_ids is None:
-            raise ValueError(f"pooling {self.pooling!r}{' with the length feature' if self.length_feature else ''} needs "
+        counts_kept = self.length_feature and response_length is None  # the length from the response's tokens
+        if (self.pooling == "response" or counts_kept) and token_type_ids is None:
+            raise ValueError(f"pooling {self.pooling!r}{' with the length feature' if counts_kept else ''} needs "
                              "the response's tokens marked (token_type_ids): an encoder such as MiniLM, or the chat "
                              "encoding")
-        if self.pooling == "response":
-            if token_type_ids is None:
-                raise ValueError("pooling 'response' needs the response's tokens marked (token_type_ids): an encoder "
-                                 "such as MiniLM, or the chat encoding")
-            keep = attention_mask * token_type_ids
-        else:
-            keep = attention_mask
+        keep = attention_mask * token_type_ids if self.pooling == "response" else attention_mask
         mask = keep.unsqueeze(-1).to(hidden.dtype)
         if self.pooling in ("mean", "response"):
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -252,8 +291,8 @@ class RewardModel(nn.Module):
             last = attention_mask.sum(1) - 1
             pooled = hidden[torch.arange(hidden.shape[0]), last]
         if self.length_feature:
-            n = (attention_mask * token_type_ids).sum(1, keepdim=True).to(pooled.dtype)
-            pooled = torch.cat([pooled, torch.log1p(n)], dim=1)
+            n = response_length if response_length is not None else (attention_mask * token_type_ids).sum(1)
+            pooled = torch.cat([pooled, self.length_features(n).to(pooled.dtype)], dim=1)
         out = self.head(pooled)
         return out if all_heads else out.mean(-1)
 
@@ -304,6 +343,7 @@ class RewardModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         meta: dict[str, Any] = {"pooling": self.pooling, "max_length": self.max_length, "encoding": self.encoding,
                                 "trainable_layers": self.trainable_layers, "length_feature": self.length_feature,
+                                "length_unit": self.length_unit, "length_curve": self.length_curve,
                                 "heads": self.heads, "prompt_keep": self.prompt_keep,
                                 "response_keep": self.response_keep, "stats": self.stats}
         if self.trainable_layers >= 0 and self.base:  # the frozen trunk is the named base's: keep only the top
@@ -323,7 +363,8 @@ class RewardModel(nn.Module):
         path = Path(path)
         meta = json.loads((path / "reward.json").read_text())
         kw = {"encoding": meta.get("encoding", "pair"), "trainable_layers": meta.get("trainable_layers", -1),
-              "length_feature": meta.get("length_feature", False), "heads": meta.get("heads", 1),
+              "length_feature": meta.get("length_feature", False), "length_unit": meta.get("length_unit", "kept_tokens"),
+              "length_curve": meta.get("length_curve", False), "heads": meta.get("heads", 1),
               "prompt_keep": meta.get("prompt_keep", "end"), "response_keep": meta.get("response_keep", "start")}
         if (path / "top.pt").exists():
             backbone, _ = _load_backbone(meta["base"])

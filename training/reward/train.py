@@ -35,7 +35,7 @@ from pipelines.dataset import open_dataset
 from training.config import RewardRecipe
 from training.distributed import optimizer_to
 from training.distributed import setup as setup_distributed
-from training.reward.losses import bt_loss, margin_from_share, reward_eval
+from training.reward.losses import bt_fit, bt_loss, margin_from_share, reward_eval
 from training.reward.model import RewardModel
 from training.runs import load_checkpoint, register_challenger, save_checkpoint, tracked_run
 from training.tracking import (
@@ -111,6 +111,9 @@ def _pad_right(enc: Any, width: int, pad_id: int) -> dict[str, torch.Tensor]:
     """The tokenizer's batch, right-padded to ``width`` columns (input ids with ``pad_id``, the rest with 0)."""
     out = {}
     for k, v in enc.items():
+        if v.dim() == 1:  # one number a row (the responses' whole lengths)
+            out[k] = v
+            continue
         extra = width - v.shape[1]
         out[k] = torch.nn.functional.pad(v, (0, extra), value=pad_id if k == "input_ids" else 0) if extra else v
     return out
@@ -164,6 +167,13 @@ def _encode_sides(model: RewardModel, train: pd.DataFrame, recipe: RewardRecipe,
     return enc_c, enc_r, lengths
 
 
+def _length(enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's response length as the length feature reads it."""
+    if "response_length" in enc:
+        return enc["response_length"]
+    return (enc["attention_mask"] * enc["token_type_ids"]).sum(1)
+
+
 def _optimizer(model: RewardModel, recipe: RewardRecipe, total: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW (the backbone's trained parameters at ``lr``, the head at ``head_lr``), linear warm-up then decay."""
     opt = torch.optim.AdamW([{"params": model.trained_parameters(), "lr": recipe.lr},
@@ -215,7 +225,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
 
     model = RewardModel.from_backbone(recipe.backbone, recipe.pooling, recipe.max_length, recipe.encoding,
                                       recipe.trainable_layers, recipe.length_feature, recipe.ensemble_heads,
-                                      recipe.prompt_keep, recipe.response_keep)
+                                      recipe.prompt_keep, recipe.response_keep, recipe.length_unit, recipe.length_curve)
     if dist.active and len(train) < recipe.batch_size:
         raise ValueError(f"{len(train)} training pairs: fewer than one batch of {recipe.batch_size} to share out")
     t0 = time.perf_counter()
@@ -232,6 +242,12 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
     elif weight is not None:  # one column: the loss sees [pairs, heads]
         weight = weight[:, None]
 
+    if model.length_feature:  # (a resumed run's checkpoint replaces this start below)
+        # the length part of the head starts where the pairs' lengths alone put it (their Bradley-Terry fit on the
+        # length features); the backbone then learns what length does not explain
+        delta = model.length_features(_length(enc_c)) - model.length_features(_length(enc_r))
+        with torch.no_grad():
+            model.head.weight[:, -model.length_columns:] = torch.as_tensor(bt_fit(delta.numpy()), dtype=torch.float32)
     per_epoch = math.ceil(len(train) / recipe.batch_size)
     total = recipe.max_steps or per_epoch * recipe.epochs
     opt, sched = _optimizer(model, recipe, total)
@@ -272,7 +288,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
                 idx = full[:1]
             batch = {k: torch.cat([enc_c[k][idx], enc_r[k][idx]]) for k in enc_c}
             width = int(batch["attention_mask"].sum(1).max())  # trim the padding this batch does not need
-            batch = {k: v[:, :width] for k, v in batch.items()}
+            batch = {k: v[:, :width] if v.dim() > 1 else v for k, v in batch.items()}
             rewards = net(**{k: v.to(dist.device) for k, v in batch.items()}, all_heads=True)  # [2 x pairs, heads]
             rc, rr = rewards[: len(idx)], rewards[len(idx):]
             margin = margin_from_share(share[idx], recipe.margin_scale).to(dist.device)[:, None] \
@@ -329,6 +345,10 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
         metrics |= early
         if model.length_feature:
             metrics["train/length_weight"] = model.length_weight
+            if model.length_curve:  # the learned curve, at the knots: what length alone adds to a reward
+                units = torch.tensor([2.0 ** k for k in range(1, 10)])
+                mlflow.log_metrics({f"length/reward_at_{int(n)}": float(r)
+                                    for n, r in zip(units, model.length_reward(units), strict=True)}, step=step)
         if metrics:
             mlflow.log_metrics(metrics, step=step)
         model_dir = Path(tempfile.mkdtemp(prefix="reward-")) / "model"
