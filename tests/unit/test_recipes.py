@@ -77,7 +77,7 @@ def test_a_recipe_inherits_from_the_base_it_names_field_by_field(tmp_path):
     gate = load_recipe("gate.yaml")
     assert isinstance(demo, GateRecipe) and demo.name == "gate-demo" and demo.max_new_tokens == 32
     assert demo.audit == gate.audit and demo.min_win_rate_ci_low == gate.min_win_rate_ci_low  # from the base
-    assert demo.max_length_correlation == 0.8 != gate.max_length_correlation  # overridden
+    assert demo.max_length_correlation == 0.9 != gate.max_length_correlation  # overridden
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"base": "b.yaml", "kind": "gate", "eval_prompts": 7}))
     (tmp_path / "b.yaml").write_text(yaml.safe_dump({"base": "gate.yaml", "kind": "gate", "threads": 3}))
     chained = load_recipe(tmp_path / "a.yaml")
