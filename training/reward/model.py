@@ -90,6 +90,14 @@ def _split_view(backbone: nn.Module, layers: list[nn.Module], norm: nn.Module) -
     return view
 
 
+def response_lengths(enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's response length as the length feature reads it: the whole length an encoding carries
+    (``response_length``), else the response's tokens the cut kept (models saved before the unit was a choice)."""
+    if enc.get("response_length") is not None:
+        return enc["response_length"]
+    return (enc["attention_mask"] * enc["token_type_ids"]).sum(1)
+
+
 class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, tokenizer: Any, pooling: str = "mean", max_length: int = 256,
                  encoding: str = "pair", trainable_layers: int = -1, base: str = "", length_feature: bool = False,
@@ -291,7 +299,8 @@ class RewardModel(nn.Module):
             last = attention_mask.sum(1) - 1
             pooled = hidden[torch.arange(hidden.shape[0]), last]
         if self.length_feature:
-            n = response_length if response_length is not None else (attention_mask * token_type_ids).sum(1)
+            n = response_lengths({"response_length": response_length, "attention_mask": attention_mask,
+                                  "token_type_ids": token_type_ids})
             pooled = torch.cat([pooled, self.length_features(n).to(pooled.dtype)], dim=1)
         out = self.head(pooled)
         return out if all_heads else out.mean(-1)

@@ -36,7 +36,7 @@ from training.config import RewardRecipe
 from training.distributed import optimizer_to
 from training.distributed import setup as setup_distributed
 from training.reward.losses import bt_fit, bt_loss, margin_from_share, reward_eval
-from training.reward.model import RewardModel
+from training.reward.model import RewardModel, response_lengths
 from training.runs import load_checkpoint, register_challenger, save_checkpoint, tracked_run
 from training.tracking import (
     REWARD_MODEL,
@@ -167,13 +167,6 @@ def _encode_sides(model: RewardModel, train: pd.DataFrame, recipe: RewardRecipe,
     return enc_c, enc_r, lengths
 
 
-def _length(enc: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each row's response length as the length feature reads it."""
-    if "response_length" in enc:
-        return enc["response_length"]
-    return (enc["attention_mask"] * enc["token_type_ids"]).sum(1)
-
-
 def _optimizer(model: RewardModel, recipe: RewardRecipe, total: int) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW (the backbone's trained parameters at ``lr``, the head at ``head_lr``), linear warm-up then decay."""
     opt = torch.optim.AdamW([{"params": model.trained_parameters(), "lr": recipe.lr},
@@ -245,7 +238,7 @@ def train_reward(settings: Settings, recipe: RewardRecipe, dataset_ref: str, *, 
     if model.length_feature:  # (a resumed run's checkpoint replaces this start below)
         # the length part of the head starts where the pairs' lengths alone put it (their Bradley-Terry fit on the
         # length features); the backbone then learns what length does not explain
-        delta = model.length_features(_length(enc_c)) - model.length_features(_length(enc_r))
+        delta = model.length_features(response_lengths(enc_c)) - model.length_features(response_lengths(enc_r))
         with torch.no_grad():
             model.head.weight[:, -model.length_columns:] = torch.as_tensor(bt_fit(delta.numpy()), dtype=torch.float32)
     per_epoch = math.ceil(len(train) / recipe.batch_size)
