@@ -2,15 +2,17 @@
 
 Layout under the lake root::
 
-    events/type=<type>/dt=YYYY-MM-DD/hour=HH/<topic>.p<partition>.o<first>-<last>.parquet
+    events/type=<type>/dt=YYYY-MM-DD/hour=HH/<file named after the Kafka offsets it covers>.parquet
     quarantine/reason=<reason>/type=<type>/dt=.../hour=.../<same file names>
 
 The quarantine area holds valid events that a consumer-path filter held back (``ingest.filters``), whole
 and with the same schema, so a reviewer can audit them and curation can list them with their reason.
 
-Exactly once by ``event_id``. A flush writes, for each (Kafka partition, lake partition) pair, one file named
-after the Kafka offset range it covers, atomically. Before writing, rows whose ``event_id`` is already in
-that lake partition (in any *other* file) are dropped. So:
+Exactly once by ``event_id``. A flush writes one file per lake partition, atomically, named after the Kafka
+offset ranges it covers: ``<topic>.p<partition>.o<first>-<last>.parquet`` when the flush holds one Kafka
+partition, ``<topic>.k<n>-<digest>.parquet`` when it holds n of them (the digest, of every partition's range,
+keeps the name stable for the same ranges). Rows in a file are in (partition, offset) order. Before
+writing, rows whose ``event_id`` is already in that lake partition (in any *other* file) are dropped. So:
 
 - a consumer that crashed after the write and before the offset commit replays the same records: their
   ids are already present and nothing new is written; if the replayed range is identical, the file of that
@@ -21,7 +23,7 @@ Across hour partitions too. The same ``event_id`` may come back with another ``o
 hour's partition: a client that leaves ``occurred_at`` to the server and retries an hour later does exactly
 that. So every flush also records the ids it wrote, with the data file each went to, in the *id index*::
 
-    _index/event_ids/dt=YYYY-MM-DD/hour=HH/<topic>.p<partition>.o<first>-<last>.parquet
+    _index/event_ids/dt=YYYY-MM-DD/hour=HH/<the same flush's file name>.parquet
 
 partitioned by the hour the consumer wrote them (arrival, not ``occurred_at``). The sink keeps the ids of
 the last ``dedupe_window_h`` hours of arrivals in memory (loaded from the index when its assignment changes)
@@ -45,6 +47,7 @@ consumer's assignment changes.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import re
@@ -74,7 +77,6 @@ ID_INDEX_ROOT = "_index/event_ids"
 ID_INDEX_SCHEMA = pa.schema([pa.field("event_id", pa.string(), nullable=False),
                              pa.field("key", pa.string(), nullable=False)])
 LINEAGE_COLUMNS = [("kafka_topic", pa.string()), ("kafka_partition", pa.int32()), ("kafka_offset", pa.int64())]
-_FILE_RE = re.compile(r"^(?P<topic>.+)\.p(?P<partition>\d+)\.o(?P<first>\d+)-(?P<last>\d+)\.parquet$")
 
 
 def _arrow_type(annotation: Any) -> pa.DataType:
@@ -125,6 +127,17 @@ def partition_prefix(event_type: str, occurred_at: datetime, held: str | None = 
 
 def file_name(topic: str, partition: int, first: int, last: int) -> str:
     return f"{topic}.p{partition}.o{first:012d}-{last:012d}.parquet"
+
+
+def flush_file_name(topic: str, ranges: dict[int, tuple[int, int]]) -> str:
+    """The name of a flush's files for one topic: ``ranges`` maps each Kafka partition to the first and last
+    offset the flush holds. The same ranges always give the same name, so a replay of them rewrites the
+    same files."""
+    if len(ranges) == 1:
+        ((partition, (first, last)),) = ranges.items()
+        return file_name(topic, partition, first, last)
+    spec = ",".join(f"{p}:{first}-{last}" for p, (first, last) in sorted(ranges.items()))
+    return f"{topic}.k{len(ranges)}-{hashlib.sha256(spec.encode()).hexdigest()[:24]}.parquet"
 
 
 @dataclass
@@ -271,27 +284,24 @@ class LakeSink:
             if self._recent is not None and now_hour not in self._recent_by_hour:
                 self._maintain_index(now_hour)
             recent = self._recent_ids(now_hour)
-            # (topic, partition) -> lake partition prefix -> slices of rows, and the offsets each pair covers
-            groups: dict[tuple[str, int], dict[str, list[pa.Table]]] = {}
-            bounds: dict[tuple[str, int], tuple[int, int]] = {}
+            # topic -> lake partition prefix -> slices of rows; (topic, partition) -> the offsets it covers
+            groups: dict[str, dict[str, list[pa.Table]]] = {}
+            bounds: dict[str, dict[int, tuple[int, int]]] = {}
             for event_type, held, table in [*_event_tables(buffered.events), *buffered.tables]:
                 for (topic, partition, hour), part in _split(table):
                     prefix = partition_prefix(event_type, hour, held)
-                    groups.setdefault((topic, partition), {}).setdefault(prefix, []).append(part)
-                    lo, hi = pc.min_max(part.column("kafka_offset")).values()
-                    first, last = bounds.get((topic, partition), (lo.as_py(), hi.as_py()))
-                    bounds[(topic, partition)] = (min(first, lo.as_py()), max(last, hi.as_py()))
+                    groups.setdefault(topic, {}).setdefault(prefix, []).append(part)
+                    lo, hi = (v.as_py() for v in pc.min_max(part.column("kafka_offset")).values())
+                    first, last = bounds.setdefault(topic, {}).get(partition, (lo, hi))
+                    bounds[topic][partition] = (min(first, lo), max(last, hi))
             seen: dict[str, str] = {}  # ids kept by this flush -> their data file key
             files: list[tuple[str, bytes]] = []  # data files, written together (before their index entries)
             index_files: list[tuple[str, bytes]] = []
-            for (topic, partition), by_prefix in groups.items():
-                name = file_name(topic, partition, *bounds[(topic, partition)])
+            for topic, by_prefix in groups.items():
+                name = flush_file_name(topic, bounds[topic])
                 written: dict[str, str] = {}
                 for prefix, parts in sorted(by_prefix.items()):
-                    table = pa.concat_tables(parts)
-                    offsets = table.column("kafka_offset").to_numpy()
-                    if (np.diff(offsets) < 0).any():
-                        table = table.take(pc.sort_indices(table.column("kafka_offset")))
+                    table = _in_offset_order(pa.concat_tables(parts))
                     existing = self._ids_in(prefix)
                     key = f"{prefix}/{name}"
                     keep, kept_ids, replayed = self._dedupe(table.column("event_id").to_pylist(), prefix, key,
@@ -395,6 +405,18 @@ def events_table(event_type: str, rows: list[tuple[AnyEvent, int]], topic: str, 
         else:
             columns.append(pa.array([getattr(e, f.name) for e in events], f.type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _in_offset_order(table: pa.Table) -> pa.Table:
+    """Rows by (Kafka partition, offset): one order for the same records however they were buffered."""
+    partitions = table.column("kafka_partition").to_numpy()
+    offsets = table.column("kafka_offset").to_numpy()
+    if len(offsets) < 2:
+        return table
+    step_p, step_o = np.diff(partitions), np.diff(offsets)
+    if ((step_p > 0) | ((step_p == 0) & (step_o > 0))).all():  # already in order (the usual case)
+        return table
+    return table.take(np.lexsort((offsets, partitions)))
 
 
 def _split(table: pa.Table) -> list[tuple[tuple[str, int, datetime], pa.Table]]:
