@@ -229,9 +229,10 @@ def run_consumer(
     """Run until ``stop`` is set; then flush and commit what was processed.
 
     The sink is flushed and the offsets committed after ``commit_every`` records, after ``commit_interval_s``,
-    and (``flush_when_idle``) as soon as a poll comes back empty: the consumer has caught up with the topic,
-    so nothing is gained by holding what it has (measured: the last records of a burst otherwise waited up
-    to ``commit_interval_s`` to land).
+    and (``flush_when_idle``) as soon as a poll comes back empty or the source says its batch ended a backlog
+    (``source.drained``, where the source can tell): the consumer has caught up with the topic, so nothing is
+    gained by holding what it has (measured: the last records of a burst otherwise waited up to
+    ``commit_interval_s`` to land).
 
     ``background_writes`` (a sink with ``detach`` and ``write``, such as ``ingest.lake.LakeSink``): the
     checkpoints that ``commit_every`` and ``commit_interval_s`` call hand the sink's buffer to a writer thread
@@ -346,7 +347,7 @@ def run_consumer(
             for record in records:
                 pending[(record.topic, record.partition)] = record.offset + 1
             since_commit += len(records)
-            if flush_when_idle and not records:
+            if flush_when_idle and (not records or getattr(source, "drained", False)):
                 checkpoint(wait=True)
             elif since_commit >= commit_every or time.monotonic() - last_commit >= commit_interval_s:
                 checkpoint(wait=False)

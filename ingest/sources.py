@@ -65,6 +65,11 @@ class ConfluentSource:
         self._max_poll_records = max_poll_records
         self._batch_records, self._batch_wait_s = max(batch_records, max_poll_records), batch_wait_ms / 1000
         self._rebalanced = False
+        # Set by poll: the records it returns end a backlog (see poll). _behind: the last batch was full, so
+        # records were waiting at the broker when it returned.
+        self.drained = False
+        self._behind = False
+        self._starts: dict[tuple[str, int], int] = {}  # the committed offset of each partition at its assignment
         self._fatal: Any = None
         self._revoked: Callable[[], Offsets] = dict
         self._assigned: Callable[[], None] = lambda: None
@@ -105,12 +110,14 @@ class ConfluentSource:
 
     def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
         self._rebalanced = True
+        self._starts = {}
         self._holding = self._holding | {(p.topic, p.partition) for p in partitions}
         log.info("partitions assigned: %s", sorted((p.topic, p.partition) for p in partitions))
         self._assigned()
 
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
         self._rebalanced = True
+        self._starts = {}
         self._holding = self._holding - {(p.topic, p.partition) for p in partitions}
         log.info("partitions revoked: %s", sorted((p.topic, p.partition) for p in partitions))
         offsets = self._revoked()
@@ -121,6 +128,7 @@ class ConfluentSource:
 
     def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
         self._rebalanced = True
+        self._starts = {}
         self._holding = self._holding - {(p.topic, p.partition) for p in partitions}
         # evicted: another member may own these already, so nothing may be committed for them
         log.warning("partitions lost (evicted from the group): %s", sorted((p.topic, p.partition) for p in partitions))
@@ -131,16 +139,31 @@ class ConfluentSource:
 
     def poll(self) -> list[Record]:
         """The next records, several fetches gathered into one batch when they come quickly (see
-        ``KafkaPythonSource.poll``)."""
+        ``KafkaPythonSource.poll``).
+
+        While a backlog drains (the last batch was full), every partition's position is compared with the
+        high watermark of its last fetch (librdkafka keeps both locally): a fetch asks for no more records than
+        are waiting, and once none are, the batch returns at once with ``drained`` set, rather than after a
+        fetch has waited out its timeout for records that are not there (up to ``poll_timeout_ms`` +
+        ``batch_wait_ms`` for the last records of every backlog)."""
         batch: list[Record] = []
         timeout_s, deadline = self._poll_timeout_s, None
+        self.drained = False
         while True:
+            want = min(self._max_poll_records, self._batch_records - len(batch))
+            if self._behind:
+                waiting = self._waiting()
+                if waiting == 0:
+                    self.drained, self._behind = True, False
+                    return batch
+                if waiting is not None:
+                    want = min(want, waiting)
             self._rebalanced = False
-            messages = self.consumer.consume(min(self._max_poll_records, self._batch_records - len(batch)), timeout_s)
+            messages = self.consumer.consume(want, timeout_s)
             if self._fatal is not None:
                 raise ClientFatal(f"Kafka client: {self._fatal}")
             if self._rebalanced:
-                batch = []
+                batch, self._behind = [], False
                 if messages:  # some of them may come after the new assignment began: read them all again
                     self._rewind()
                     messages = []
@@ -156,12 +179,44 @@ class ConfluentSource:
                 # a message without an error always has its topic, partition and offset (the stubs say Optional)
                 batch.append(Record(m.topic(), m.partition(), m.offset(), m.key(), m.value(),  # type: ignore[arg-type]
                                     -1 if kind == self._no_timestamp else ts))
-            if not messages or len(batch) >= self._batch_records or not self._batch_wait_s:
+            if len(batch) >= self._batch_records:
+                self._behind = True
+                return batch
+            if not messages or not self._batch_wait_s:
                 return batch
             deadline = deadline or time.monotonic() + self._batch_wait_s
             timeout_s = deadline - time.monotonic()
             if timeout_s <= 0:
                 return batch
+
+    def _waiting(self) -> int | None:
+        """How many records the broker held beyond this consumer's position at the last fetch of each assigned
+        partition, from librdkafka's local figures; ``None`` when some partition's are not known. A partition
+        that has delivered nothing since its assignment is counted from the offset it started at (its committed
+        offset, asked for once per assignment)."""
+        waiting, starting = 0, []
+        for tp in self.consumer.position([self._TopicPartition(t, p) for t, p in sorted(self._holding)]):
+            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0:
+                return None
+            if tp.offset >= 0:
+                waiting += max(0, high - tp.offset)
+            else:
+                starting.append((tp, low, high))
+        unknown = [tp for tp, _, _ in starting if (tp.topic, tp.partition) not in self._starts]
+        if unknown:
+            try:
+                for tp in self.consumer.committed(unknown, timeout=self._timeout_s):
+                    self._starts[(tp.topic, tp.partition)] = tp.offset
+            except Exception:  # noqa: BLE001  (the figure is an optimisation: without it, poll waits as before)
+                return None
+        for tp, low, high in starting:
+            start = self._starts.get((tp.topic, tp.partition), -1)
+            start = start if start >= 0 else low  # nothing committed: "earliest"
+            if start < 0:
+                return None
+            waiting += max(0, high - start)
+        return waiting
 
     def _rewind(self) -> None:
         """Every assigned partition back to its committed offset (the earliest one where there is none)."""

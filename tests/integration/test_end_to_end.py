@@ -136,6 +136,47 @@ def test_sigkilled_consumer_restarts_and_still_writes_exactly_once(settings, sam
     assert len(ids) == len(set(ids)) == 12_000
 
 
+def test_the_end_of_a_backlog_is_handed_over_at_once_and_flushed(settings, samples):
+    """A backlog bigger than a batch: the poll that reaches its end returns without waiting out its timeout or
+    the batch wait (both long here) and says the source drained, and the consumer loop then makes everything
+    durable and commits it at once, instead of after the next, empty, poll."""
+    produce_raw(settings, direct_events(samples, 1_000), key=None)
+    source = open_source(settings.kafka, poll_timeout_ms=4_000, max_poll_records=100, batch_records=300,
+                         batch_wait_ms=3_000, assignment="manual")
+    try:
+        got, polls, started = [], [], time.monotonic()
+        while len(got) < 1_000 and time.monotonic() - started < 30:
+            batch = source.poll()
+            got += batch
+            polls.append((len(batch), source.drained))
+        took = time.monotonic() - started
+        assert polls[-1][1] and not any(drained for _, drained in polls[:-1]), polls
+        assert all(n == 300 for n, _ in polls[:-1]) and polls[-1][0] == 100, polls
+        assert len({(r.partition, r.offset) for r in got}) == 1_000
+        assert took < 3.0, f"the polls took {took:.1f} s: the last one waited for records that were not there"
+
+        # the loop: a backlog's end is committed before the next poll (which would block for 4 s here)
+        produce_raw(settings, direct_events(samples, 400), key=None)
+        commits: list[dict] = []
+        stop = threading.Event()
+        storage = open_storage(settings.lake.uri, settings.lake)
+        t = threading.Thread(target=run_consumer, args=(source, lambda recs: validate_records(recs, QualityRules()),
+                                                        LakeSink(storage), KafkaDeadLetters(settings.kafka)),
+                             kwargs={"commit_every": 10_000, "commit_interval_s": 60, "stop": stop,
+                                     "on_commit": commits.append})
+        started = time.monotonic()
+        t.start()
+        while not commits and time.monotonic() - started < 30:
+            time.sleep(0.01)
+        took = time.monotonic() - started
+        stop.set()
+        t.join(30)
+        assert sum(commits[0].values()) == 1_400 and len(lake_rows(storage)) == 400
+        assert took < 3.0, f"the first commit came after {took:.1f} s"
+    finally:
+        source.close()
+
+
 @pytest.mark.parametrize("background", [False, True], ids=["inline-writes", "background-writes"])
 def test_a_failed_flush_commits_nothing_and_the_replay_is_exactly_once(settings, samples, kafka_client, background):
     produce_raw(settings, direct_events(samples, 800))
