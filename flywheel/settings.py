@@ -155,7 +155,7 @@ class ApiSettings(BaseModel):
 
 class IngestSettings(BaseModel):
     commit_every: int = Field(default=20_000, ge=1, description="Flush + commit after this many records (each "
-                              "flush writes one file per Kafka partition and lake partition: fewer, larger files "
+                              "flush writes one file per lake partition, an event type and hour: fewer, larger files "
                               "under load) ...")
     commit_interval_s: float = Field(default=2.0, gt=0, description="... or after this many seconds.")
     poll_timeout_ms: int = 500
