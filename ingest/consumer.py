@@ -238,7 +238,7 @@ def run_consumer(
     checkpoints that ``commit_every`` and ``commit_interval_s`` call hand the sink's buffer to a writer thread
     and go on polling; the offsets it covers are committed once that write returned (and the DLQ was flushed),
     at the next loop turn that finds it done. One write is in flight at most, so writes and commits keep their
-    order. A rebalance, an empty poll and ``stop`` wait for it and flush the rest in place; an error waits for
+    order. A rebalance, an empty or drained poll and ``stop`` wait for it and flush the rest in place; an error waits for
     it too (so no writer outlives the loop) and commits nothing."""
     m = metrics or ConsumerMetrics()
     detachable: DetachableSink | None = None

@@ -15,8 +15,9 @@ keeps the name stable for the same ranges). Rows in a file are in (partition, of
 writing, rows whose ``event_id`` is already in that lake partition (in any *other* file) are dropped. So:
 
 - a consumer that crashed after the write and before the offset commit replays the same records: their
-  ids are already present and nothing new is written; if the replayed range is identical, the file of that
-  name is rewritten with identical rows;
+  ids are already present and nothing new is written. If the replayed ranges are identical (every partition's),
+  the file of that name is written again, with the rows it holds plus any the replay adds (never fewer: a row
+  a filter would hold back or dead-letter now, with a newer block list or clock, stays where it landed);
 - a client that retried a send (the same ``event_id`` twice in the topic) gets one row.
 
 Across hour partitions too. The same ``event_id`` may come back with another ``occurred_at``, and so in another
@@ -37,7 +38,9 @@ and drops a record whose id is there with another data file. The guarantee there
   over 24 h) and the index small. :func:`read_events` also drops duplicate ids within what it reads.
 
 The index is written after the data files of the same flush, so a crash between the two leaves data without
-index entries; the offsets were not committed, the replay rewrites the same data and writes the index.
+index entries; the offsets were not committed, and the replay writes them: a replayed id found in a lake
+partition's files but missing from the index gets its entry (pointing at the file that holds it) in the
+replay's index, whether or not the replay's batches have the same boundaries.
 Past hours of the index are compacted into one file each and hours older than the window are deleted.
 
 Every event with the same ``conversation_id`` goes to the same Kafka partition (the producer keys by it), so
@@ -294,21 +297,24 @@ class LakeSink:
                     lo, hi = (v.as_py() for v in pc.min_max(part.column("kafka_offset")).values())
                     first, last = bounds.setdefault(topic, {}).get(partition, (lo, hi))
                     bounds[topic][partition] = (min(first, lo), max(last, hi))
-            seen: dict[str, str] = {}  # ids kept by this flush -> their data file key
+            seen: dict[str, str] = {}  # ids kept by this flush (or found in the lake) -> their data file key
             files: list[tuple[str, bytes]] = []  # data files, written together (before their index entries)
             index_files: list[tuple[str, bytes]] = []
             for topic, by_prefix in groups.items():
                 name = flush_file_name(topic, bounds[topic])
-                written: dict[str, str] = {}
+                written: dict[str, str] = {}  # this flush's index entries: id -> data file key
                 for prefix, parts in sorted(by_prefix.items()):
                     table = _in_offset_order(pa.concat_tables(parts))
                     existing = self._ids_in(prefix)
                     key = f"{prefix}/{name}"
                     keep, kept_ids, replayed = self._dedupe(table.column("event_id").to_pylist(), prefix, key,
-                                                            seen, recent, existing, stats)
+                                                            seen, recent, existing, stats, written)
                     if not kept_ids:
                         continue
-                    files.append((key, parquet_bytes(table.filter(keep) if not keep.all() else table)))
+                    rows = table.filter(keep) if not keep.all() else table
+                    if replayed:  # the same ranges again: the file keeps every row it has (see the module's doc)
+                        rows = self._with_rows_of(key, rows)
+                    files.append((key, parquet_bytes(rows)))
                     existing.update(dict.fromkeys(kept_ids, name))
                     written.update(dict.fromkeys(kept_ids, key))
                     stats.written += len(kept_ids) - replayed
@@ -332,13 +338,20 @@ class LakeSink:
             self._recent_by_hour.setdefault(now_hour, []).extend(new_ids)
         return stats
 
+    def _with_rows_of(self, key: str, rows: pa.Table) -> pa.Table:
+        """``rows`` together with the rows data file ``key`` already holds (one row per id, in offset order)."""
+        held = pq.read_table(io.BytesIO(self.storage.get_bytes(key)), schema=rows.schema)
+        added = rows.filter(pc.invert(pc.is_in(rows.column("event_id"), value_set=held.column("event_id"))))
+        return _in_offset_order(pa.concat_tables([held, added]))
+
     @staticmethod
     def _dedupe(ids: list[str], prefix: str, key: str, seen: dict[str, str], recent: dict[str, str],
-                existing: dict[str, str], stats: FlushStats) -> tuple[np.ndarray, list[str], int]:
+                existing: dict[str, str], stats: FlushStats, index: dict[str, str]) -> tuple[np.ndarray, list[str], int]:
         """Which of ``ids`` (rows bound for data file ``key``) to write: not twice in this flush (``seen``),
         not already in another file of the lake (``recent``, the window's index, or ``existing``, the
-        lake partition's). An id already in ``key`` itself is a replayed offset range, written again.
-        Returns the rows to keep, their ids and how many of them were replayed."""
+        lake partition's). An id already in ``key`` itself is a replayed offset range, written again. An id
+        found in the lake partition's files but not in the index (a crash between a flush's data and its index)
+        gets an entry in ``index``. Returns the rows to keep, their ids and how many of them were replayed."""
         if (len(set(ids)) == len(ids) and seen.keys().isdisjoint(ids) and recent.keys().isdisjoint(ids)
                 and existing.keys().isdisjoint(ids)):  # the usual case, every id new: no loop per row
             seen.update(dict.fromkeys(ids, key))
@@ -352,7 +365,10 @@ class LakeSink:
             prior = recent.get(eid)
             if prior is None and eid in existing:
                 prior = f"{prefix}/{existing[eid]}"
+                if prior != key:  # in the lake but not in the index: this flush's index records it
+                    index[eid] = prior
             if prior is not None and prior != key:  # already in the lake, in another file
+                seen[eid] = prior
                 stats.duplicates += 1
                 continue
             if prior is not None:  # a replayed offset range: the same file is written again

@@ -69,7 +69,8 @@ class ConfluentSource:
         # records were waiting at the broker when it returned.
         self.drained = False
         self._behind = False
-        self._starts: dict[tuple[str, int], int] = {}  # the committed offset of each partition at its assignment
+        # the committed offset of each partition at its assignment (None: asking failed; not asked again)
+        self._starts: dict[tuple[str, int], int | None] = {}
         self._fatal: Any = None
         self._revoked: Callable[[], Offsets] = dict
         self._assigned: Callable[[], None] = lambda: None
@@ -183,40 +184,46 @@ class ConfluentSource:
                 self._behind = True
                 return batch
             if not messages or not self._batch_wait_s:
+                self._behind = False
                 return batch
             deadline = deadline or time.monotonic() + self._batch_wait_s
             timeout_s = deadline - time.monotonic()
             if timeout_s <= 0:
+                self._behind = False
                 return batch
 
     def _waiting(self) -> int | None:
         """How many records the broker held beyond this consumer's position at the last fetch of each assigned
         partition, from librdkafka's local figures; ``None`` when some partition's are not known. A partition
-        that has delivered nothing since its assignment is counted from the offset it started at (its committed
-        offset, asked for once per assignment)."""
-        waiting, starting = 0, []
-        for tp in self.consumer.position([self._TopicPartition(t, p) for t, p in sorted(self._holding)]):
-            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-            if high < 0:
-                return None
-            if tp.offset >= 0:
-                waiting += max(0, high - tp.offset)
-            else:
-                starting.append((tp, low, high))
-        unknown = [tp for tp, _, _ in starting if (tp.topic, tp.partition) not in self._starts]
-        if unknown:
-            try:
-                for tp in self.consumer.committed(unknown, timeout=self._timeout_s):
+        that has delivered nothing since its assignment is counted from the offset it started at: its committed
+        offset, asked for once per assignment with a short timeout (when that fails, the figure stays unknown
+        for the assignment and poll waits as it did without it)."""
+        try:
+            waiting, starting = 0, []
+            for tp in self.consumer.position([self._TopicPartition(t, p) for t, p in sorted(self._holding)]):
+                low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if high < 0:
+                    return None
+                if tp.offset >= 0:
+                    waiting += max(0, high - tp.offset)
+                else:
+                    starting.append((tp, low, high))
+            unknown = [tp for tp, _, _ in starting if (tp.topic, tp.partition) not in self._starts]
+            if unknown:
+                self._starts.update(dict.fromkeys(((tp.topic, tp.partition) for tp in unknown), None))
+                for tp in self.consumer.committed(unknown, timeout=min(self._poll_timeout_s, 1.0)):
                     self._starts[(tp.topic, tp.partition)] = tp.offset
-            except Exception:  # noqa: BLE001  (the figure is an optimisation: without it, poll waits as before)
-                return None
-        for tp, low, high in starting:
-            start = self._starts.get((tp.topic, tp.partition), -1)
-            start = start if start >= 0 else low  # nothing committed: "earliest"
-            if start < 0:
-                return None
-            waiting += max(0, high - start)
-        return waiting
+            for tp, low, high in starting:
+                start = self._starts[(tp.topic, tp.partition)]
+                if start is None:
+                    return None
+                start = start if start >= 0 else low  # nothing committed: "earliest"
+                if start < 0:
+                    return None
+                waiting += max(0, high - start)
+            return waiting
+        except Exception:  # noqa: BLE001  (an optimisation: without the figure, poll waits as it did without it)
+            return None
 
     def _rewind(self) -> None:
         """Every assigned partition back to its committed offset (the earliest one where there is none)."""

@@ -142,6 +142,51 @@ def test_a_replay_with_other_batch_boundaries_across_partitions_keeps_one_row_pe
     assert sum(len(pq.read_table(f)) for f in (tmp_path / "events").rglob("*.parquet")) == 12
 
 
+def test_a_replay_with_other_boundaries_fills_the_index_a_crash_left_out(tmp_path):
+    """A flush's data files were written and its index was not (a crash between the two). The successor replays
+    with another batch boundary, so other file names: the ids it finds in the lake's files get their index
+    entries, and a retry of one of them an hour later (another hour partition) is still dropped."""
+    class IndexFails(LocalStorage):
+        def put_many(self, items):
+            if any(k.startswith("_index/") for k, _ in items):
+                raise OSError("crash before the index")
+            super().put_many(items)
+
+    x, y, z = thumbs(conv="c0"), thumbs(conv="c1"), thumbs(conv="c1")
+    sink = LakeSink(IndexFails(tmp_path))
+    sink.add(x, "events", 0, 0)
+    sink.add(y, "events", 1, 0)
+    with pytest.raises(OSError, match="crash before the index"):
+        sink.flush()
+    storage = LocalStorage(tmp_path)
+    successor = LakeSink(storage)
+    for e, p, off in ((x, 0, 0), (y, 1, 0), (z, 1, 1)):
+        successor.add(e, "events", p, off)
+    stats = successor.flush()
+    assert (stats.written, stats.duplicates) == (1, 2)
+    retry = ev.validate_event({**x.model_dump(mode="json"), "occurred_at": T.replace(hour=12).isoformat()})
+    later = LakeSink(storage)  # a new consumer: its dedupe window comes from the index alone
+    later.add(retry, "events", 0, 1)
+    assert later.flush().duplicates == 1
+    assert sum(len(pq.read_table(f)) for f in (tmp_path / "events").rglob("*.parquet")) == 3
+    assert sorted(read_events(storage, "thumbs")["event_id"]) == sorted(str(e.event_id) for e in (x, y, z))
+
+
+def test_an_identical_replay_never_takes_a_row_out_of_its_file(tmp_path):
+    """The same offsets replayed after a crash, where a filter now holds one event back (its account was blocked
+    in between): the file of that name is written again with every row it had, and the held copy is not added
+    to the quarantine area (one row per event_id)."""
+    storage = LocalStorage(tmp_path)
+    events = [thumbs() for _ in range(3)]
+    for attempt in range(2):
+        sink = LakeSink(storage)
+        for off, e in enumerate(events):
+            sink.add(e, "events", 1, 100 + off, held="blocked_account" if attempt and off == 1 else None)
+        sink.flush()
+    assert sorted(read_events(storage, "thumbs")["event_id"]) == sorted(str(e.event_id) for e in events)
+    assert read_events(storage, "thumbs", held="blocked_account").empty
+
+
 def test_read_events_filters_by_interval(tmp_path):
     storage = LocalStorage(tmp_path)
     sink = LakeSink(storage)
