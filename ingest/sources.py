@@ -111,14 +111,12 @@ class ConfluentSource:
 
     def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
         self._rebalanced = True
-        self._starts = {}
         self._holding = self._holding | {(p.topic, p.partition) for p in partitions}
         log.info("partitions assigned: %s", sorted((p.topic, p.partition) for p in partitions))
         self._assigned()
 
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
         self._rebalanced = True
-        self._starts = {}
         self._holding = self._holding - {(p.topic, p.partition) for p in partitions}
         log.info("partitions revoked: %s", sorted((p.topic, p.partition) for p in partitions))
         offsets = self._revoked()
@@ -129,7 +127,6 @@ class ConfluentSource:
 
     def _on_lost(self, _consumer: Any, partitions: list[Any]) -> None:
         self._rebalanced = True
-        self._starts = {}
         self._holding = self._holding - {(p.topic, p.partition) for p in partitions}
         # evicted: another member may own these already, so nothing may be committed for them
         log.warning("partitions lost (evicted from the group): %s", sorted((p.topic, p.partition) for p in partitions))
@@ -164,7 +161,7 @@ class ConfluentSource:
             if self._fatal is not None:
                 raise ClientFatal(f"Kafka client: {self._fatal}")
             if self._rebalanced:
-                batch, self._behind = [], False
+                batch, self._behind, self._starts = [], False, {}
                 if messages:  # some of them may come after the new assignment began: read them all again
                     self._rewind()
                     messages = []
