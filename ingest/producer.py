@@ -110,7 +110,12 @@ class EventPublisher:
         self.metrics = PublisherMetrics(registry or CollectorRegistry())
         self.local = LocalDeadLetters(dead_letters or spool.dir.parent / "spool-dead-letters.jsonl",
                                       counter=self.metrics.parked)
-        self._waiting: set[asyncio.Future[None]] = set()  # requests awaiting acks: the breaker releases them
+        # requests awaiting acks -> (when each started, when it gives up): one timer on the loop watches them
+        # all (``_watch``), and the breaker releases them
+        self._waiting: dict[asyncio.Future[None], tuple[float, float]] = {}
+        self._watch_loop: asyncio.AbstractEventLoop | None = None
+        self._watch_timer: asyncio.TimerHandle | None = None
+        self._watch_due = 0.0
         self._last_ack = 0.0  # perf_counter of the last broker ack seen by publish_async
         # a new producer's first acks wait for its producer id and its connection to the partitions' leader (measured
         # on loopback: 0.2-0.5 s after it was made): until one came back, a request may wait this long
@@ -131,6 +136,7 @@ class EventPublisher:
         self._executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="publish")
         self.metrics.spool_bytes.set(spool.size_bytes)
         self.metrics.breaker_open.set(int(self._spooling))
+        self._published_to = {path: self.metrics.published.labels(path) for path in ("broker", "spool")}
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self, *, wait_connected_s: float = 0.0) -> EventPublisher:
@@ -212,7 +218,7 @@ class EventPublisher:
                 self._open_breaker(e)
         if path == "spool":
             self._spool_records(records)
-        self.metrics.published.labels(path).inc(len(records))
+        self._published_to[path].inc(len(records))
         self.metrics.publish_seconds.observe(time.perf_counter() - started)
         return path
 
@@ -236,7 +242,7 @@ class EventPublisher:
             path = "spool"
         else:
             path = "broker"
-        self.metrics.published.labels(path).inc(len(records))
+        self._published_to[path].inc(len(records))
         self.metrics.publish_seconds.observe(time.perf_counter() - started)
         return path
 
@@ -262,35 +268,50 @@ class EventPublisher:
 
     async def _await_acks(self, acks: asyncio.Future[None], started: float) -> None:
         """Wait for ``acks`` until the broker looks stalled: no ack from any request for the adaptive deadline
-        (a big batch whose acks keep arriving is not a stall), or ``publish_timeout_s`` in all. A timer on the
-        loop checks; the breaker opening (any request's stall) fails every waiting request at once."""
-        loop = asyncio.get_running_loop()
+        (a big batch whose acks keep arriving is not a stall), or ``publish_timeout_s`` in all. One timer on
+        the loop (``_watch``) checks every waiting request; the breaker opening (any request's stall) fails
+        every waiting request at once."""
         budget = self.first_ack_grace_s if self._warming else self.timeout_s
-        cap = started + budget
-
-        def check() -> None:
-            now, wait_s = time.perf_counter(), self.ack_wait.current()
-            if now - due[0] > 0.01 and now < cap + wait_s:
-                # the loop itself was late (a long callback, a garbage collection): the producer's thread could not
-                # hand over the acks it holds meanwhile, so look again once it has had the chance
-                due[0] = now + 0.005
-                timer[0] = loop.call_later(0.005, check)
-            elif now >= cap:
-                _fail(acks, TimeoutError(f"no ack within {budget} s"))
-            elif not self._warming and now - max(self._last_ack, started) >= wait_s:
-                _fail(acks, TimeoutError(f"no ack from the broker for {wait_s * 1000:.0f} ms"))
-            elif not acks.done():
-                due[0] = now + min(wait_s, cap - now)
-                timer[0] = loop.call_later(min(wait_s, cap - now), check)
-
-        first = min(self.ack_wait.current(), budget)
-        due, timer = [time.perf_counter() + first], [loop.call_later(first, check)]
-        self._waiting.add(acks)
+        self._waiting[acks] = (started, started + budget)
+        loop = acks.get_loop()
+        if self._watch_timer is None or self._watch_loop is not loop:
+            self._watch_loop = loop
+            self._arm_watch(loop, time.perf_counter(), min(self.ack_wait.current(), budget))
         try:
             await acks
         finally:
-            timer[0].cancel()
-            self._waiting.discard(acks)
+            self._waiting.pop(acks, None)
+
+    def _arm_watch(self, loop: asyncio.AbstractEventLoop, now: float, delay: float) -> None:
+        self._watch_due = now + delay
+        self._watch_timer = loop.call_later(delay, self._watch, loop)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail each waiting request of ``loop`` whose budget is spent, or that has seen no ack from the broker
+        for the adaptive deadline; then look again when the next one could be due. (A timer per request cost
+        more than the rest of its wait on the loop.)"""
+        if self._watch_loop is not loop:  # superseded by a watch on another loop
+            return
+        self._watch_timer = None
+        if not self._waiting:
+            return
+        now, wait_s = time.perf_counter(), self.ack_wait.current()
+        if now - self._watch_due > 0.01:
+            # the loop itself was late (a long callback, a garbage collection): the producer's thread could not
+            # hand over the acks it holds meanwhile, so look again once it has had the chance
+            return self._arm_watch(loop, now, 0.005)
+        next_due = wait_s
+        for acks, (started, cap) in list(self._waiting.items()):
+            if acks.get_loop() is not loop:
+                continue
+            if now >= cap:
+                _fail(acks, TimeoutError(f"no ack within {cap - started:g} s"))
+            elif not self._warming and now - max(self._last_ack, started) >= wait_s:
+                _fail(acks, TimeoutError(f"no ack from the broker for {wait_s * 1000:.0f} ms"))
+            else:
+                next_due = min(next_due, cap - now, max(self._last_ack, started) + wait_s - now)
+        if self._waiting:
+            self._arm_watch(loop, now, max(next_due, 0.001))
 
     def _spool_records(self, records: list[tuple[bytes, bytes]]) -> None:
         self.spool.append(records)
@@ -510,6 +531,10 @@ class ConfluentProducer:
                   done: Callable[[BaseException | None], None]) -> None:
         """Send ``records``; ``done(None)`` once all are acknowledged, or ``done(error)`` on the first failure
         (called once, from the report thread; or raises here when a record is refused before it leaves)."""
+        if len(records) == 1:  # the API's common case: its one report settles it
+            key, value = records[0]
+            self._produce(topic, key, value, lambda error, _message: done(None if error is None else DeliveryFailed(error)))
+            return
         lock, state = threading.Lock(), {"left": len(records), "fired": False}
 
         def report(error: Any, _message: Any) -> None:

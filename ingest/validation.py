@@ -12,10 +12,11 @@ predicates on a single event, so a client hears about a bad timestamp as a 422 i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,30 +36,40 @@ class QualityRules:
         return cls(timedelta(seconds=s.max_future_skew_s), timedelta(days=s.max_age_days), s.max_text_chars)
 
 
+class Clock(NamedTuple):
+    """The instant rules are checked at, with the bounds on ``occurred_at`` it gives."""
+
+    now: datetime
+    latest: datetime  # now + max_future_skew
+    earliest: datetime  # now - max_age
+
+
 @dataclass(frozen=True)
 class Rule:
     reason: str  # the reason code written to the dead-letter record / the 422
     column: str
-    passes: Callable[[Any], Any]  # scalar -> bool, Series -> bool Series
-    explain: Callable[[], str]  # the message, built only for events that break the rule
-
-    @property
-    def message(self) -> str:
-        return self.explain()
+    passes: Callable[[Any, Clock], Any]  # (scalar, clock) -> bool, (Series, clock) -> bool Series
+    explain: Callable[[Clock], str]  # the message, built only for events that break the rule
 
 
-def _rules(q: QualityRules, now: datetime) -> list[Rule]:
-    latest, earliest = now + q.max_future_skew, now - q.max_age
-    return [
-        Rule("occurred_at_in_future", "occurred_at", lambda v: v <= latest,
-             lambda: f"occurred_at is more than {q.max_future_skew} ahead of the server clock ({now.isoformat()})"),
-        Rule("occurred_at_too_old", "occurred_at", lambda v: v >= earliest,
-             lambda: f"occurred_at is older than the retention window of {q.max_age}"),
-        Rule("text_too_long", "text_chars", lambda v: v <= q.max_text_chars,
-             lambda: f"a text field is longer than {q.max_text_chars} characters"),
-        Rule("blank_correction", "blank_correction", np.logical_not,
-             lambda: "corrected_text is only whitespace"),
-    ]
+@functools.cache
+def _rules(q: QualityRules) -> tuple[Rule, ...]:
+    """The rules, built once per configuration (the API checks them on every request); the clock comes with
+    each check."""
+    return (
+        Rule("occurred_at_in_future", "occurred_at", lambda v, c: v <= c.latest,
+             lambda c: f"occurred_at is more than {q.max_future_skew} ahead of the server clock ({c.now.isoformat()})"),
+        Rule("occurred_at_too_old", "occurred_at", lambda v, c: v >= c.earliest,
+             lambda c: f"occurred_at is older than the retention window of {q.max_age}"),
+        Rule("text_too_long", "text_chars", lambda v, c: v <= q.max_text_chars,
+             lambda c: f"a text field is longer than {q.max_text_chars} characters"),
+        Rule("blank_correction", "blank_correction", lambda v, c: not v if isinstance(v, bool) else np.logical_not(v),
+             lambda c: "corrected_text is only whitespace"),
+    )
+
+
+def _clock(q: QualityRules, now: datetime) -> Clock:
+    return Clock(now, now + q.max_future_skew, now - q.max_age)
 
 
 def _row(event: AnyEvent) -> dict[str, Any]:
@@ -75,10 +86,10 @@ Verdict = tuple[str, str] | None
 
 def check_event(event: AnyEvent, rules: QualityRules, now: datetime | None = None) -> Verdict:
     """The rules for one event, evaluated in plain Python (the API's hot path)."""
-    row = _row(event)
-    for rule in _rules(rules, now or datetime.now(UTC)):
-        if not rule.passes(row[rule.column]):
-            return rule.reason, rule.message
+    row, clock = _row(event), _clock(rules, now or datetime.now(UTC))
+    for rule in _rules(rules):
+        if not rule.passes(row[rule.column], clock):
+            return rule.reason, rule.explain(clock)
     return None
 
 
@@ -93,10 +104,11 @@ def check_batch(events: list[AnyEvent], rules: QualityRules, now: datetime | Non
         "blank_correction": np.fromiter((r["blank_correction"] for r in rows), dtype=bool, count=len(rows)),
     }
     verdicts: list[Verdict] = [None] * len(events)
-    for rule, failed in _failures(columns, rules, now or datetime.now(UTC)):
+    clock = _clock(rules, now or datetime.now(UTC))
+    for rule, failed in _failures(columns, rules, clock):
         for i in np.flatnonzero(failed):
             if verdicts[i] is None:  # rules are checked in order: keep the first one an event breaks
-                verdicts[i] = (rule.reason, rule.message)
+                verdicts[i] = (rule.reason, rule.explain(clock))
     return verdicts
 
 
@@ -104,10 +116,10 @@ def failing_rows(columns: dict[str, Any], rules: QualityRules, now: datetime | N
     """Which rows break any rule, given the rules' columns (``occurred_at`` as a tz-aware pandas Series,
     ``text_chars`` and ``blank_correction`` as arrays): the consumer's column-wise fast path."""
     out = np.zeros(len(columns["text_chars"]), dtype=bool)
-    for _rule, failed in _failures(columns, rules, now or datetime.now(UTC)):
+    for _rule, failed in _failures(columns, rules, _clock(rules, now or datetime.now(UTC))):
         out |= failed
     return out
 
 
-def _failures(columns: dict[str, Any], rules: QualityRules, now: datetime) -> list[tuple[Rule, np.ndarray]]:
-    return [(rule, ~np.asarray(rule.passes(columns[rule.column]), dtype=bool)) for rule in _rules(rules, now)]
+def _failures(columns: dict[str, Any], rules: QualityRules, clock: Clock) -> list[tuple[Rule, np.ndarray]]:
+    return [(rule, ~np.asarray(rule.passes(columns[rule.column], clock), dtype=bool)) for rule in _rules(rules)]

@@ -56,6 +56,8 @@ class RateLimiter:
 
     def wait_s(self, key: str, cost: float = 1.0) -> float:
         """The seconds until ``cost`` tokens are there (0 when they are now), taking none."""
+        if cost <= self.burst and key not in self._buckets:  # a full bucket: the common case, without the lock
+            return 0.0
         with self._lock:
             return max((cost - self._tokens(key, time.monotonic())) / self.rate, 0.0)
 
