@@ -111,11 +111,11 @@ class EventPublisher:
         self.local = LocalDeadLetters(dead_letters or spool.dir.parent / "spool-dead-letters.jsonl",
                                       counter=self.metrics.parked)
         # requests awaiting acks -> (when each started, when it gives up): one timer on the loop watches them
-        # all (``_watch``), and the breaker releases them
+        # all (``_tick``), and the breaker releases them
         self._waiting: dict[asyncio.Future[None], tuple[float, float]] = {}
-        self._watch_loop: asyncio.AbstractEventLoop | None = None
-        self._watch_timer: asyncio.TimerHandle | None = None
-        self._watch_due = 0.0
+        self._tick_loop: asyncio.AbstractEventLoop | None = None
+        self._tick_timer: asyncio.TimerHandle | None = None
+        self._tick_due = self._check_at = 0.0
         self._last_ack = 0.0  # perf_counter of the last broker ack seen by publish_async
         # a new producer's first acks wait for its producer id and its connection to the partitions' leader (measured
         # on loopback: 0.2-0.5 s after it was made): until one came back, a request may wait this long
@@ -249,7 +249,9 @@ class EventPublisher:
     def _acks(self, loop: asyncio.AbstractEventLoop, producer: ConfluentProducer,
               records: list[tuple[bytes, bytes]]) -> asyncio.Future[None]:
         """Send ``records``; one future of the loop, settled when the broker acknowledged all of them (or
-        with the first failure): one wake-up of the loop per request, not one per record."""
+        with the first failure). Their reports are served on the loop (``ConfluentProducer.pump``, here and
+        on each tick of ``_tick``), so the future is settled directly; a report the producer's own thread
+        serves reaches the loop with one wake-up per request, not one per record."""
         acks: asyncio.Future[None] = loop.create_future()
 
         def settle(error: BaseException | None) -> None:  # on the loop
@@ -260,58 +262,69 @@ class EventPublisher:
             if not acks.done():
                 acks.set_result(None)
 
-        def done(error: BaseException | None) -> None:  # on the producer's report thread
-            loop.call_soon_threadsafe(settle, error)
+        on_loop = threading.get_ident()
+
+        def done(error: BaseException | None) -> None:
+            if threading.get_ident() == on_loop:
+                settle(error)
+            else:  # the producer's report thread
+                loop.call_soon_threadsafe(settle, error)
 
         producer.send_many(self.kafka.topic, records, done)
+        producer.pump()  # the acks of earlier requests that came meanwhile
         return acks
 
     async def _await_acks(self, acks: asyncio.Future[None], started: float) -> None:
         """Wait for ``acks`` until the broker looks stalled: no ack from any request for the adaptive deadline
         (a big batch whose acks keep arriving is not a stall), or ``publish_timeout_s`` in all. One timer on
-        the loop (``_watch``) checks every waiting request; the breaker opening (any request's stall) fails
-        every waiting request at once."""
+        the loop (``_tick``) serves the acks and checks every waiting request; the breaker opening (any
+        request's stall) fails every waiting request at once."""
         budget = self.first_ack_grace_s if self._warming else self.timeout_s
         self._waiting[acks] = (started, started + budget)
         loop = acks.get_loop()
-        if self._watch_timer is None or self._watch_loop is not loop:
-            self._watch_loop = loop
-            self._arm_watch(loop, time.perf_counter(), min(self.ack_wait.current(), budget))
+        if self._tick_timer is None or self._tick_loop is not loop:
+            now = time.perf_counter()
+            self._tick_loop, self._check_at = loop, now + min(self.ack_wait.current(), budget)
+            self._arm_tick(loop, now)
         try:
             await acks
         finally:
             self._waiting.pop(acks, None)
 
-    def _arm_watch(self, loop: asyncio.AbstractEventLoop, now: float, delay: float) -> None:
-        self._watch_due = now + delay
-        self._watch_timer = loop.call_later(delay, self._watch, loop)
+    def _arm_tick(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        self._tick_due = now + _TICK_S
+        self._tick_timer = loop.call_later(_TICK_S, self._tick, loop)
 
-    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Fail each waiting request of ``loop`` whose budget is spent, or that has seen no ack from the broker
-        for the adaptive deadline; then look again when the next one could be due. (A timer per request cost
-        more than the rest of its wait on the loop.)"""
-        if self._watch_loop is not loop:  # superseded by a watch on another loop
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """While requests wait: serve the producer's delivery reports on the loop, and when a check is due,
+        fail each waiting request of ``loop`` whose budget is spent or that has seen no ack from the broker
+        for the adaptive deadline. (A timer per request, and a report thread handing each ack to the loop,
+        cost more than the rest of a request's wait on the loop: measured with ``bench/api.py``.)"""
+        if self._tick_loop is not loop:  # superseded by a tick on another loop
             return
-        self._watch_timer = None
+        self._tick_timer = None
         if not self._waiting:
             return
-        now, wait_s = time.perf_counter(), self.ack_wait.current()
-        if now - self._watch_due > 0.01:
-            # the loop itself was late (a long callback, a garbage collection): the producer's thread could not
-            # hand over the acks it holds meanwhile, so look again once it has had the chance
-            return self._arm_watch(loop, now, 0.005)
-        next_due = wait_s
-        for acks, (started, cap) in list(self._waiting.items()):
-            if acks.get_loop() is not loop:
-                continue
-            if now >= cap:
-                _fail(acks, TimeoutError(f"no ack within {cap - started:g} s"))
-            elif not self._warming and now - max(self._last_ack, started) >= wait_s:
-                _fail(acks, TimeoutError(f"no ack from the broker for {wait_s * 1000:.0f} ms"))
-            else:
-                next_due = min(next_due, cap - now, max(self._last_ack, started) + wait_s - now)
+        producer = self._producer
+        if producer is not None:
+            producer.pump()
+        now = time.perf_counter()
+        # A tick far behind its time means the loop itself was late (a long callback, a garbage collection):
+        # the broker's acks may still be on their way through librdkafka, so the check waits a tick.
+        if now >= self._check_at and now - self._tick_due < 0.01:
+            wait_s, next_check = self.ack_wait.current(), self.ack_wait.current()
+            for acks, (started, cap) in list(self._waiting.items()):
+                if acks.get_loop() is not loop:
+                    continue
+                if now >= cap:
+                    _fail(acks, TimeoutError(f"no ack within {cap - started:g} s"))
+                elif not self._warming and now - max(self._last_ack, started) >= wait_s:
+                    _fail(acks, TimeoutError(f"no ack from the broker for {wait_s * 1000:.0f} ms"))
+                else:
+                    next_check = min(next_check, cap - now, max(self._last_ack, started) + wait_s - now)
+            self._check_at = now + next_check
         if self._waiting:
-            self._arm_watch(loop, now, max(next_due, 0.001))
+            self._arm_tick(loop, now)
 
     def _spool_records(self, records: list[tuple[bytes, bytes]]) -> None:
         self.spool.append(records)
@@ -418,6 +431,11 @@ class EventPublisher:
         return delivered
 
 
+# how often the loop serves delivery reports while requests wait for acks (a request's own send serves them
+# too, so under load they are served far more often)
+_TICK_S = 0.001
+
+
 def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
@@ -484,7 +502,8 @@ _REFUSED = frozenset({"MSG_SIZE_TOO_LARGE", "_MSG_SIZE_TOO_LARGE", "INVALID_RECO
 class ConfluentProducer:
     """An idempotent, ``acks=all`` confluent-kafka producer with the surface the publisher uses: ``send`` ->
     :class:`SendFuture`, ``close``, ``abandon``. librdkafka batches and talks to the broker in its own threads,
-    outside the GIL; one thread here serves its delivery reports (``poll``) and settles the futures."""
+    outside the GIL; its delivery reports settle the futures, served by the event loop that waits for them
+    (``pump``) or, when none does, by a thread of this class (``poll``)."""
 
     def __init__(self, kafka: KafkaSettings, timeout_s: float, max_record_bytes: int = MAX_RECORD_BYTES):
         from confluent_kafka import Producer
@@ -506,12 +525,22 @@ class ConfluentProducer:
         if topic is None or topic.error is not None or not topic.partitions:
             raise ConnectionError(f"no metadata for topic {kafka.topic!r}: {topic.error if topic else 'missing'}")
         self._stop = threading.Event()
+        self._pumped = 0.0
         self._thread = threading.Thread(target=self._serve, name="producer-reports", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         while not self._stop.is_set():
-            self._producer.poll(0.05)
+            if time.perf_counter() - self._pumped < 0.02:  # an event loop serves the reports: keep off the GIL
+                time.sleep(0.01)
+            else:
+                self._producer.poll(0.05)
+
+    def pump(self) -> None:
+        """Serve the delivery reports that are in, on the caller's thread (an event loop); while some thread
+        pumps, the report thread stands aside, so each report is not a switch of the GIL between threads."""
+        self._pumped = time.perf_counter()
+        self._producer.poll(0)
 
     def _produce(self, topic: str, key: bytes, value: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
         try:

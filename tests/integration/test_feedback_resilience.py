@@ -422,6 +422,45 @@ def test_the_drainer_backs_off_while_the_broker_is_frozen(settings, broker, monk
     assert len(probes) <= 12, f"{len(probes)} probes in 8 s: the drainer is spinning"
 
 
+def test_acks_are_served_on_the_event_loop_that_waits_for_them_and_a_thread_after_it(settings):
+    """While requests wait for acks, their event loop serves the producer's delivery reports itself (no GIL
+    switch to a report thread and back per request); once no loop waits, the report thread serves a
+    blocking send again. Every event is acknowledged by the real broker either way."""
+    from flywheel.events import validate_event
+    from ingest.producer import ConfluentProducer, EventPublisher
+
+    served_on: list[int] = []
+    real = ConfluentProducer.send_many
+
+    def spy(self, topic, records, done):
+        def noted(error):
+            served_on.append(threading.get_ident())
+            done(error)
+
+        return real(self, topic, records, noted)
+
+    publisher = EventPublisher(settings.kafka, Spool(settings.api.spool_dir, settings.api.spool_max_bytes))
+    publisher.start(wait_connected_s=10)
+    try:
+        ConfluentProducer.send_many = spy  # type: ignore[method-assign]
+        events = [validate_event(thumbs(conversation_id=f"c{i}")) for i in range(400)]
+
+        async def burst() -> tuple[int, list[str]]:
+            await publisher.publish_async(events[:1])  # the producer's first ack (its producer id) out of the way
+            served_on.clear()
+            return threading.get_ident(), await asyncio.gather(*(publisher.publish_async([e]) for e in events[1:]))
+
+        loop_thread, paths = asyncio.run(burst())
+        assert paths == ["broker"] * 399
+        on_loop = served_on.count(loop_thread)
+        assert on_loop >= 0.9 * len(served_on), f"{len(served_on) - on_loop} of {len(served_on)} acks via the report thread"
+        time.sleep(0.1)  # no loop waits any more
+        assert publisher.publish([validate_event(thumbs())]) == "broker"
+    finally:
+        ConfluentProducer.send_many = real  # type: ignore[method-assign]
+        publisher.close()
+
+
 def test_the_same_event_id_in_different_hours_gives_one_row(settings, api_secret):
     eid = str(uuid.uuid4())
     now = datetime.now(UTC)
