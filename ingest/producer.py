@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -113,9 +114,7 @@ class EventPublisher:
         # requests awaiting acks -> (when each started, when it gives up): one timer on the loop watches them
         # all (``_tick``), and the breaker releases them
         self._waiting: dict[asyncio.Future[None], tuple[float, float]] = {}
-        self._tick_loop: asyncio.AbstractEventLoop | None = None
-        self._tick_timer: asyncio.TimerHandle | None = None
-        self._tick_due = self._check_at = 0.0
+        self._ticks: dict[asyncio.AbstractEventLoop, _Tick] = {}  # per loop with requests waiting
         self._last_ack = 0.0  # perf_counter of the last broker ack seen by publish_async
         # a new producer's first acks wait for its producer id and its connection to the partitions' leader (measured
         # on loopback: 0.2-0.5 s after it was made): until one came back, a request may wait this long
@@ -271,60 +270,71 @@ class EventPublisher:
                 loop.call_soon_threadsafe(settle, error)
 
         producer.send_many(self.kafka.topic, records, done)
-        producer.pump()  # the acks of earlier requests that came meanwhile
+        self._pump(producer)  # the acks of earlier requests that came meanwhile
         return acks
+
+    @staticmethod
+    def _pump(producer: ConfluentProducer) -> None:
+        try:
+            producer.pump()
+        except Exception:  # a report's callback failed (its loop closed, say): never this request's send
+            log.exception("serving the producer's delivery reports failed")
 
     async def _await_acks(self, acks: asyncio.Future[None], started: float) -> None:
         """Wait for ``acks`` until the broker looks stalled: no ack from any request for the adaptive deadline
-        (a big batch whose acks keep arriving is not a stall), or ``publish_timeout_s`` in all. One timer on
-        the loop (``_tick``) serves the acks and checks every waiting request; the breaker opening (any
+        (a big batch whose acks keep arriving is not a stall), or ``publish_timeout_s`` in all. One timer per
+        loop (``_tick``) serves the acks and checks every request of that loop; the breaker opening (any
         request's stall) fails every waiting request at once."""
         budget = self.first_ack_grace_s if self._warming else self.timeout_s
         self._waiting[acks] = (started, started + budget)
         loop = acks.get_loop()
-        if self._tick_timer is None or self._tick_loop is not loop:
+        tick = self._ticks.get(loop)
+        if tick is None:
             now = time.perf_counter()
-            self._tick_loop, self._check_at = loop, now + min(self.ack_wait.current(), budget)
-            self._arm_tick(loop, now)
+            tick = self._ticks[loop] = _Tick(check_at=now + min(self.ack_wait.current(), budget))
+            self._arm_tick(loop, tick, now)
+        tick.waiting += 1
         try:
             await acks
         finally:
+            tick.waiting -= 1
             self._waiting.pop(acks, None)
 
-    def _arm_tick(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
-        self._tick_due = now + _TICK_S
-        self._tick_timer = loop.call_later(_TICK_S, self._tick, loop)
+    def _arm_tick(self, loop: asyncio.AbstractEventLoop, tick: _Tick, now: float) -> None:
+        tick.due = now + _TICK_S
+        loop.call_later(_TICK_S, self._tick, loop, tick)
 
-    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        """While requests wait: serve the producer's delivery reports on the loop, and when a check is due,
-        fail each waiting request of ``loop`` whose budget is spent or that has seen no ack from the broker
-        for the adaptive deadline. (A timer per request, and a report thread handing each ack to the loop,
-        cost more than the rest of a request's wait on the loop: measured with ``bench/api.py``.)"""
-        if self._tick_loop is not loop:  # superseded by a tick on another loop
-            return
-        self._tick_timer = None
-        if not self._waiting:
+    def _tick(self, loop: asyncio.AbstractEventLoop, tick: _Tick) -> None:
+        """While requests wait on ``loop``: serve the producer's delivery reports there, and when a check is
+        due, fail each of its requests whose budget is spent or that has seen no ack from the broker for the
+        adaptive deadline. (A timer per request, and a report thread handing each ack to the loop, cost more
+        than the rest of a request's wait on the loop: measured with ``bench/api.py``.)"""
+        if not tick.waiting:
+            if self._ticks.get(loop) is tick:
+                del self._ticks[loop]
             return
         producer = self._producer
         if producer is not None:
-            producer.pump()
-        now = time.perf_counter()
+            self._pump(producer)
+        now, wait_s = time.perf_counter(), self.ack_wait.current()
         # A tick far behind its time means the loop itself was late (a long callback, a garbage collection):
-        # the broker's acks may still be on their way through librdkafka, so the check waits a tick.
-        if now >= self._check_at and now - self._tick_due < 0.01:
-            wait_s, next_check = self.ack_wait.current(), self.ack_wait.current()
+        # the broker's acks may still be on their way through librdkafka, so the check waits, but never more
+        # than one deadline past its time (a saturated loop is late on every tick).
+        if now >= tick.check_at and (now - tick.due < 0.01 or now >= tick.check_at + wait_s):
+            next_check = wait_s
             for acks, (started, cap) in list(self._waiting.items()):
-                if acks.get_loop() is not loop:
+                if acks.get_loop() is not loop or acks.done():
                     continue
                 if now >= cap:
                     _fail(acks, TimeoutError(f"no ack within {cap - started:g} s"))
-                elif not self._warming and now - max(self._last_ack, started) >= wait_s:
+                elif self._warming:
+                    next_check = min(next_check, cap - now)
+                elif now - max(self._last_ack, started) >= wait_s:
                     _fail(acks, TimeoutError(f"no ack from the broker for {wait_s * 1000:.0f} ms"))
                 else:
                     next_check = min(next_check, cap - now, max(self._last_ack, started) + wait_s - now)
-            self._check_at = now + next_check
-        if self._waiting:
-            self._arm_tick(loop, now)
+            tick.check_at = now + next_check
+        self._arm_tick(loop, tick, now)
 
     def _spool_records(self, records: list[tuple[bytes, bytes]]) -> None:
         self.spool.append(records)
@@ -434,6 +444,15 @@ class EventPublisher:
 # how often the loop serves delivery reports while requests wait for acks (a request's own send serves them
 # too, so under load they are served far more often)
 _TICK_S = 0.001
+
+
+@dataclass
+class _Tick:
+    """One event loop's tick: its requests waiting for acks, when the tick is due, when the next check is."""
+
+    check_at: float
+    due: float = 0.0
+    waiting: int = 0
 
 
 def _fail(future: asyncio.Future[Any], error: BaseException) -> None:

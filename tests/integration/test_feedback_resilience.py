@@ -461,6 +461,43 @@ def test_acks_are_served_on_the_event_loop_that_waits_for_them_and_a_thread_afte
         publisher.close()
 
 
+def test_a_frozen_broker_is_noticed_by_a_loop_too_busy_to_tick_on_time(settings, broker):
+    """Every tick of a saturated loop is late; the stall check still runs (at most one deadline late), so the
+    requests go to the spool instead of waiting for librdkafka's 30 s message timeout."""
+    from flywheel.events import validate_event
+    from ingest.producer import EventPublisher
+
+    publisher = EventPublisher(settings.kafka, Spool(settings.api.spool_dir, settings.api.spool_max_bytes))
+    publisher.start(wait_connected_s=10)
+
+    async def frozen_and_busy() -> tuple[list[str], float]:
+        await publisher.publish_async([validate_event(thumbs())])  # warmed up: acks observed
+        loop, busy = asyncio.get_running_loop(), [True]
+
+        def hog() -> None:  # 15 ms of work per loop iteration: every 1 ms tick comes over 10 ms late
+            time.sleep(0.015)
+            if busy[0]:
+                loop.call_soon(hog)
+
+        broker.pause()
+        loop.call_soon(hog)
+        started = time.monotonic()
+        try:
+            paths = await asyncio.wait_for(asyncio.gather(
+                *(publisher.publish_async([validate_event(thumbs(conversation_id=f"c{i}"))]) for i in range(20))), 20)
+        finally:
+            busy[0] = False
+        return paths, time.monotonic() - started
+
+    try:
+        paths, took = asyncio.run(frozen_and_busy())
+    finally:
+        broker.resume()
+        publisher.close()
+    assert paths == ["spool"] * 20
+    assert took < 3, f"the stalled requests waited {took:.1f} s (publish_timeout_s is 0.25 s)"
+
+
 def test_the_same_event_id_in_different_hours_gives_one_row(settings, api_secret):
     eid = str(uuid.uuid4())
     now = datetime.now(UTC)
