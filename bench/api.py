@@ -98,20 +98,6 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- load
-def feedback_body(i: int) -> bytes:
-    return json.dumps({
-        "type": "thumbs", "event_id": str(uuid.uuid4()), "user_id": f"u{i % 500}",
-        "conversation_id": f"c{i % 2000}", "response_id": f"r{i}", "model_version": "smollm2@1",
-        "value": "up" if i % 3 else "down", "reason": None if i % 3 else "too long",
-        "occurred_at": datetime.now(UTC).isoformat(),
-    }).encode()
-
-
-def request_bytes(port: int, token: str, body: bytes) -> bytes:
-    return (f"POST /v1/feedback HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-
-
 async def read_response(reader: asyncio.StreamReader) -> int:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
@@ -198,7 +184,8 @@ async def closed_loop(port: int, token: str, seconds: float, concurrency: int) -
 
 
 async def open_loop(port: int, token: str, seconds: float, rate: float) -> dict:
-    bodies = [request_bytes(port, token, feedback_body(i)) for i in range(int(seconds * rate))]
+    make = _Requests(port, token)
+    bodies = [make() for _ in range(int(seconds * rate))]
     idle: asyncio.Queue = asyncio.Queue()
     for _ in range(16):
         idle.put_nowait(await asyncio.open_connection("127.0.0.1", port))

@@ -578,7 +578,8 @@ class ConfluentProducer:
     def send_many(self, topic: str, records: list[tuple[bytes, bytes]],
                   done: Callable[[BaseException | None], None]) -> None:
         """Send ``records``; ``done(None)`` once all are acknowledged, or ``done(error)`` on the first failure
-        (called once, from the report thread; or raises here when a record is refused before it leaves)."""
+        (called once, on whichever thread serves the reports: ``pump``'s or the report thread; or raises here
+        when a record is refused before it leaves)."""
         if len(records) == 1:  # the API's common case: its one report settles it
             key, value = records[0]
             self._produce(topic, key, value, lambda error, _message: done(None if error is None else DeliveryFailed(error)))
